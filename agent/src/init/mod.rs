@@ -1,0 +1,107 @@
+//! The agent as PID 1: bring the guest up, then reap and wait for shutdown.
+
+pub mod console;
+pub mod mounts;
+pub mod reaper;
+pub mod shutdown;
+
+use std::convert::Infallible;
+
+use crate::boot_timer::{self, Event as BootEvent};
+use crate::cmdline::{Cmdline, CmdlineError};
+use crate::sysinfo::SysInfo;
+use console::{info, warn, ConsoleError};
+use mounts::MountError;
+use reaper::{Event, ReaperError, Signals};
+use shutdown::ShutdownError;
+
+/// The line that tells whoever watches the console that the agent is up.
+pub const READY_LINE: &str = "airlock-agent ready";
+
+/// Errors that stop init (and so panic the guest kernel).
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// Cannot set up signal handling
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] ReaperError),
+    /// Cannot mount the base filesystems
+    #[error("Cannot mount the base filesystems")]
+    Mounts(#[source] MountError),
+    /// Cannot connect stdio to the console
+    #[error("Cannot connect stdio to the console")]
+    Console(#[source] ConsoleError),
+    /// Cannot read the agent's settings
+    #[error("Cannot read the agent's settings")]
+    Cmdline(#[source] CmdlineError),
+    /// Waiting for signals failed
+    #[error("Waiting for signals failed")]
+    Wait(#[source] ReaperError),
+    /// Shutting down failed
+    #[error("Shutting down failed")]
+    Shutdown(#[source] ShutdownError),
+}
+
+/// Runs init. Returns only on a fatal error.
+pub fn run() -> Result<Infallible, InitError> {
+    // First, before any child exists: no signal may be lost or kill us.
+    let mut signals = Signals::block().map_err(InitError::Signals)?;
+    // Children may have exited before we listened for SIGCHLD: e.g. those of
+    // a wrapper that exec'd us, whose SIGCHLD went to the old program.
+    reaper::reap().map_err(InitError::Wait)?;
+    mounts::mount_base().map_err(InitError::Mounts)?;
+    console::ensure_stdio().map_err(InitError::Console)?;
+
+    let (cmdline, warnings) = Cmdline::read().map_err(InitError::Cmdline)?;
+    for w in warnings {
+        warn(format_args!("airlock-agent: warning: {w}"));
+    }
+    match SysInfo::gather() {
+        Ok(sys) => info(format_args!("airlock-agent: {sys}")),
+        Err(e) => warn(format_args!("airlock-agent: warning: {}", error_chain(&e))),
+    }
+    info(format_args!("{READY_LINE}"));
+    console::flush();
+    boot_timer::signal(BootEvent::AgentReady);
+
+    if cmdline.oneshot {
+        return shutdown::reboot_now().map_err(InitError::Shutdown);
+    }
+    loop {
+        match signals.next(None).map_err(InitError::Wait)? {
+            Event::Child | Event::Timeout => {
+                reaper::reap().map_err(InitError::Wait)?;
+            }
+            Event::Shutdown(sig) => {
+                info(format_args!("airlock-agent: {sig}: shutting down"));
+                return shutdown::stop_all_and_reboot(&mut signals).map_err(InitError::Shutdown);
+            }
+        }
+    }
+}
+
+/// Formats an error and its sources as `outer: inner: innermost`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_joins_sources() {
+        let err = InitError::Mounts(MountError::Mount("proc", "/proc", nix::errno::Errno::EPERM));
+        assert_eq!(
+            error_chain(&err),
+            "Cannot mount the base filesystems: Cannot mount proc on /proc: \
+             EPERM: Operation not permitted"
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! Support for Airlock's end-to-end tests: finding the built artifacts, and
+//! running a test body where real KVM is, which on a host without hardware
+//! virtualisation means inside the test host (`tests/testhost/run`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub mod guest;
+pub mod tiny_guest;
+
+/// The repository's root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
+}
+
+/// Whether this machine's `/dev/kvm` can boot an unmodified Linux guest:
+/// it must be hardware KVM (kvm_intel or kvm_amd), not the paravirtual
+/// kvm_pvm.
+pub fn real_kvm() -> bool {
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    Path::new("/dev/kvm").exists()
+        && !module("kvm_pvm")
+        && (module("kvm_intel") || module("kvm_amd"))
+}
+
+/// Runs `body` on real KVM. On this machine if it has it; otherwise the test
+/// binary re-runs just this test (`--exact name`) inside the test host, and
+/// the outer test passes only if the inner one did. `name` is the test
+/// function's name.
+pub fn on_real_kvm(name: &str, body: impl FnOnce()) {
+    if real_kvm() {
+        return body();
+    }
+    assert!(
+        std::env::var_os("AIRLOCK_TESTHOST").is_none(),
+        "inside the test host but /dev/kvm is not hardware KVM: kvm_amd did not load"
+    );
+    let exe = std::env::current_exe().expect("test binary path");
+    let runner = workspace_root().join("tests/testhost/run");
+    let out = Command::new(&runner)
+        .args(["--timeout", "900", "--"])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", runner.display()));
+    // Through print! so that the test harness captures it (and shows it when
+    // the test fails), rather than mixing it into the outer run's summary.
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    let inner = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "test {name} failed inside the test host ({})",
+        out.status
+    );
+    assert!(
+        inner.contains("1 passed"),
+        "test {name} did not run inside the test host"
+    );
+}
+
+/// The release `airlock-vmm` binary that `tests/run` builds.
+pub fn vmm_binary() -> PathBuf {
+    let p = workspace_root().join("target/release/airlock-vmm");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --release -p airlock-vmm`",
+        p.display()
+    );
+    p
+}

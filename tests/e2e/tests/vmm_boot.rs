@@ -1,0 +1,102 @@
+//! The `airlock-vmm` binary boots the real guest image on real KVM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use airlock_e2e::{on_real_kvm, vmm_binary};
+
+fn run_vmm(args: &[&str]) -> Output {
+    let out = Command::new(vmm_binary())
+        .args(args)
+        .output()
+        .expect("run airlock-vmm");
+    println!("--- stdout\n{}", String::from_utf8_lossy(&out.stdout));
+    println!("--- stderr\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+#[test]
+fn boots_default_guest_with_two_cpus() {
+    on_real_kvm("boots_default_guest_with_two_cpus", || {
+        let out = run_vmm(&["--vcpus", "2", "--memory", "256"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            stdout
+                .lines()
+                .filter(|l| *l == "airlock-agent ready")
+                .count(),
+            1
+        );
+        assert!(
+            stdout.contains("airlock-agent: 2 CPUs online (0-1)"),
+            "{stdout}"
+        );
+        assert!(stderr.contains("boot timing: process start to guest kernel entry and to /init"));
+        assert!(stderr.contains("kernel_entry_ms=") && stderr.contains("init_ms="));
+        assert!(stderr.contains("guest memory wiped"), "{stderr}");
+    });
+}
+
+#[test]
+fn guest_panic_exits_nonzero() {
+    on_real_kvm("guest_panic_exits_nonzero", || {
+        // No such init: the guest kernel panics ("No working init found").
+        let out = run_vmm(&["--append", "rdinit=/does-not-exist"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            stderr.contains("airlock-vmm: error: guest kernel panic"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("guest memory wiped"));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Kernel panic"));
+    });
+}
+
+#[test]
+fn sigterm_stops_the_vm_cleanly_and_wipes() {
+    on_real_kvm("sigterm_stops_the_vm_cleanly_and_wipes", || {
+        let mut child = Command::new(vmm_binary())
+            .args(["--keep-running", "--vcpus", "2"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn airlock-vmm");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("guest: {line}");
+                if line == "airlock-agent ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let ready = rx.recv_timeout(Duration::from_secs(120));
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().expect("wait for airlock-vmm");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        println!("--- stderr\n{stderr}");
+        assert!(ready.is_ok(), "the guest never became ready");
+        assert_eq!(out.status.code(), Some(0));
+        assert!(stderr.contains("termination signal received"));
+        assert!(stderr.contains("guest memory wiped"));
+    });
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    // The files are checked before KVM is opened, so this runs anywhere.
+    let out = run_vmm(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("kernel not found at /nonexistent/vmlinux"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,155 @@
+//! Building a VM from a [`VmConfig`]: memory, KVM, the guest image, the
+//! devices and the vCPUs, in that order.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::arch::x86_64::mptable::{self, MptableError};
+use crate::boot::{self, BootError};
+use crate::config::{ConfigError, ConsoleOutput, VmConfig};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::i8042::{self, I8042};
+use crate::devices::legacy::serial::{self, SerialDevice};
+use crate::devices::pseudo::boot_timer::{self, BootClock, BootTimer};
+use crate::exit::ExitSignal;
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuHandle};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors from building a VM. Each wraps the module error that says what
+/// went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The MP table could not be written.
+    #[error("cannot write the MP table")]
+    Mptable(#[source] MptableError),
+    /// A device could not be placed on its bus.
+    #[error("cannot attach a device")]
+    Bus(#[source] BusError),
+    /// The console file cannot be created.
+    #[error("cannot create the console log {path}")]
+    Console {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The host has fewer vCPUs to give than asked for.
+    #[error("invalid vCPU count {requested}: this host's KVM supports at most {max}")]
+    TooManyVcpus { requested: u32, max: usize },
+}
+
+/// A running VM: its vCPUs are started.
+pub struct RunningVm {
+    pub(crate) vm: Vm,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) exit: ExitSignal,
+    pub(crate) clock: Arc<BootClock>,
+}
+
+/// Builds the VM described by `config` and starts its vCPUs. `start` is the
+/// moment boot timing counts from (normally the VMM process's start).
+pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, BuildError> {
+    config.validate()?;
+    boot::check_files(&config.kernel, config.initrd.as_deref())?;
+    let vm = Vm::new()?;
+    let max = vm.kvm().get_max_vcpus();
+    if config.vcpus as usize > max {
+        return Err(BuildError::TooManyVcpus {
+            requested: config.vcpus,
+            max,
+        });
+    }
+    let num_vcpus = config.vcpus as u8; // validate() bounds it by MAX_VCPUS.
+    let mem = memory::create_guest_memory(config.memory_mib)?;
+    vm.register_memory(&mem)?;
+
+    let cmdline = boot::build_cmdline(&config.cmdline_parts())?;
+    let loaded = boot::load_guest(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
+    mptable::setup_mptable(&mem, num_vcpus).map_err(BuildError::Mptable)?;
+    tracing::debug!(format = ?loaded.format, "guest loaded");
+
+    let exit = ExitSignal::new().map_err(BuildError::EventFd)?;
+    let clock = BootClock::new(start);
+    let pio = legacy_devices(&vm, config, &mem, &exit, &clock)?;
+    let ctx = VcpuContext {
+        pio,
+        mmio: Bus::new(),
+        exit: exit.clone(),
+        clock: clock.clone(),
+    };
+
+    let vcpus = (0..num_vcpus)
+        .map(|id| Vcpu::new(&vm, &mem, id, num_vcpus, loaded.entry))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut handles = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        match vcpu.start(ctx.clone()) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                handles.into_iter().for_each(VcpuHandle::stop_and_join);
+                memory::wipe(&mem);
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(RunningVm {
+        vm,
+        mem,
+        vcpus: handles,
+        exit,
+        clock,
+    })
+}
+
+/// The port-I/O devices: COM1, the i8042 reset line and the boot timer.
+fn legacy_devices(
+    vm: &Vm,
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    exit: &ExitSignal,
+    clock: &Arc<BootClock>,
+) -> Result<Bus, BuildError> {
+    let out: Box<dyn Write + Send> = match &config.console {
+        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        ConsoleOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| BuildError::Console {
+                path: path.clone(),
+                source,
+            })?)
+        }
+        ConsoleOutput::Off => Box::new(std::io::sink()),
+    };
+    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
+
+    let mut pio = Bus::new();
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
+    pio.insert(serial, serial::COM1_PORT, serial::PORT_COUNT)
+        .map_err(BuildError::Bus)?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), mem.clone())));
+    pio.insert(i8042, i8042::I8042_PORT, i8042::PORT_COUNT)
+        .map_err(BuildError::Bus)?;
+    let timer = Arc::new(Mutex::new(BootTimer::new(clock.clone())));
+    pio.insert(timer, boot_timer::BOOT_TIMER_PORT, 1)
+        .map_err(BuildError::Bus)?;
+    Ok(pio)
+}

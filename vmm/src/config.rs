@@ -1,0 +1,165 @@
+//! What a VM is made of, with defaults that boot the cached guest image.
+
+use std::path::{Path, PathBuf};
+
+use crate::arch::x86_64::MAX_VCPUS;
+
+/// Kernel arguments every Airlock guest gets, before any extra ones:
+/// * `reboot=k`: the guest resets through the i8042, which ends the VM;
+/// * `reboot=panic_warm` with `panic=-1`: a panic resets at once, and marks
+///   the reset warm so the VMM can tell it from a clean reboot;
+/// * no PCI, no modules: the guest kernel has all it needs built in.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k,panic_warm panic=-1 pci=off nomodule quiet";
+
+/// Smallest guest the default kernel and initramfs boot in.
+pub const MIN_MEMORY_MIB: u64 = 32;
+
+/// Errors in a VM configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// Too few or too many vCPUs.
+    #[error("invalid vCPU count {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u32),
+    /// Too little memory.
+    #[error("invalid memory size {0} MiB: must be at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(u64),
+    /// More memory than the host has.
+    #[error("invalid memory size {requested} MiB: this host has only {host} MiB of RAM")]
+    MemoryTooLarge { requested: u64, host: u64 },
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// The VMM's standard output.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+/// A VM's configuration.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Guest kernel: an ELF `vmlinux` (PVH) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel arguments appended to [`BASE_CMDLINE`].
+    pub extra_args: Vec<String>,
+    /// Serial console destination.
+    pub console: ConsoleOutput,
+}
+
+impl VmConfig {
+    /// A configuration that boots the default guest image with 1 vCPU and
+    /// 128 MiB.
+    pub fn with_defaults() -> Self {
+        let dir = default_guest_dir();
+        VmConfig {
+            kernel: dir.join("vmlinux"),
+            initrd: Some(dir.join("initramfs.cpio")),
+            vcpus: 1,
+            memory_mib: 128,
+            extra_args: Vec::new(),
+            console: ConsoleOutput::Stdout,
+        }
+    }
+
+    /// Checks the numbers; files are checked when they are loaded.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > u32::from(MAX_VCPUS) {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::MemoryTooSmall(self.memory_mib));
+        }
+        if let Some(host) = host_memory_mib(Path::new("/proc/meminfo")) {
+            if self.memory_mib > host {
+                return Err(ConfigError::MemoryTooLarge {
+                    requested: self.memory_mib,
+                    host,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The full kernel command line.
+    pub fn cmdline_parts(&self) -> Vec<&str> {
+        std::iter::once(BASE_CMDLINE)
+            .chain(self.extra_args.iter().map(String::as_str))
+            .collect()
+    }
+}
+
+/// Airlock's cache: `$AIRLOCK_CACHE_DIR`, else `$XDG_CACHE_HOME/airlock`,
+/// else `~/.cache/airlock`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AIRLOCK_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("airlock");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/airlock")
+}
+
+/// Where `guest-image/build` links the current default kernel and initramfs.
+pub fn default_guest_dir() -> PathBuf {
+    cache_dir().join("guest/default")
+}
+
+fn host_memory_mib(meminfo: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(meminfo).ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        let mut c = VmConfig::with_defaults();
+        assert_eq!(c.validate(), Ok(()));
+        c.vcpus = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            format!("invalid vCPU count 0: must be between 1 and {MAX_VCPUS}")
+        );
+        c.vcpus = 1000;
+        assert_eq!(c.validate(), Err(ConfigError::Vcpus(1000)));
+        c.vcpus = 2;
+        c.memory_mib = 0;
+        assert_eq!(c.validate(), Err(ConfigError::MemoryTooSmall(0)));
+        c.memory_mib = u64::MAX / 2;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MemoryTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn cmdline_starts_with_the_base() {
+        let mut c = VmConfig::with_defaults();
+        c.extra_args = vec!["airlock.oneshot".into()];
+        assert_eq!(c.cmdline_parts(), vec![BASE_CMDLINE, "airlock.oneshot"]);
+    }
+
+    #[test]
+    fn meminfo_is_parsed() {
+        let p = std::env::temp_dir().join(format!("airlock-meminfo-{}", std::process::id()));
+        std::fs::write(&p, "MemTotal:       24554740 kB\nMemFree: 1 kB\n").unwrap();
+        assert_eq!(host_memory_mib(&p), Some(23979));
+        std::fs::remove_file(p).unwrap();
+    }
+}

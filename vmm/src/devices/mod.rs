@@ -1,0 +1,6 @@
+//! Emulated devices and the buses that route guest accesses to them.
+pub mod bus;
+pub mod legacy;
+pub mod pseudo;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,2 @@
+//! Devices with no hardware counterpart.
+pub mod boot_timer;

@@ -1,0 +1,28 @@
+//! Airlock's virtual machine monitor: one KVM microVM per sandbox.
+//!
+//! ```no_run
+//! use std::time::Instant;
+//! use airlock_vmm::{Vmm, VmConfig};
+//!
+//! let mut config = VmConfig::with_defaults();
+//! config.vcpus = 2;
+//! config.extra_args.push("airlock.oneshot".into());
+//! let report = Vmm::new(config, Instant::now()).run()?;
+//! println!("{} (wiped {} pages)", report.exit, report.wipe.wiped_pages);
+//! # Ok::<(), airlock_vmm::VmmError>(())
+//! ```
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod signal;
+pub mod vmm;
+pub mod vstate;
+
+pub use config::{ConsoleOutput, VmConfig};
+pub use exit::VmExit;
+pub use vmm::{BootTimes, RunReport, Vmm, VmmError};
+#[cfg(feature = "test-hooks")]
+pub use vmm::{WipeHook, WipePhase};

@@ -1,0 +1,135 @@
+//! `airlock-vmm`: boot one microVM and run it until it stops.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use airlock_vmm::config::default_guest_dir;
+use airlock_vmm::{ConsoleOutput, VmConfig, Vmm};
+use clap::{Parser, ValueEnum};
+
+/// Boot an Airlock microVM on KVM and run it until the guest stops.
+///
+/// With no arguments it boots the default guest image built by
+/// `guest-image/build` once: the agent starts, says it is ready, and the guest
+/// powers off. Guest memory is wiped when the VM ends, whatever the reason
+/// (short of SIGKILL).
+///
+/// Exit status: 0 when the guest shut down cleanly (or on SIGTERM/SIGINT);
+/// 1 on a guest panic, triple fault or KVM error; 2 on bad arguments or a
+/// VM that could not be built.
+#[derive(Parser, Debug)]
+#[command(name = "airlock-vmm", version)]
+struct Cli {
+    /// Guest kernel: an ELF vmlinux (PVH entry) or a bzImage
+    /// [default: <cache>/guest/default/vmlinux]
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initramfs to load [default: <cache>/guest/default/initramfs.cpio]
+    #[arg(long, value_name = "PATH", conflicts_with = "no_initrd")]
+    initrd: Option<PathBuf>,
+    /// Boot without an initramfs
+    #[arg(long)]
+    no_initrd: bool,
+    /// Number of vCPUs (1-32)
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    vcpus: u32,
+    /// Guest memory in MiB
+    #[arg(long, default_value_t = 128, value_name = "MIB")]
+    memory: u64,
+    /// Extra kernel command-line arguments (repeatable)
+    #[arg(long = "append", value_name = "ARGS")]
+    append: Vec<String>,
+    /// Keep the guest running until it stops itself or the VMM gets SIGTERM.
+    /// Without it, the guest agent is asked to power off once ready
+    /// (`airlock.oneshot`).
+    #[arg(long)]
+    keep_running: bool,
+    /// Where the serial console goes: `stdout`, `off`, or a file path
+    #[arg(long, default_value = "stdout", value_name = "stdout|off|PATH")]
+    console: String,
+    /// Log format on stderr
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter (tracing syntax), e.g. `debug` [env: AIRLOCK_LOG]
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("AIRLOCK_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn config_from(cli: &Cli) -> VmConfig {
+    let dir = default_guest_dir();
+    let mut extra_args = cli.append.clone();
+    if !cli.keep_running {
+        extra_args.push("airlock.oneshot".into());
+    }
+    VmConfig {
+        kernel: cli.kernel.clone().unwrap_or_else(|| dir.join("vmlinux")),
+        initrd: match (&cli.initrd, cli.no_initrd) {
+            (_, true) => None,
+            (Some(p), false) => Some(p.clone()),
+            (None, false) => Some(dir.join("initramfs.cpio")),
+        },
+        vcpus: cli.vcpus,
+        memory_mib: cli.memory,
+        extra_args,
+        console: match cli.console.as_str() {
+            "stdout" => ConsoleOutput::Stdout,
+            "off" => ConsoleOutput::Off,
+            path => ConsoleOutput::File(path.into()),
+        },
+    }
+}
+
+/// The error and its causes, joined the way `anyhow` prints them.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut msg = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        msg.push_str(": ");
+        msg.push_str(&e.to_string());
+        source = e.source();
+    }
+    msg
+}
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let config = config_from(&cli);
+    match Vmm::new(config, start).run() {
+        Ok(report) if report.exit.is_clean() => {
+            tracing::info!("VM stopped: {}", report.exit);
+            ExitCode::from(report.exit.exit_code() as u8)
+        }
+        Ok(report) => {
+            eprintln!("airlock-vmm: error: {}", report.exit);
+            ExitCode::from(report.exit.exit_code() as u8)
+        }
+        Err(e) => {
+            eprintln!("airlock-vmm: error: {}", error_chain(&e));
+            ExitCode::from(2)
+        }
+    }
+}

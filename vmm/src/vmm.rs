@@ -1,0 +1,196 @@
+//! The VMM's life: wait for the guest (or a signal) to end the VM, stop the
+//! vCPUs, wipe guest memory, then release it.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::builder::{build_and_start, BuildError, RunningVm};
+use crate::config::VmConfig;
+use crate::exit::{ExitSignal, VmExit};
+use crate::signal;
+use crate::vstate::memory::{self, WipeReport};
+
+/// Errors from running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The event loop failed.
+    #[error("event loop failed: {0:?}")]
+    EventLoop(event_manager::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Why it stopped.
+    pub exit: VmExit,
+    /// What the memory wipe did.
+    pub wipe: WipeReport,
+    /// Time from the VMM's start to guest kernel entry, `/init` and agent
+    /// ready, where the guest got that far.
+    pub boot: BootTimes,
+}
+
+/// Boot-phase times, measured from the VMM's start.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootTimes {
+    pub kernel_entry: Option<Duration>,
+    pub init: Option<Duration>,
+    pub ready: Option<Duration>,
+}
+
+/// Called with the guest memory just before and just after the wipe, while
+/// it is still mapped. For tests that prove the wipe.
+#[cfg(feature = "test-hooks")]
+pub type WipeHook = Box<dyn FnMut(WipePhase, &vm_memory::GuestMemoryMmap) + Send>;
+
+/// When a [`WipeHook`] is called.
+#[cfg(feature = "test-hooks")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WipePhase {
+    /// The vCPUs are stopped; nothing is wiped yet.
+    BeforeWipe,
+    /// The wipe is done; the memory is unmapped after the hook returns.
+    AfterWipe,
+}
+
+/// A VM, from build to wipe.
+pub struct Vmm {
+    config: VmConfig,
+    start: Instant,
+    #[cfg(feature = "test-hooks")]
+    wipe_hook: Option<WipeHook>,
+}
+
+impl Vmm {
+    /// A VMM for `config`; boot timing counts from `start`.
+    pub fn new(config: VmConfig, start: Instant) -> Self {
+        Vmm {
+            config,
+            start,
+            #[cfg(feature = "test-hooks")]
+            wipe_hook: None,
+        }
+    }
+
+    /// Installs a hook that sees guest memory around the wipe.
+    #[cfg(feature = "test-hooks")]
+    pub fn set_wipe_hook(&mut self, hook: WipeHook) {
+        self.wipe_hook = Some(hook);
+    }
+
+    /// Boots the VM and runs it until it stops; always wipes guest memory.
+    pub fn run(mut self) -> Result<RunReport, VmmError> {
+        let term = signal::termination_event().map_err(VmmError::Signals)?;
+        let running = build_and_start(&self.config, self.start)?;
+        let loop_result = wait_for_exit(&running.exit, term);
+        let exit = match (&loop_result, running.exit.reason()) {
+            (_, Some(reason)) => reason,
+            (Err(e), None) => VmExit::Error(format!("event loop failed: {e:?}")),
+            (Ok(()), None) => VmExit::Error("the VM stopped for no recorded reason".into()),
+        };
+        let boot = BootTimes {
+            kernel_entry: running.clock.kernel_entry(),
+            init: running.clock.init(),
+            ready: running.clock.ready(),
+        };
+        let wipe = self.teardown(running);
+        tracing::info!(
+            wiped_mib = wipe.wiped_pages / 256,
+            guest_mib = wipe.total_pages / 256,
+            wipe_ms = wipe.duration.as_secs_f64() * 1000.0,
+            method = ?wipe.method,
+            "guest memory wiped"
+        );
+        Ok(RunReport { exit, wipe, boot })
+    }
+
+    fn teardown(&mut self, running: RunningVm) -> WipeReport {
+        let RunningVm {
+            vm,
+            mem,
+            vcpus,
+            exit: _,
+            clock: _,
+        } = running;
+        vcpus.into_iter().for_each(|v| v.stop_and_join());
+        #[cfg(feature = "test-hooks")]
+        if let Some(hook) = self.wipe_hook.as_mut() {
+            hook(WipePhase::BeforeWipe, &mem);
+        }
+        let report = memory::wipe(&mem);
+        #[cfg(feature = "test-hooks")]
+        if let Some(hook) = self.wipe_hook.as_mut() {
+            hook(WipePhase::AfterWipe, &mem);
+        }
+        drop(vm);
+        drop(mem);
+        report
+    }
+}
+
+/// Watches the exit eventfd and the termination signals.
+struct ExitWatcher {
+    exit: ExitSignal,
+    term: &'static EventFd,
+    done: bool,
+}
+
+const EXIT_TOKEN: u32 = 1;
+const TERM_TOKEN: u32 = 2;
+
+impl MutEventSubscriber for ExitWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            EXIT_TOKEN => {
+                let _ = self.exit.eventfd().read();
+            }
+            TERM_TOKEN => {
+                let _ = self.term.read();
+                let sig = signal::received_signal().unwrap_or(libc::SIGTERM);
+                tracing::info!(signal = sig, "termination signal received; stopping the VM");
+                self.exit.signal(VmExit::Signal(sig));
+            }
+            _ => {}
+        }
+        self.done = self.exit.reason().is_some();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let exit = Events::with_data(self.exit.eventfd(), EXIT_TOKEN, EventSet::IN);
+        let term = Events::with_data(self.term, TERM_TOKEN, EventSet::IN);
+        for ev in [exit, term] {
+            if let Err(e) = ops.add(ev) {
+                tracing::error!("cannot watch for VM exit: {e:?}");
+            }
+        }
+    }
+}
+
+fn wait_for_exit(exit: &ExitSignal, term: &'static EventFd) -> Result<(), event_manager::Error> {
+    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
+    let watcher = Arc::new(Mutex::new(ExitWatcher {
+        exit: exit.clone(),
+        term,
+        done: false,
+    }));
+    manager.add_subscriber(watcher.clone());
+    // A signal may have arrived before the watcher was registered.
+    if signal::received_signal().is_some() {
+        let _ = term.write(1);
+    }
+    loop {
+        if watcher.lock().unwrap_or_else(|e| e.into_inner()).done {
+            return Ok(());
+        }
+        manager.run()?;
+    }
+}

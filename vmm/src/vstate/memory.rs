@@ -1,0 +1,211 @@
+//! Guest memory: anonymous, `MAP_NORESERVE` mappings from `vm-memory`, and
+//! the wipe that overwrites every page the guest touched before the mapping
+//! is returned to the host.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::x86_64::layout::arch_memory_regions;
+
+/// Errors from setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size does not fit the host's address space.
+    #[error("guest memory size of {0} MiB is too large for this host")]
+    TooLarge(u64),
+    /// mmap failed.
+    #[error("cannot map {mib} MiB of guest memory")]
+    Map {
+        mib: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// Maps `mib` MiB of guest RAM, split around the MMIO gap below 4 GiB.
+/// Nothing is touched: pages are only allocated when the guest uses them.
+pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::TooLarge(mib))?;
+    let ranges = arch_memory_regions(bytes)
+        .into_iter()
+        .map(|(addr, len)| usize::try_from(len).map(|len| (addr, len)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| MemoryError::TooLarge(mib))?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+}
+
+/// What a wipe did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WipeReport {
+    /// Pages overwritten (the ones the guest touched).
+    pub wiped_pages: u64,
+    /// All pages of guest memory.
+    pub total_pages: u64,
+    /// How the touched pages were found.
+    pub method: WipeMethod,
+    /// How long the wipe took.
+    pub duration: Duration,
+}
+
+/// How a wipe found the pages to overwrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WipeMethod {
+    /// `/proc/self/pagemap`: only pages present in RAM or in swap.
+    Pagemap,
+    /// Every page, because pagemap could not be read. Slower, never weaker.
+    Full,
+}
+
+const PAGE_SIZE: usize = 4096;
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+/// Pagemap entries read per syscall (512 KiB of entries, 1 GiB of memory).
+const PAGEMAP_BATCH: usize = 1 << 16;
+
+/// Overwrites with zeros every page of `mem` that the guest touched.
+///
+/// All vCPUs must be stopped. The mapping stays valid; dropping `mem`
+/// afterwards unmaps it.
+pub fn wipe(mem: &GuestMemoryMmap) -> WipeReport {
+    let start = Instant::now();
+    let pagemap = File::open("/proc/self/pagemap").ok();
+    let mut method = if pagemap.is_some() {
+        WipeMethod::Pagemap
+    } else {
+        WipeMethod::Full
+    };
+    let (mut wiped, mut total) = (0u64, 0u64);
+    for region in mem.iter() {
+        let base = region.as_ptr();
+        let pages = region.len() as usize / PAGE_SIZE;
+        total += pages as u64;
+        let result = match &pagemap {
+            Some(pm) => wipe_touched(pm, base, pages),
+            None => Err(std::io::ErrorKind::NotFound.into()),
+        };
+        wiped += match result {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!("pagemap unreadable ({e}); overwriting all guest memory");
+                method = WipeMethod::Full;
+                zero_pages(base, 0, pages);
+                pages as u64
+            }
+        };
+    }
+    WipeReport {
+        wiped_pages: wiped,
+        total_pages: total,
+        method,
+        duration: start.elapsed(),
+    }
+}
+
+/// Zeroes the runs of present or swapped pages of one region, found through
+/// pagemap. Returns the number of pages zeroed.
+fn wipe_touched(pagemap: &File, base: *mut u8, pages: usize) -> std::io::Result<u64> {
+    let first_entry = (base as usize / PAGE_SIZE) as u64 * 8;
+    let mut entries = vec![0u64; PAGEMAP_BATCH.min(pages)];
+    let mut wiped = 0u64;
+    let mut run_start: Option<usize> = None;
+    let mut page = 0usize;
+    while page < pages {
+        let n = entries.len().min(pages - page);
+        // SAFETY: a u64 slice viewed as bytes: any byte pattern is a valid
+        // u64, and the length is the slice's own size in bytes.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(entries.as_mut_ptr().cast::<u8>(), n * 8) };
+        pagemap.read_exact_at(bytes, first_entry + page as u64 * 8)?;
+        for (i, entry) in entries[..n].iter().enumerate() {
+            let touched = entry & (PM_PRESENT | PM_SWAPPED) != 0;
+            match (touched, run_start) {
+                (true, None) => run_start = Some(page + i),
+                (false, Some(s)) => {
+                    zero_pages(base, s, page + i);
+                    wiped += (page + i - s) as u64;
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        page += n;
+    }
+    if let Some(s) = run_start {
+        zero_pages(base, s, pages);
+        wiped += (pages - s) as u64;
+    }
+    Ok(wiped)
+}
+
+/// Zeroes pages `[from, to)` of the mapping at `base`.
+fn zero_pages(base: *mut u8, from: usize, to: usize) {
+    // SAFETY: callers pass page indexes within one guest memory region that
+    // `base` maps and that stays mapped for the call; the vCPUs are stopped,
+    // so nothing else accesses the range while it is written.
+    unsafe { std::ptr::write_bytes(base.add(from * PAGE_SIZE), 0, (to - from) * PAGE_SIZE) };
+    // The writes must happen even though nothing reads the memory before it
+    // is unmapped.
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+
+    fn resident_pages(mem: &GuestMemoryMmap) -> usize {
+        let region = mem.iter().next().unwrap();
+        let pages = region.len() as usize / PAGE_SIZE;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the region is one live mapping of `pages` pages, and `vec`
+        // has one byte per page as mincore requires.
+        let rc = unsafe {
+            libc::mincore(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                vec.as_mut_ptr(),
+            )
+        };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|b| *b & 1 == 1).count()
+    }
+
+    #[test]
+    fn memory_is_split_around_the_mmio_gap() {
+        let mem = create_guest_memory(4096).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        assert_eq!(mem.iter().map(|r| r.len()).sum::<u64>(), 4096 << 20);
+        assert!(matches!(
+            create_guest_memory(u64::MAX),
+            Err(MemoryError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn wipe_zeroes_touched_pages_and_touches_nothing_else() {
+        let mem = create_guest_memory(64).unwrap();
+        let marker = [0xa5u8; 64];
+        let touched = [0u64, 1, 2, 100, 4000, 16383];
+        for p in touched {
+            mem.write_slice(&marker, GuestAddress(p * PAGE_SIZE as u64 + 100))
+                .unwrap();
+        }
+        let report = wipe(&mem);
+        assert_eq!(report.method, WipeMethod::Pagemap);
+        assert_eq!(report.total_pages, 16384);
+        assert_eq!(report.wiped_pages, touched.len() as u64);
+        for p in touched {
+            let mut buf = [0xffu8; PAGE_SIZE];
+            mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64))
+                .unwrap();
+            assert!(buf.iter().all(|b| *b == 0), "page {p} not wiped");
+        }
+        // Only the touched pages became resident: the wipe did not fault in
+        // the untouched ones.
+        assert_eq!(resident_pages(&mem), touched.len());
+    }
+}
