@@ -30,7 +30,7 @@ fn existing(p: PathBuf) -> PathBuf {
 /// A static test program built from `tests/guest` (tests/run builds them).
 pub fn program(name: &str) -> PathBuf {
     let p = workspace_root()
-        .join("target/x86_64-unknown-linux-gnu/release")
+        .join("target/guest/x86_64-unknown-linux-gnu/release")
         .join(name);
     assert!(
         p.exists(),
