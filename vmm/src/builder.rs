@@ -17,7 +17,7 @@ use crate::devices::legacy::i8042::{self, I8042};
 use crate::devices::legacy::serial::{self, SerialDevice};
 use crate::devices::pseudo::boot_timer::{self, BootClock, BootTimer};
 use crate::exit::ExitSignal;
-use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::memory::{self, GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -59,7 +59,7 @@ pub enum BuildError {
 /// A running VM: its vCPUs are started.
 pub struct RunningVm {
     pub(crate) vm: Vm,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestRam,
     pub(crate) vcpus: Vec<VcpuHandle>,
     pub(crate) exit: ExitSignal,
     pub(crate) clock: Arc<BootClock>,
@@ -68,9 +68,13 @@ pub struct RunningVm {
 /// Builds the VM described by `config` and starts its vCPUs. `start` is the
 /// moment boot timing counts from (normally the VMM process's start).
 pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, BuildError> {
+    let phase =
+        |name: &str| tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "build: {name}");
     config.validate()?;
     boot::check_files(&config.kernel, config.initrd.as_deref())?;
+    phase("start");
     let vm = Vm::new()?;
+    phase("KVM VM created");
     let max = vm.kvm().get_max_vcpus();
     if config.vcpus as usize > max {
         return Err(BuildError::TooManyVcpus {
@@ -81,11 +85,12 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
     let num_vcpus = config.vcpus as u8; // validate() bounds it by MAX_VCPUS.
     let mem = memory::create_guest_memory(config.memory_mib)?;
     vm.register_memory(&mem)?;
+    phase("guest memory mapped");
 
     let cmdline = boot::build_cmdline(&config.cmdline_parts())?;
     let loaded = boot::load_guest(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
     mptable::setup_mptable(&mem, num_vcpus).map_err(BuildError::Mptable)?;
-    tracing::debug!(format = ?loaded.format, "guest loaded");
+    phase("guest image loaded");
 
     let exit = ExitSignal::new().map_err(BuildError::EventFd)?;
     let clock = BootClock::new(start);
@@ -97,9 +102,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
         clock: clock.clone(),
     };
 
+    phase("devices attached");
     let vcpus = (0..num_vcpus)
         .map(|id| Vcpu::new(&vm, &mem, id, num_vcpus, loaded.entry))
         .collect::<Result<Vec<_>, _>>()?;
+    phase("vCPUs configured");
     let mut handles = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         match vcpu.start(ctx.clone()) {

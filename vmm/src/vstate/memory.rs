@@ -6,7 +6,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::arch_memory_regions;
 
@@ -21,20 +22,144 @@ pub enum MemoryError {
     Map {
         mib: u64,
         #[source]
-        source: vm_memory::mmap::FromRangesError,
+        source: std::io::Error,
     },
+    /// vm-memory refused the mapping.
+    #[error("cannot set up guest memory regions: {0}")]
+    Regions(String),
+}
+
+/// Alignment of guest RAM in the VMM's address space. With guest-physical
+/// and host-virtual addresses congruent modulo 2 MiB, KVM can back the guest
+/// with 2 MiB pages wherever the host kernel gives transparent huge pages:
+/// far fewer faults while the guest first touches its memory.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// One anonymous mapping that [`GuestRam`] owns.
+#[derive(Debug)]
+struct Mapping {
+    addr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by `GuestRam`; the pointer is
+// only used to unmap it, once, in `GuestRam::drop`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above; `&Mapping` gives no access to the memory.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of anonymous, `MAP_NORESERVE` memory at a 2 MiB
+    /// aligned address, marked for transparent huge pages and left out of
+    /// core dumps (they would copy guest memory to disk).
+    fn new(len: usize) -> std::io::Result<Self> {
+        let total = len
+            .checked_add(HUGE_PAGE)
+            .ok_or(std::io::ErrorKind::OutOfMemory)?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: a new anonymous mapping, not MAP_FIXED: nothing existing is
+        // affected; the result is checked.
+        let raw = unsafe { libc::mmap(std::ptr::null_mut(), total, prot, flags, -1, 0) };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let raw = raw.cast::<u8>();
+        let head = (HUGE_PAGE - raw as usize % HUGE_PAGE) % HUGE_PAGE;
+        // SAFETY: `head < HUGE_PAGE`, so `raw + head` and the `len` bytes after
+        // it lie inside the `total`-byte mapping.
+        let addr = unsafe { raw.add(head) };
+        let tail = total - head - len;
+        // SAFETY: unmapping the unaligned head and the tail of the mapping
+        // just made, which nothing else refers to.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw.cast(), head);
+            }
+            if tail > 0 {
+                libc::munmap(addr.add(len).cast(), tail);
+            }
+        }
+        for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTDUMP] {
+            // SAFETY: advice on our own mapping; failure (no THP support)
+            // only loses the optimisation.
+            unsafe { libc::madvise(addr.cast(), len, advice) };
+        }
+        Ok(Mapping { addr, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `Mapping::new` and is unmapped once,
+        // here. `GuestRam` drops its memory view before its mappings, and by
+        // its contract no clone of the view is used after that.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+/// Guest RAM: the mappings and the `vm-memory` view of them.
+///
+/// Clones of the memory view must not outlive the `GuestRam`, which unmaps
+/// the memory when dropped: the VMM stops its vCPUs and devices (the
+/// only holders of clones) before it drops guest RAM.
+#[derive(Debug)]
+pub struct GuestRam {
+    // Dropped in this order: the view, then the mappings it points into.
+    mem: GuestMemoryMmap,
+    #[allow(dead_code)] // Held only to unmap on drop.
+    mappings: Vec<Mapping>,
+}
+
+impl GuestRam {
+    /// The guest memory, as `vm-memory` sees it.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+impl std::ops::Deref for GuestRam {
+    type Target = GuestMemoryMmap;
+
+    fn deref(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
 }
 
 /// Maps `mib` MiB of guest RAM, split around the MMIO gap below 4 GiB.
 /// Nothing is touched: pages are only allocated when the guest uses them.
-pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+pub fn create_guest_memory(mib: u64) -> Result<GuestRam, MemoryError> {
     let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::TooLarge(mib))?;
-    let ranges = arch_memory_regions(bytes)
-        .into_iter()
-        .map(|(addr, len)| usize::try_from(len).map(|len| (addr, len)))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| MemoryError::TooLarge(mib))?;
-    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map { mib, source })
+    let mut mappings = Vec::new();
+    let mut regions = Vec::new();
+    for (guest_addr, len) in arch_memory_regions(bytes) {
+        let len = usize::try_from(len).map_err(|_| MemoryError::TooLarge(mib))?;
+        let mapping = Mapping::new(len).map_err(|source| MemoryError::Map { mib, source })?;
+        let addr = mapping.addr;
+        // SAFETY: `mapping` is a live anonymous mapping of exactly `len`
+        // bytes, owned by the `GuestRam` returned below, which outlives the
+        // region (see its contract).
+        let region = unsafe {
+            MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .with_raw_mmap_pointer(addr)
+        }
+        .build()
+        .map_err(|e| MemoryError::Regions(e.to_string()));
+        mappings.push(mapping);
+        let region = GuestRegionMmap::new(region?, guest_addr)
+            .ok_or_else(|| MemoryError::Regions("region wraps the address space".into()))?;
+        regions.push(region);
+    }
+    let mut ram = GuestRam {
+        mem: GuestMemoryMmap::default(),
+        mappings,
+    };
+    // On error, dropping `ram` unmaps the mappings.
+    ram.mem =
+        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))?;
+    Ok(ram)
 }
 
 /// What a wipe did.
@@ -175,6 +300,14 @@ mod tests {
     }
 
     #[test]
+    fn regions_are_huge_page_aligned() {
+        let mem = create_guest_memory(4096).unwrap();
+        for r in mem.iter() {
+            assert_eq!(r.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+    }
+
+    #[test]
     fn memory_is_split_around_the_mmio_gap() {
         let mem = create_guest_memory(4096).unwrap();
         assert_eq!(mem.num_regions(), 2);
@@ -194,18 +327,24 @@ mod tests {
             mem.write_slice(&marker, GuestAddress(p * PAGE_SIZE as u64 + 100))
                 .unwrap();
         }
+        // With transparent huge pages a touch makes a whole 2 MiB resident,
+        // so count what is resident rather than what was written.
+        let resident = resident_pages(&mem);
+        assert!(
+            resident >= touched.len() && resident < 16384 / 2,
+            "{resident}"
+        );
         let report = wipe(&mem);
         assert_eq!(report.method, WipeMethod::Pagemap);
         assert_eq!(report.total_pages, 16384);
-        assert_eq!(report.wiped_pages, touched.len() as u64);
+        assert_eq!(report.wiped_pages, resident as u64);
         for p in touched {
             let mut buf = [0xffu8; PAGE_SIZE];
             mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64))
                 .unwrap();
             assert!(buf.iter().all(|b| *b == 0), "page {p} not wiped");
         }
-        // Only the touched pages became resident: the wipe did not fault in
-        // the untouched ones.
-        assert_eq!(resident_pages(&mem), touched.len());
+        // The wipe did not fault in the untouched pages.
+        assert_eq!(resident_pages(&mem), resident);
     }
 }
