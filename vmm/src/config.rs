@@ -23,6 +23,12 @@ pub enum ConfigError {
     /// Too little memory.
     #[error("invalid memory size {0} MiB: must be at least {MIN_MEMORY_MIB} MiB")]
     MemoryTooSmall(u64),
+    /// A `--drive` specification that does not parse.
+    #[error("invalid drive {0} (expected path=IMAGE[,ro][,id=SERIAL])")]
+    Drive(String),
+    /// A vsock CID that is reserved.
+    #[error("invalid vsock guest CID {0}: must be at least 3 (0-2 are reserved)")]
+    VsockCid(u64),
     /// More memory than the host has.
     #[error("invalid memory size {requested} MiB: this host has only {host} MiB of RAM")]
     MemoryTooLarge { requested: u64, host: u64 },
@@ -54,6 +60,34 @@ pub struct VmConfig {
     pub extra_args: Vec<String>,
     /// Serial console destination.
     pub console: ConsoleOutput,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
+    /// Block devices, in the order the guest sees them (`/dev/vda`, ...).
+    pub drives: Vec<DriveConfig>,
+    /// Whether the guest gets a virtio-rng device (entropy from the host).
+    pub rng: bool,
+}
+
+/// The hybrid vsock device: the host reaches the guest through a Unix
+/// socket (`CONNECT <port>`), and guest connections to port P reach
+/// `<uds>_<P>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub guest_cid: u64,
+    /// The host-side Unix socket.
+    pub uds: PathBuf,
+}
+
+/// A block device backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// The image.
+    pub path: PathBuf,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+    /// The serial the guest reads (`/sys/block/vdX/serial`), at most 20 bytes.
+    pub id: String,
 }
 
 impl VmConfig {
@@ -68,6 +102,9 @@ impl VmConfig {
             memory_mib: 128,
             extra_args: Vec::new(),
             console: ConsoleOutput::Stdout,
+            vsock: None,
+            drives: Vec::new(),
+            rng: true,
         }
     }
 
@@ -75,6 +112,11 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > u32::from(MAX_VCPUS) {
             return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
+                return Err(ConfigError::VsockCid(v.guest_cid));
+            }
         }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::MemoryTooSmall(self.memory_mib));
@@ -95,6 +137,34 @@ impl VmConfig {
         std::iter::once(BASE_CMDLINE)
             .chain(self.extra_args.iter().map(String::as_str))
             .collect()
+    }
+}
+
+impl std::str::FromStr for DriveConfig {
+    type Err = ConfigError;
+
+    /// Parses `path=IMAGE[,ro][,id=SERIAL]`.
+    fn from_str(spec: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Drive(format!("'{spec}': {why}"));
+        let mut drive = DriveConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            id: String::new(),
+        };
+        for part in spec.split(',') {
+            match part.split_once('=') {
+                Some(("path", p)) if !p.is_empty() => drive.path = PathBuf::from(p),
+                Some(("id", id)) if id.len() <= 20 && id.is_ascii() => drive.id = id.to_string(),
+                Some(("id", _)) => return Err(bad("id must be at most 20 ASCII characters")),
+                None if part == "ro" => drive.read_only = true,
+                None if part == "rw" => drive.read_only = false,
+                _ => return Err(bad(&format!("unknown option '{part}'"))),
+            }
+        }
+        if drive.path.as_os_str().is_empty() {
+            return Err(bad("path=IMAGE is required"));
+        }
+        Ok(drive)
     }
 }
 
@@ -153,6 +223,46 @@ mod tests {
         let mut c = VmConfig::with_defaults();
         c.extra_args = vec!["airlock.oneshot".into()];
         assert_eq!(c.cmdline_parts(), vec![BASE_CMDLINE, "airlock.oneshot"]);
+    }
+
+    #[test]
+    fn drive_specs() {
+        let d: DriveConfig = "path=/img/a.ext4,ro,id=root".parse().unwrap();
+        assert_eq!(
+            d,
+            DriveConfig {
+                path: "/img/a.ext4".into(),
+                read_only: true,
+                id: "root".into()
+            }
+        );
+        let d: DriveConfig = "path=b.img".parse().unwrap();
+        assert!(!d.read_only && d.id.is_empty());
+        for bad in [
+            "",
+            "ro",
+            "path=",
+            "path=x,bogus",
+            "path=x,id=123456789012345678901",
+            "path=x,ro=1",
+        ] {
+            assert!(bad.parse::<DriveConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reserved_vsock_cids_are_refused() {
+        let mut c = VmConfig::with_defaults();
+        c.vsock = Some(VsockConfig {
+            guest_cid: 2,
+            uds: "/tmp/v.sock".into(),
+        });
+        assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds: "/tmp/v.sock".into(),
+        });
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use airlock_vmm::config::default_guest_dir;
+use airlock_vmm::config::{DriveConfig, VsockConfig};
 use airlock_vmm::{ConsoleOutput, VmConfig, Vmm};
 use clap::{Parser, ValueEnum};
 
@@ -46,6 +47,19 @@ struct Cli {
     /// (`airlock.oneshot`).
     #[arg(long)]
     keep_running: bool,
+    /// Attach a hybrid vsock device whose host side is this Unix socket
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock context ID
+    #[arg(long, default_value_t = 3, value_name = "CID", requires = "vsock_uds")]
+    vsock_cid: u64,
+    /// Attach a block device: `path=IMAGE[,ro][,id=SERIAL]` (repeatable;
+    /// the first is /dev/vda)
+    #[arg(long = "drive", value_name = "SPEC")]
+    drives: Vec<DriveConfig>,
+    /// Do not give the guest a virtio-rng device
+    #[arg(long)]
+    no_rng: bool,
     /// Where the serial console goes: `stdout`, `off`, or a file path
     #[arg(long, default_value = "stdout", value_name = "stdout|off|PATH")]
     console: String,
@@ -100,6 +114,12 @@ fn config_from(cli: &Cli) -> VmConfig {
             "off" => ConsoleOutput::Off,
             path => ConsoleOutput::File(path.into()),
         },
+        vsock: cli.vsock_uds.clone().map(|uds| VsockConfig {
+            guest_cid: cli.vsock_cid,
+            uds,
+        }),
+        drives: cli.drives.clone(),
+        rng: !cli.no_rng,
     }
 }
 

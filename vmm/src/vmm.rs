@@ -118,10 +118,14 @@ impl Vmm {
             vm,
             mem,
             vcpus,
+            virtio,
             exit: _,
             clock: _,
         } = running;
         vcpus.into_iter().for_each(|v| v.stop_and_join());
+        // Device workers write guest memory: stop them before the wipe.
+        virtio.iter().for_each(crate::builder::virtio::stop);
+        drop(virtio);
         #[cfg(feature = "test-hooks")]
         if let Some(hook) = self.wipe_hook.as_mut() {
             hook(WipePhase::BeforeWipe, &mem);

@@ -2,5 +2,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod pseudo;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

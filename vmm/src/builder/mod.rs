@@ -1,21 +1,17 @@
 //! Building a VM from a [`VmConfig`]: memory, KVM, the guest image, the
 //! devices and the vCPUs, in that order.
 
-use std::fs::File;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+mod legacy;
+pub(crate) mod virtio;
 
-use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::arch::x86_64::mptable::{self, MptableError};
 use crate::boot::{self, BootError};
-use crate::config::{ConfigError, ConsoleOutput, VmConfig};
-use crate::devices::bus::{Bus, BusError};
-use crate::devices::legacy::i8042::{self, I8042};
-use crate::devices::legacy::serial::{self, SerialDevice};
-use crate::devices::pseudo::boot_timer::{self, BootClock, BootTimer};
+use crate::config::{ConfigError, VmConfig};
+use crate::devices::bus::BusError;
+use crate::devices::pseudo::boot_timer::BootClock;
 use crate::exit::ExitSignal;
 use crate::vstate::memory::{self, GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuHandle};
@@ -48,6 +44,12 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// A virtio device could not be set up.
+    #[error("cannot set up a virtio device")]
+    Virtio(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Too many virtio devices for the interrupt lines.
+    #[error("too many virtio devices ({0}): at most {1} fit")]
+    TooManyDevices(usize, usize),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -61,6 +63,7 @@ pub struct RunningVm {
     pub(crate) vm: Vm,
     pub(crate) mem: GuestRam,
     pub(crate) vcpus: Vec<VcpuHandle>,
+    pub(crate) virtio: Vec<virtio::SharedTransport>,
     pub(crate) exit: ExitSignal,
     pub(crate) clock: Arc<BootClock>,
 }
@@ -87,21 +90,24 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
     vm.register_memory(&mem)?;
     phase("guest memory mapped");
 
-    let cmdline = boot::build_cmdline(&config.cmdline_parts())?;
+    let virtio = virtio::attach_virtio_devices(&vm, &mem, virtio::devices_from_config(config)?)?;
+    let mut cmdline_parts = config.cmdline_parts();
+    cmdline_parts.extend(virtio.cmdline.iter().map(String::as_str));
+    let cmdline = boot::build_cmdline(&cmdline_parts)?;
     let loaded = boot::load_guest(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;
     mptable::setup_mptable(&mem, num_vcpus).map_err(BuildError::Mptable)?;
+
     phase("guest image loaded");
 
     let exit = ExitSignal::new().map_err(BuildError::EventFd)?;
     let clock = BootClock::new(start);
-    let pio = legacy_devices(&vm, config, &mem, &exit, &clock)?;
+    let pio = legacy::legacy_devices(&vm, config, &mem, &exit, &clock)?;
     let ctx = VcpuContext {
         pio,
-        mmio: Bus::new(),
+        mmio: virtio.bus,
         exit: exit.clone(),
         clock: clock.clone(),
     };
-
     phase("devices attached");
     let vcpus = (0..num_vcpus)
         .map(|id| Vcpu::new(&vm, &mem, id, num_vcpus, loaded.entry))
@@ -113,6 +119,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
             Ok(h) => handles.push(h),
             Err(e) => {
                 handles.into_iter().for_each(VcpuHandle::stop_and_join);
+                virtio.transports.iter().for_each(virtio::stop);
                 memory::wipe(&mem);
                 return Err(e.into());
             }
@@ -122,41 +129,8 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
         vm,
         mem,
         vcpus: handles,
+        virtio: virtio.transports,
         exit,
         clock,
     })
-}
-
-/// The port-I/O devices: COM1, the i8042 reset line and the boot timer.
-fn legacy_devices(
-    vm: &Vm,
-    config: &VmConfig,
-    mem: &GuestMemoryMmap,
-    exit: &ExitSignal,
-    clock: &Arc<BootClock>,
-) -> Result<Bus, BuildError> {
-    let out: Box<dyn Write + Send> = match &config.console {
-        ConsoleOutput::Stdout => Box::new(std::io::stdout()),
-        ConsoleOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| BuildError::Console {
-                path: path.clone(),
-                source,
-            })?)
-        }
-        ConsoleOutput::Off => Box::new(std::io::sink()),
-    };
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    vm.register_irqfd(&serial_irq, serial::COM1_IRQ)?;
-
-    let mut pio = Bus::new();
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, out)));
-    pio.insert(serial, serial::COM1_PORT, serial::PORT_COUNT)
-        .map_err(BuildError::Bus)?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), mem.clone())));
-    pio.insert(i8042, i8042::I8042_PORT, i8042::PORT_COUNT)
-        .map_err(BuildError::Bus)?;
-    let timer = Arc::new(Mutex::new(BootTimer::new(clock.clone())));
-    pio.insert(timer, boot_timer::BOOT_TIMER_PORT, 1)
-        .map_err(BuildError::Bus)?;
-    Ok(pio)
 }

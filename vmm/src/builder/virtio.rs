@@ -1,0 +1,86 @@
+//! Placing virtio devices: each gets a 4 KiB virtio-mmio window above the
+//! MMIO gap's start, an interrupt line (an irqfd), an ioeventfd per queue on
+//! its QueueNotify register, and a `virtio_mmio.device=` kernel argument so
+//! the guest finds it without ACPI or a device tree.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::IoEventAddress;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::BuildError;
+use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MMIO_DEVICES_START};
+use crate::config::VmConfig;
+use crate::devices::bus::Bus;
+use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::VirtioDevice;
+use crate::vstate::vm::Vm;
+
+/// A transport shared between the MMIO bus and the VMM's teardown.
+pub(crate) type SharedTransport = Arc<Mutex<MmioTransport>>;
+
+/// The attached devices.
+pub(crate) struct VirtioDevices {
+    /// The MMIO bus holding their register windows.
+    pub bus: Bus,
+    /// Kernel arguments announcing them.
+    pub cmdline: Vec<String>,
+    /// The transports, to stop the devices at teardown.
+    pub transports: Vec<SharedTransport>,
+}
+
+/// The devices `config` asks for, in a stable order.
+pub(crate) fn devices_from_config(
+    _config: &VmConfig,
+) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
+    Ok(Vec::new())
+}
+
+/// Attaches `devices` to the VM.
+pub(crate) fn attach_virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<VirtioDevices, BuildError> {
+    let max = (IRQ_MAX - IRQ_BASE + 1) as usize;
+    if devices.len() > max {
+        return Err(BuildError::TooManyDevices(devices.len(), max));
+    }
+    let mut attached = VirtioDevices {
+        bus: Bus::new(),
+        cmdline: Vec::new(),
+        transports: Vec::new(),
+    };
+    for (i, device) in devices.into_iter().enumerate() {
+        let base = MMIO_DEVICES_START + i as u64 * MMIO_WINDOW;
+        let irq = IRQ_BASE + i as u32;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        let transport = MmioTransport::new(device, mem.clone(), irq_evt)
+            .map_err(|e| BuildError::Virtio(Box::new(e)))?;
+        vm.register_irqfd(transport.irq().eventfd(), irq)?;
+        for (q, evt) in transport.queue_evts().iter().enumerate() {
+            vm.fd()
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                .map_err(|e| BuildError::Virtio(Box::new(e)))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        attached
+            .bus
+            .insert(transport.clone(), base, MMIO_WINDOW)
+            .map_err(BuildError::Bus)?;
+        attached
+            .cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
+        attached.transports.push(transport);
+    }
+    Ok(attached)
+}
+
+/// Stops a device's worker, so that it no longer touches guest memory.
+pub(crate) fn stop(transport: &SharedTransport) {
+    transport
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .shutdown();
+}
