@@ -13,7 +13,10 @@ use super::BuildError;
 use crate::arch::x86_64::layout::{IRQ_BASE, IRQ_MAX, MMIO_DEVICES_START};
 use crate::config::VmConfig;
 use crate::devices::bus::Bus;
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::rng::{RateLimit, Rng};
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::vstate::vm::Vm;
 
@@ -30,11 +33,27 @@ pub(crate) struct VirtioDevices {
     pub transports: Vec<SharedTransport>,
 }
 
-/// The devices `config` asks for, in a stable order.
+/// The devices `config` asks for: the drives first (in order, so the first
+/// is `/dev/vda`), then vsock, then rng.
 pub(crate) fn devices_from_config(
-    _config: &VmConfig,
+    config: &VmConfig,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
-    Ok(Vec::new())
+    let boxed = |e: &dyn std::fmt::Display| BuildError::Virtio(e.to_string().into());
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for drive in &config.drives {
+        let block =
+            Block::new(&drive.path, drive.read_only, drive.id.clone()).map_err(|e| boxed(&e))?;
+        devices.push(Box::new(block));
+    }
+    if let Some(v) = &config.vsock {
+        devices.push(Box::new(
+            Vsock::new(v.guest_cid, v.uds.clone()).map_err(|e| boxed(&e))?,
+        ));
+    }
+    if config.rng {
+        devices.push(Box::new(Rng::new(Some(RateLimit::default()))));
+    }
+    Ok(devices)
 }
 
 /// Attaches `devices` to the VM.

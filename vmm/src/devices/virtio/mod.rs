@@ -13,7 +13,10 @@
 //! and answer a malformed request with an error status (or stop the queue),
 //! never with a panic.
 
+pub mod block;
 pub mod mmio;
+pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,0 +1,49 @@
+//! virtio-blk (virtio 1.2, section 5.2): a drive backed by a raw image file.
+//!
+//! [`Block`] opens the image ([`backend`]), offers its size and limits in
+//! the configuration space, and serves the request queue on a worker
+//! thread ([`device`]). Each request ([`request`]) is parsed and checked
+//! against guest memory and the drive's capacity before any I/O: the guest
+//! is hostile, and a malformed request gets an error status (or, without a
+//! usable status byte, is returned with nothing written).
+//!
+//! Several drives are several `Block` devices, each with its own transport.
+
+pub mod backend;
+pub mod device;
+pub mod request;
+
+use std::path::PathBuf;
+
+pub use device::Block;
+
+/// Bytes per sector: the unit of the capacity and of request offsets.
+pub const SECTOR_SIZE: u64 = 512;
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Data descriptors per request (`seg_max`): the queue minus the header
+/// and status descriptors.
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Length of the drive ID returned by GET_ID (the guest's serial).
+pub const ID_BYTES: usize = 20;
+
+/// Errors from opening a drive's image.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image does not exist.
+    #[error("disk image {} not found", path.display())]
+    NotFound { path: PathBuf },
+    /// The image cannot be inspected or opened.
+    #[error("cannot open disk image {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image is neither a regular file nor a block device.
+    #[error("disk image {} is not a regular file or a block device", path.display())]
+    NotAFile { path: PathBuf },
+    /// The image's size is not a whole number of sectors.
+    #[error("disk image {} is {size} bytes, not a multiple of {SECTOR_SIZE}", path.display())]
+    Size { path: PathBuf, size: u64 },
+}

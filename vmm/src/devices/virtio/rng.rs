@@ -1,0 +1,734 @@
+//! virtio-rng (virtio 1.2, section 5.4): an entropy source for the guest.
+//!
+//! The single request queue holds device-writable buffers; the device fills
+//! each with bytes from the host's `getrandom(2)`. A token bucket limits the
+//! rate so that a guest cannot make the host burn CPU on its behalf: when it
+//! runs dry the worker stops taking requests and arms a timerfd, and resumes
+//! when enough tokens have accumulated.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::worker::WorkerHandle;
+use super::{device_type, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice};
+use super::{INT_VRING, VIRTIO_F_VERSION_1};
+
+/// Size of the request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The most bytes one request gets; a larger buffer is filled partially.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Descriptors accepted in one chain (indirect tables can be longer).
+const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
+/// When throttled, wait until the bucket holds this many bytes (or the
+/// burst, if smaller) rather than waking up for every byte.
+const REFILL_WAKE: u64 = 4096;
+/// Each request costs at least this many tokens, so that a stream of tiny
+/// (or malformed) requests is limited too.
+const MIN_REQUEST_COST: u64 = 64;
+
+/// Errors from serving entropy requests.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// A request buffer is not device-writable.
+    #[error("virtio-rng request has a device-readable descriptor")]
+    ReadableDescriptor,
+    /// A request buffer is not in guest memory.
+    #[error("virtio-rng request buffer {addr:#x}+{len:#x} is outside guest memory")]
+    OutOfRange { addr: u64, len: u32 },
+    /// A request has more descriptors than the queue.
+    #[error("virtio-rng request has more than {MAX_CHAIN_DESCS} descriptors")]
+    ChainTooLong,
+    /// getrandom(2) failed.
+    #[error("getrandom failed")]
+    GetRandom(#[source] io::Error),
+    /// Writing the random bytes to guest memory failed.
+    #[error("cannot write random bytes to guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    /// The worker's event loop failed.
+    #[error("virtio-rng event loop failed")]
+    EventLoop(#[source] io::Error),
+}
+
+/// A rate limit on the bytes handed to the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Sustained rate, in bytes per second (0 is treated as 1).
+    pub bytes_per_sec: u64,
+    /// Bytes that can be handed out at once after a quiet period (0 is
+    /// treated as 1).
+    pub burst: u64,
+}
+
+impl Default for RateLimit {
+    /// 1 MiB/s with a 64 KiB burst.
+    fn default() -> Self {
+        RateLimit {
+            bytes_per_sec: 1 << 20,
+            burst: 64 << 10,
+        }
+    }
+}
+
+/// A token bucket, one token per byte. Time is passed in, for testing.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    rate: u64,
+    burst: u64,
+    tokens: u64,
+    last: Instant,
+}
+
+const NANOS_PER_SEC: u128 = 1_000_000_000;
+
+impl TokenBucket {
+    /// A full bucket.
+    fn new(limit: RateLimit, now: Instant) -> Self {
+        let burst = limit.burst.max(1);
+        TokenBucket {
+            rate: limit.bytes_per_sec.max(1),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Adds the tokens accumulated since the last refill.
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_nanos();
+        let added = elapsed.saturating_mul(u128::from(self.rate)) / NANOS_PER_SEC;
+        if added == 0 {
+            return;
+        }
+        let total = u128::from(self.tokens).saturating_add(added);
+        if total >= u128::from(self.burst) {
+            self.tokens = self.burst;
+            self.last = now;
+        } else {
+            // Below the burst, so `added` fits in u64. Only advance by the
+            // time those tokens took, keeping the fraction of the next one.
+            self.tokens = total as u64;
+            let spent = added.saturating_mul(NANOS_PER_SEC) / u128::from(self.rate);
+            let spent = Duration::from_nanos(u64::try_from(spent).unwrap_or(u64::MAX));
+            self.last = self.last.checked_add(spent).unwrap_or(now).min(now);
+        }
+    }
+
+    /// Tokens available after refilling at `now`.
+    fn available(&mut self, now: Instant) -> u64 {
+        self.refill(now);
+        self.tokens
+    }
+
+    /// Takes `n` tokens (at most what is there).
+    fn consume(&mut self, n: u64) {
+        self.tokens = self.tokens.saturating_sub(n);
+    }
+
+    /// How long until the bucket holds `want` tokens (capped at the burst).
+    fn wait_for(&self, want: u64) -> Duration {
+        let deficit = want.min(self.burst).saturating_sub(self.tokens);
+        let nanos = (u128::from(deficit) * NANOS_PER_SEC).div_ceil(u128::from(self.rate));
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+}
+
+/// Fills `buf` from getrandom(2), retrying on EINTR and short reads.
+fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while let Some(rest) = buf.get_mut(filled..).filter(|r| !r.is_empty()) {
+        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes
+        // for the duration of the call; getrandom writes at most that many.
+        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // 0 <= ret <= rest.len().
+        filled += usize::try_from(ret).unwrap_or(0);
+    }
+    Ok(())
+}
+
+/// What one pass over the queue did.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Processed {
+    /// Used buffers were added: interrupt the guest.
+    needs_irq: bool,
+    /// The bucket is empty; resume after this long.
+    throttle: Option<Duration>,
+}
+
+/// The queue and its state, owned by the worker.
+struct RngQueue {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    bucket: Option<TokenBucket>,
+    buf: Vec<u8>,
+}
+
+impl RngQueue {
+    fn new(mem: GuestMemoryMmap, queue: Queue, bucket: Option<TokenBucket>) -> Self {
+        RngQueue {
+            mem,
+            queue,
+            bucket,
+            buf: vec![0; MAX_REQUEST],
+        }
+    }
+
+    /// Serves the available requests until the queue is empty or the
+    /// bucket runs dry.
+    fn process_queue(&mut self, now: Instant) -> Processed {
+        let mut done = Processed::default();
+        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+            let allowance = match self.bucket.as_mut() {
+                Some(bucket) => bucket.available(now).min(MAX_REQUEST as u64) as usize,
+                None => MAX_REQUEST,
+            };
+            if allowance == 0 {
+                self.queue.go_to_previous_position();
+                done.throttle = self.bucket.as_ref().map(|b| b.wait_for(REFILL_WAKE));
+                break;
+            }
+            let head = chain.head_index();
+            let len = match fill_chain(&self.mem, chain, &mut self.buf, allowance) {
+                Ok(len) => len,
+                Err(e) => {
+                    tracing::warn!("virtio-rng: {e}");
+                    0
+                }
+            };
+            if let Some(bucket) = self.bucket.as_mut() {
+                bucket.consume(u64::from(len).max(MIN_REQUEST_COST));
+            }
+            if let Err(e) = self.queue.add_used(&self.mem, head, len) {
+                tracing::error!("virtio-rng: cannot add a used buffer: {e}");
+                break;
+            }
+            done.needs_irq = true;
+        }
+        done
+    }
+}
+
+/// Fills the device-writable buffers of `chain` with up to `limit` random
+/// bytes; returns how many were written.
+fn fill_chain<M: std::ops::Deref<Target = GuestMemoryMmap>>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    buf: &mut [u8],
+    limit: usize,
+) -> Result<u32, RngError> {
+    let mut descs = Vec::new();
+    for desc in chain.take(MAX_CHAIN_DESCS + 1) {
+        if !desc.is_write_only() {
+            return Err(RngError::ReadableDescriptor);
+        }
+        if !mem.check_range(desc.addr(), desc.len() as usize) {
+            return Err(RngError::OutOfRange {
+                addr: desc.addr().0,
+                len: desc.len(),
+            });
+        }
+        descs.push((desc.addr(), desc.len() as usize));
+    }
+    if descs.len() > MAX_CHAIN_DESCS {
+        return Err(RngError::ChainTooLong);
+    }
+    let mut left = limit.min(buf.len());
+    let mut written = 0usize;
+    for (addr, len) in descs {
+        let n = len.min(left);
+        let Some(chunk) = buf.get_mut(..n) else { break };
+        if n == 0 {
+            break;
+        }
+        fill_random(chunk).map_err(RngError::GetRandom)?;
+        mem.write_slice(chunk, addr)
+            .map_err(RngError::GuestMemory)?;
+        left -= n;
+        written += n;
+    }
+    // written <= MAX_REQUEST.
+    Ok(u32::try_from(written).unwrap_or(0))
+}
+
+/// The worker's epoll tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Token {
+    Kill = 0,
+    Queue = 1,
+    Timer = 2,
+}
+
+impl Token {
+    fn from_u64(v: u64) -> Option<Token> {
+        [Token::Kill, Token::Queue, Token::Timer]
+            .into_iter()
+            .find(|t| *t as u64 == v)
+    }
+}
+
+fn timer_err(e: vmm_sys_util::errno::Error) -> RngError {
+    RngError::EventLoop(io::Error::from_raw_os_error(e.errno()))
+}
+
+/// The worker's event loop: returns on the kill event (or on an error).
+fn run(
+    q: &mut RngQueue,
+    queue_evt: &EventFd,
+    irq: &IrqTrigger,
+    kill: &EventFd,
+) -> Result<(), RngError> {
+    let mut timer = TimerFd::new().map_err(timer_err)?;
+    let epoll = Epoll::new().map_err(RngError::EventLoop)?;
+    for (fd, token) in [
+        (kill.as_raw_fd(), Token::Kill),
+        (queue_evt.as_raw_fd(), Token::Queue),
+        (timer.as_raw_fd(), Token::Timer),
+    ] {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token as u64),
+            )
+            .map_err(RngError::EventLoop)?;
+    }
+    let mut events = [EpollEvent::default(); 3];
+    let mut throttled = false;
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(RngError::EventLoop(e)),
+        };
+        let mut process = false;
+        for event in events.iter().take(n) {
+            match Token::from_u64(event.data()) {
+                Some(Token::Kill) => return Ok(()),
+                Some(Token::Queue) => {
+                    let _ = queue_evt.read();
+                    process |= !throttled;
+                }
+                Some(Token::Timer) => {
+                    let _ = timer.wait();
+                    throttled = false;
+                    process = true;
+                }
+                None => {}
+            }
+        }
+        if !process {
+            continue;
+        }
+        let done = q.process_queue(Instant::now());
+        if done.needs_irq && q.queue.needs_notification(&q.mem).unwrap_or(true) {
+            if let Err(e) = irq.trigger(INT_VRING) {
+                tracing::error!("virtio-rng: cannot interrupt the guest: {e}");
+            }
+        }
+        if let Some(wait) = done.throttle {
+            // A zero duration would disarm the timer.
+            let wait = wait.max(Duration::from_micros(50));
+            timer.reset(wait, None).map_err(timer_err)?;
+            throttled = true;
+        }
+    }
+}
+
+/// The virtio-rng device.
+pub struct Rng {
+    rate_limit: Option<RateLimit>,
+    /// The bucket, kept across resets so that a reset does not refill it.
+    bucket: Option<TokenBucket>,
+    worker: Option<WorkerHandle<Option<TokenBucket>>>,
+}
+
+impl Rng {
+    /// A device limited to `rate_limit` (`None`: unlimited).
+    pub fn new(rate_limit: Option<RateLimit>) -> Self {
+        Rng {
+            rate_limit,
+            bucket: None,
+            worker: None,
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0); // No configuration space.
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
+        self.reset();
+        let ActiveQueues {
+            mem,
+            queues,
+            queue_evts,
+            irq,
+            acked_features: _,
+        } = active;
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let (Some(queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            });
+        };
+        let bucket = self
+            .bucket
+            .take()
+            .or_else(|| self.rate_limit.map(|l| TokenBucket::new(l, Instant::now())));
+        let worker = WorkerHandle::spawn("airlock-rng", move |kill: EventFd| {
+            let mut q = RngQueue::new(mem, queue, bucket);
+            if let Err(e) = run(&mut q, &queue_evt, &irq, &kill) {
+                tracing::error!("virtio-rng worker stopped: {e}");
+            }
+            q.bucket
+        })
+        .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        if let Some(worker) = self.worker.take() {
+            self.bucket = worker.stop().flatten();
+        }
+        true
+    }
+}
+
+impl Drop for Rng {
+    fn drop(&mut self) {
+        self.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+
+    const W: u16 = VRING_DESC_F_WRITE as u16;
+    const MEM_SIZE: usize = 0x10_0000;
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    fn used(vq: &MockSplitQueue<GuestMemoryMmap>, i: usize) -> (u32, u32) {
+        let elem = vq.used().ring().ref_at(i).unwrap().load();
+        (elem.id(), elem.len())
+    }
+
+    fn unlimited(mem: &GuestMemoryMmap, vq: &MockSplitQueue<GuestMemoryMmap>) -> RngQueue {
+        RngQueue::new(mem.clone(), vq.create_queue().unwrap(), None)
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    #[test]
+    fn reads_return_random_bytes() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[
+                desc(0x1_0000, 64, W, 0),
+                desc(0x2_0000, 64, W, 0),
+                // One request over two buffers.
+                desc(0x3_0000, 16, W | VRING_DESC_F_NEXT as u16, 3),
+                desc(0x4_0000, 16, W, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut q = unlimited(&mem, &vq);
+        let done = q.process_queue(Instant::now());
+        assert!(done.needs_irq);
+        assert_eq!(done.throttle, None);
+        assert_eq!(vq.used().idx().load(), 3);
+        assert_eq!(used(&vq, 0), (0, 64));
+        assert_eq!(used(&vq, 1), (1, 64));
+        assert_eq!(used(&vq, 2), (2, 32));
+        let (a, b) = (read(&mem, 0x1_0000, 64), read(&mem, 0x2_0000, 64));
+        assert!(a.iter().any(|&x| x != 0));
+        assert_ne!(a, b);
+        assert!(read(&mem, 0x3_0000, 16).iter().any(|&x| x != 0));
+        assert!(read(&mem, 0x4_0000, 16).iter().any(|&x| x != 0));
+        // Nothing beyond the buffer.
+        assert!(read(&mem, 0x1_0040, 64).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn requests_are_capped() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x2_0000, 0x8_0000, W, 0)], 0)
+            .unwrap();
+        unlimited(&mem, &vq).process_queue(Instant::now());
+        assert_eq!(used(&vq, 0), (0, MAX_REQUEST as u32));
+    }
+
+    #[test]
+    fn malformed_requests_get_len_0() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(
+            &[
+                desc(0x1_0000, 64, 0, 0),                           // device-readable
+                desc(0xffff_ffff_0000, 64, W, 0),                   // outside memory
+                desc(MEM_SIZE as u64 - 8, 64, W, 0),                // straddles the end
+                desc(0x1_0000, u32::MAX, W, 0),                     // huge
+                desc(u64::MAX - 4, 64, W, 0),                       // wraps around
+                desc(0x2_0000, 8, W | VRING_DESC_F_NEXT as u16, 6), // readable tail
+                desc(0x3_0000, 8, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        unlimited(&mem, &vq).process_queue(Instant::now());
+        assert_eq!(vq.used().idx().load(), 6);
+        for i in 0..6 {
+            assert_eq!(used(&vq, i).1, 0, "request {i}");
+        }
+        assert!(read(&mem, 0x1_0000, 64).iter().all(|&x| x == 0));
+        assert!(read(&mem, 0x2_0000, 8).iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn descriptor_loop_terminates() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        // Descriptor 0 points back at itself.
+        vq.add_desc_chains(&[desc(0x1_0000, 64, W | VRING_DESC_F_NEXT as u16, 0)], 0)
+            .unwrap();
+        unlimited(&mem, &vq).process_queue(Instant::now());
+        assert_eq!(vq.used().idx().load(), 1);
+        // The chain ends after queue-size descriptors (all the same buffer).
+        assert_eq!(used(&vq, 0), (0, 16 * 64));
+    }
+
+    #[test]
+    fn token_bucket_refills_at_the_rate() {
+        let t0 = Instant::now();
+        let limit = RateLimit {
+            bytes_per_sec: 1000,
+            burst: 500,
+        };
+        let mut b = TokenBucket::new(limit, t0);
+        assert_eq!(b.available(t0), 500);
+        b.consume(800);
+        assert_eq!(b.available(t0), 0);
+        assert_eq!(b.wait_for(100), Duration::from_millis(100));
+        assert_eq!(b.wait_for(10_000), Duration::from_millis(500));
+        // 1.5 ms per step: fractions of a token carry over.
+        let mut now = t0;
+        for _ in 0..10 {
+            now += Duration::from_micros(1500);
+            b.refill(now);
+        }
+        assert_eq!(b.available(now), 15);
+        // Never beyond the burst.
+        assert_eq!(b.available(now + Duration::from_secs(3600)), 500);
+        // Time going backwards is harmless.
+        assert_eq!(b.available(t0), 500);
+        // Degenerate limits do not divide by zero or stall forever.
+        let mut z = TokenBucket::new(
+            RateLimit {
+                bytes_per_sec: 0,
+                burst: 0,
+            },
+            t0,
+        );
+        assert_eq!(z.available(t0), 1);
+        z.consume(1);
+        assert_eq!(z.wait_for(REFILL_WAKE), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn rate_limit_throttles_the_queue() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x1_0000, 300, W, 0), desc(0x2_0000, 300, W, 0)], 0)
+            .unwrap();
+        let t0 = Instant::now();
+        let limit = RateLimit {
+            bytes_per_sec: 1000,
+            burst: 200,
+        };
+        let mut q = RngQueue::new(
+            mem.clone(),
+            vq.create_queue().unwrap(),
+            Some(TokenBucket::new(limit, t0)),
+        );
+        // The burst serves the first request partially, then the bucket is dry.
+        let done = q.process_queue(t0);
+        assert!(done.needs_irq);
+        assert_eq!(done.throttle, Some(Duration::from_millis(200)));
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(used(&vq, 0), (0, 200));
+        // Still dry: nothing consumed, the request stays available.
+        let done = q.process_queue(t0);
+        assert!(!done.needs_irq);
+        assert!(done.throttle.is_some());
+        assert_eq!(vq.used().idx().load(), 1);
+        // 50 ms later, 50 bytes.
+        let done = q.process_queue(t0 + Duration::from_millis(50));
+        assert_eq!(used(&vq, 1), (1, 50));
+        assert_eq!(done.throttle, None);
+    }
+
+    #[test]
+    fn tiny_requests_cost_a_minimum() {
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let tiny: Vec<_> = (0..5)
+            .map(|i| desc(0x1_0000 + i * 0x100, 1, W, 0))
+            .collect();
+        vq.add_desc_chains(&tiny, 0).unwrap();
+        let t0 = Instant::now();
+        let limit = RateLimit {
+            bytes_per_sec: 1000,
+            burst: 200,
+        };
+        let mut q = RngQueue::new(
+            mem.clone(),
+            vq.create_queue().unwrap(),
+            Some(TokenBucket::new(limit, t0)),
+        );
+        // 200 tokens: three requests at 64, a fourth with the remaining 8.
+        let done = q.process_queue(t0);
+        assert_eq!(vq.used().idx().load(), 4);
+        assert!(done.throttle.is_some());
+    }
+
+    fn wait_used(vq: &MockSplitQueue<GuestMemoryMmap>, idx: u16) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vq.used().idx().load() != idx {
+            assert!(Instant::now() < deadline, "device did not answer");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn activate(rng: &mut Rng, mem: &GuestMemoryMmap, queue: Queue) -> (EventFd, Arc<IrqTrigger>) {
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        rng.activate(ActiveQueues {
+            mem: mem.clone(),
+            queues: vec![queue],
+            queue_evts: vec![evt.try_clone().unwrap()],
+            irq: irq.clone(),
+            acked_features: VIRTIO_F_VERSION_1,
+        })
+        .unwrap();
+        (evt, irq)
+    }
+
+    #[test]
+    fn worker_serves_and_reactivates_after_reset() {
+        let mut rng = Rng::new(Some(RateLimit::default()));
+        assert_eq!(rng.device_type(), device_type::RNG);
+        assert_eq!(rng.queue_max_sizes(), &[QUEUE_SIZE]);
+        for round in 0..2 {
+            let mem = memory();
+            let vq = MockSplitQueue::new(&mem, 16);
+            vq.add_desc_chains(&[desc(0x1_0000, 64, W, 0)], 0).unwrap();
+            let (evt, irq) = activate(&mut rng, &mem, vq.create_queue().unwrap());
+            evt.write(1).unwrap();
+            wait_used(&vq, 1);
+            assert_eq!(used(&vq, 0), (0, 64), "round {round}");
+            assert_eq!(irq.status() & INT_VRING, INT_VRING);
+            assert!(rng.reset());
+        }
+    }
+
+    #[test]
+    fn worker_resumes_after_throttling() {
+        // 64-byte burst at 6400 B/s: the second request waits ~10 ms.
+        let mut rng = Rng::new(Some(RateLimit {
+            bytes_per_sec: 6400,
+            burst: 64,
+        }));
+        let mem = memory();
+        let vq = MockSplitQueue::new(&mem, 16);
+        vq.add_desc_chains(&[desc(0x1_0000, 64, W, 0), desc(0x2_0000, 64, W, 0)], 0)
+            .unwrap();
+        let (evt, _irq) = activate(&mut rng, &mem, vq.create_queue().unwrap());
+        let start = Instant::now();
+        evt.write(1).unwrap();
+        wait_used(&vq, 2);
+        assert!(start.elapsed() >= Duration::from_millis(9));
+        assert_eq!(used(&vq, 0), (0, 64));
+        assert_eq!(used(&vq, 1), (1, 64));
+    }
+
+    #[test]
+    fn activate_rejects_wrong_queue_count() {
+        let mut rng = Rng::new(None);
+        let err = rng
+            .activate(ActiveQueues {
+                mem: memory(),
+                queues: vec![],
+                queue_evts: vec![],
+                irq: Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+                acked_features: 0,
+            })
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            }
+        ));
+    }
+}

@@ -1,0 +1,352 @@
+//! virtio-vsock (device type 19) in Firecracker's hybrid mode: guest
+//! streams are bridged to Unix sockets on the host.
+//!
+//! - Host → guest: a host process connects to the device's socket
+//!   (`uds_path`), writes `CONNECT <port>\n`, and once the guest accepts
+//!   reads `OK <host-side port>\n`; after that the socket carries the stream.
+//! - Guest → host: a guest connection to CID 2, port P is bridged to the
+//!   Unix socket `<uds_path>_P`, if something listens there (RST if not).
+//!
+//! Queues: rx (0), tx (1), event (2, unused). The worker thread waits on
+//! the queue eventfds and on the [`muxer::Muxer`]'s epoll fd; the queue
+//! processing is in the plain functions [`process_tx`] and [`process_rx`].
+
+pub mod connect;
+pub mod connection;
+pub mod muxer;
+pub mod packet;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::muxer::Muxer;
+use self::packet::{Header, HEADER_SIZE, MAX_PKT_DATA, OP_RW};
+use super::worker::WorkerHandle;
+use super::{
+    device_type, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice, INT_VRING,
+    VIRTIO_F_VERSION_1,
+};
+
+/// Queue size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+
+/// Errors creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// CIDs 0-2 are reserved and the driver reads only 32 bits in practice.
+    #[error("invalid guest CID {0} (must be 3..=0xffff_fffe)")]
+    InvalidCid(u64),
+    #[error("vsock socket path {0:?} is too long for a Unix socket (max 107 bytes)")]
+    PathTooLong(PathBuf),
+    #[error("vsock socket path {0:?} exists and is not a socket")]
+    PathExists(PathBuf),
+    #[error("vsock socket path {0:?} is in use by a listening process")]
+    PathInUse(PathBuf),
+    #[error("cannot bind the vsock socket {0:?}")]
+    Bind(PathBuf, #[source] std::io::Error),
+    #[error("cannot set up the vsock event loop")]
+    Epoll(#[source] std::io::Error),
+}
+
+/// The virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    /// Present while inactive; the worker owns it while active.
+    muxer: Option<Muxer>,
+    worker: Option<WorkerHandle<Muxer>>,
+}
+
+impl Vsock {
+    /// A device for a guest with `guest_cid`, listening for host clients on
+    /// `uds_path` from now on (connections queue until the driver starts).
+    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+        if !(3..=0xffff_fffe).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        let listener = muxer::bind_listener(&uds_path)?;
+        let muxer = Muxer::new(guest_cid, uds_path.clone(), listener).map_err(VsockError::Epoll)?;
+        Ok(Vsock {
+            guest_cid,
+            uds_path,
+            muxer: Some(muxer),
+            worker: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The host socket path.
+    pub fn uds_path(&self) -> &std::path::Path {
+        &self.uds_path
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        if let Some(w) = self.worker.take() {
+            let _ = w.stop();
+        }
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
+        if active.queues.len() != QUEUE_SIZES.len() || active.queue_evts.len() != QUEUE_SIZES.len()
+        {
+            return Err(ActivateError::QueueCount {
+                expected: QUEUE_SIZES.len(),
+                got: active.queues.len(),
+            });
+        }
+        let muxer = self.muxer.take().ok_or_else(|| {
+            ActivateError::Backend("vsock already active or lost after a worker panic".into())
+        })?;
+        let worker = WorkerHandle::spawn("vsock", move |kill| run_worker(kill, active, muxer))
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        match self.worker.take() {
+            Some(w) => match w.stop() {
+                Some(mut muxer) => {
+                    muxer.reset();
+                    self.muxer = Some(muxer);
+                    true
+                }
+                None => false,
+            },
+            None => self.muxer.is_some(),
+        }
+    }
+}
+
+/// Moves the guest's tx packets to the muxer. Returns whether any
+/// descriptor was used (the guest should be interrupted).
+pub fn process_tx(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
+    let mut used = false;
+    let mut data = Vec::new();
+    while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+            Ok(pkt) => {
+                let hdr = Header::from_packet(&pkt);
+                data.clear();
+                let ok = match (hdr.op, pkt.data_slice()) {
+                    (OP_RW, Some(slice)) => {
+                        // `from_tx_virtq_chain` bounded len by MAX_PKT_DATA
+                        // and the descriptor size.
+                        data.resize(hdr.len as usize, 0);
+                        slice.read_slice(&mut data, 0).is_ok()
+                    }
+                    // An RW without payload; or a payload on another op, ignored.
+                    _ => true,
+                };
+                if ok {
+                    muxer.send_from_guest(&hdr, &data);
+                }
+            }
+            Err(e) => tracing::debug!("vsock: dropping malformed tx packet: {e}"),
+        }
+        if let Err(e) = queue.add_used(mem, head, 0) {
+            tracing::warn!("vsock: tx add_used: {e}");
+        }
+        used = true;
+    }
+    used
+}
+
+/// Fills the guest's rx buffers with the muxer's pending packets. Returns
+/// whether any descriptor was used.
+pub fn process_rx(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
+    let mut used = false;
+    let mut data = vec![0u8; MAX_PKT_DATA as usize];
+    while muxer.has_pending_rx() {
+        let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let len = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
+            Ok(mut pkt) => {
+                let cap = pkt.data_slice().map_or(0, |s| s.len()).min(data.len());
+                let Some(mut hdr) = muxer.next_rx(&mut data[..cap]) else {
+                    // Nothing after all: give the buffer back.
+                    queue.go_to_previous_position();
+                    break;
+                };
+                let n = if hdr.op == OP_RW {
+                    (hdr.len as usize).min(cap)
+                } else {
+                    0
+                };
+                hdr.len = n as u32;
+                let wrote = match (n, pkt.data_slice()) {
+                    (0, _) => true,
+                    (_, Some(slice)) => data
+                        .get(..n)
+                        .is_some_and(|d| slice.write_slice(d, 0).is_ok()),
+                    (_, None) => false,
+                };
+                if wrote && pkt.set_header_from_raw(&hdr.to_bytes()).is_ok() {
+                    (HEADER_SIZE + n) as u32
+                } else {
+                    tracing::warn!("vsock: cannot write an rx packet to guest memory");
+                    0
+                }
+            }
+            Err(e) => {
+                tracing::debug!("vsock: unusable rx buffer: {e}");
+                0
+            }
+        };
+        if let Err(e) = queue.add_used(mem, head, len) {
+            tracing::warn!("vsock: rx add_used: {e}");
+        }
+        used = true;
+    }
+    used
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+enum Token {
+    Kill,
+    RxQueue,
+    TxQueue,
+    EvQueue,
+    Muxer,
+}
+
+const TOKENS: [Token; 5] = [
+    Token::Kill,
+    Token::RxQueue,
+    Token::TxQueue,
+    Token::EvQueue,
+    Token::Muxer,
+];
+
+fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
+    let ActiveQueues {
+        mem,
+        mut queues,
+        queue_evts,
+        irq,
+        ..
+    } = active;
+    let epoll = match Epoll::new() {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("vsock: epoll: {e}");
+            return muxer;
+        }
+    };
+    let fds = [
+        (kill.as_raw_fd(), Token::Kill),
+        (queue_evts[RXQ].as_raw_fd(), Token::RxQueue),
+        (queue_evts[TXQ].as_raw_fd(), Token::TxQueue),
+        (queue_evts[EVQ].as_raw_fd(), Token::EvQueue),
+        (muxer.epoll_fd(), Token::Muxer),
+    ];
+    for (fd, token) in fds {
+        if let Err(e) = epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token as u64),
+        ) {
+            tracing::error!("vsock: epoll_ctl: {e}");
+            return muxer;
+        }
+    }
+    let (rxq, rest) = queues.split_at_mut(TXQ);
+    let (Some(rxq), Some(txq)) = (rxq.first_mut(), rest.first_mut()) else {
+        return muxer;
+    };
+    let signal = |irq: &Arc<IrqTrigger>| {
+        if let Err(e) = irq.trigger(INT_VRING) {
+            tracing::warn!("vsock: irq: {e}");
+        }
+    };
+    let mut events = [EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("vsock: epoll_wait: {e}");
+                return muxer;
+            }
+        };
+        let mut notify = false;
+        for ev in events.iter().take(n) {
+            let Some(&token) = TOKENS.get(ev.data() as usize) else {
+                continue;
+            };
+            match token {
+                Token::Kill => return muxer,
+                Token::RxQueue => {
+                    let _ = queue_evts[RXQ].read();
+                }
+                Token::TxQueue => {
+                    let _ = queue_evts[TXQ].read();
+                    notify |= process_tx(&mem, txq, &mut muxer);
+                }
+                Token::EvQueue => {
+                    let _ = queue_evts[EVQ].read();
+                }
+                Token::Muxer => muxer.process_events(),
+            }
+        }
+        // Whatever happened may have produced packets for the guest.
+        notify |= process_rx(&mem, rxq, &mut muxer);
+        if notify {
+            signal(&irq);
+        }
+    }
+}
+
+use std::os::fd::AsRawFd;
