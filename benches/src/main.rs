@@ -4,6 +4,7 @@
 
 mod boot;
 mod stats;
+mod vsock;
 
 use clap::{Parser, Subcommand};
 
@@ -22,10 +23,14 @@ enum Command {
     /// `microvm` (and Firecracker when FIRECRACKER_BIN names a binary), same
     /// kernel, same initramfs, same vCPUs and memory.
     Boot(boot::BootArgs),
+    /// vsock stream throughput in both directions: airlock-vmm's hybrid
+    /// vsock against QEMU `microvm` with vhost-vsock, same guest program.
+    Vsock(vsock::VsockArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Boot(args) => boot::run(&args),
+        Command::Vsock(args) => vsock::run(&args),
     }
 }

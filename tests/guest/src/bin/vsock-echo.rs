@@ -6,6 +6,11 @@
 //!   PORT, send MIB MiB of pattern data while reading the echo, and compare
 //!   checksums (guest-initiated).
 //!
+//! * `airlock.test.vsock=sink:PORT`: accept one connection, read an 8-byte
+//!   length and then that many bytes, answer one byte (for throughput);
+//! * `airlock.test.vsock=source:PORT:MIB`: accept one connection and send
+//!   MIB MiB (for throughput).
+//!
 //! Prints `RESULT ok ...` or `RESULT fail ...` and resets the VM.
 
 use std::io::{Read, Write};
@@ -46,11 +51,53 @@ fn stream(fd: OwnedFd) -> UnixStream {
     UnixStream::from(fd)
 }
 
-fn listen(port: u32, n: usize) -> Result<String, String> {
+fn accept_one(port: u32) -> Result<UnixStream, String> {
+    let sock = listener(port)?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: accept(2) without an address buffer.
+    let fd = unsafe { libc::accept(sock.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+    check(fd, "accept")?;
+    // SAFETY: `fd` is the new connection, owned here.
+    Ok(stream(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn sink(port: u32) -> Result<String, String> {
+    let mut conn = accept_one(port)?;
+    let mut len = [0u8; 8];
+    conn.read_exact(&mut len).map_err(|e| e.to_string())?;
+    let total = u64::from_le_bytes(len);
+    let mut left = total;
+    let mut buf = vec![0u8; 256 << 10];
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = conn.read(&mut buf[..want]).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err(format!("end of stream with {left} bytes to go"));
+        }
+        left -= n as u64;
+    }
+    conn.write_all(b"k").map_err(|e| e.to_string())?;
+    let _ = conn.read(&mut buf[..1]); // Until the host closes.
+    Ok(format!("sank {total} bytes"))
+}
+
+fn source(port: u32, mib: u64) -> Result<String, String> {
+    let mut conn = accept_one(port)?;
+    let block = vec![0x5au8; 1 << 20];
+    for _ in 0..mib {
+        conn.write_all(&block).map_err(|e| e.to_string())?;
+    }
+    let mut b = [0u8; 1];
+    let _ = conn.read(&mut b); // Until the host closes.
+    Ok(format!("sourced {mib} MiB"))
+}
+
+/// A vsock socket listening on `port`; says so on the console.
+fn listener(port: u32) -> Result<OwnedFd, String> {
+    use std::os::fd::AsRawFd;
     let sock = vsock_socket().map_err(|e| e.to_string())?;
     let a = addr(libc::VMADDR_CID_ANY, port);
     let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    use std::os::fd::AsRawFd;
     let ptr = (&a as *const libc::sockaddr_vm).cast();
     // SAFETY: `ptr` points at `a`, a valid sockaddr_vm of `len` bytes.
     let rc = unsafe { libc::bind(sock.as_raw_fd(), ptr, len) };
@@ -58,6 +105,12 @@ fn listen(port: u32, n: usize) -> Result<String, String> {
     // SAFETY: listen(2) on our socket.
     check(unsafe { libc::listen(sock.as_raw_fd(), 64) }, "listen")?;
     println!("vsock-echo: listening on port {port}");
+    Ok(sock)
+}
+
+fn listen(port: u32, n: usize) -> Result<String, String> {
+    use std::os::fd::AsRawFd;
+    let sock = listener(port)?;
     let mut workers = Vec::new();
     for _ in 0..n {
         // SAFETY: accept(2) without an address buffer.
@@ -157,6 +210,8 @@ fn main() {
     let result = match parts.first() {
         Some(&"listen") => listen(num(1) as u32, num(2) as usize),
         Some(&"connect") => connect(num(1) as u32, num(2)),
+        Some(&"sink") => sink(num(1) as u32),
+        Some(&"source") => source(num(1) as u32, num(2)),
         _ => Err(format!("bad airlock.test.vsock '{spec}'")),
     };
     match result {
