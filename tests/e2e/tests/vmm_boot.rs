@@ -100,3 +100,32 @@ fn missing_kernel_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn missing_drive_image_is_a_clear_error() {
+    // Device backends are opened before KVM, so this runs anywhere.
+    let out = run_vmm(&["--drive", "path=/nonexistent/disk.img,ro"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/nonexistent/disk.img"), "{stderr}");
+    assert!(stderr.contains("not found"), "{stderr}");
+}
+
+#[test]
+fn bad_arguments_are_clear_errors() {
+    for (args, expect) in [
+        (&["--vcpus", "0"][..], "invalid vCPU count 0"),
+        (&["--vcpus", "1000"][..], "invalid vCPU count 1000"),
+        (&["--memory", "0"][..], "invalid memory size 0 MiB"),
+        (&["--drive", "ro"][..], "invalid drive 'ro'"),
+        (
+            &["--vsock-uds", "/tmp/x.sock", "--vsock-cid", "2"][..],
+            "invalid vsock guest CID 2",
+        ),
+    ] {
+        let out = run_vmm(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+}

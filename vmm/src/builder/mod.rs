@@ -75,6 +75,9 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
         |name: &str| tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "build: {name}");
     config.validate()?;
     boot::check_files(&config.kernel, config.initrd.as_deref())?;
+    // Devices open their backends (images, sockets) before KVM is touched,
+    // so a bad path is reported as such on any host.
+    let devices = virtio::devices_from_config(config)?;
     phase("start");
     let vm = Vm::new()?;
     phase("KVM VM created");
@@ -90,7 +93,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
     vm.register_memory(&mem)?;
     phase("guest memory mapped");
 
-    let virtio = virtio::attach_virtio_devices(&vm, &mem, virtio::devices_from_config(config)?)?;
+    let virtio = virtio::attach_virtio_devices(&vm, &mem, devices)?;
     let mut cmdline_parts = config.cmdline_parts();
     cmdline_parts.extend(virtio.cmdline.iter().map(String::as_str));
     let cmdline = boot::build_cmdline(&cmdline_parts)?;
