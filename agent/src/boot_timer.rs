@@ -30,9 +30,9 @@ pub fn signal(event: Event) {
         if unsafe { libc::ioperm(PORT.into(), 1, 1) } != 0 {
             return;
         }
-        // SAFETY: access to the port was granted by ioperm just above. The
-        // port is Airlock's boot-timer device; a write to it has no effect
-        // on the guest's memory or on this program's state.
+        // The port is Airlock's boot-timer device; a write to it has no
+        // effect on the guest's memory or on this program's state.
+        // SAFETY: access to the port was granted by ioperm just above.
         unsafe {
             std::arch::asm!(
                 "out dx, al",

@@ -91,9 +91,9 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping was made by `Mapping::new` and is unmapped once,
-        // here. `GuestRam` drops its memory view before its mappings, and by
-        // its contract no clone of the view is used after that.
+        // `GuestRam` drops its memory view before its mappings, and by its
+        // contract no clone of the view is used after that.
+        // SAFETY: made by `Mapping::new`, unmapped once, here, when unused.
         unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }
@@ -136,9 +136,8 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestRam, MemoryError> {
         let len = usize::try_from(len).map_err(|_| MemoryError::TooLarge(mib))?;
         let mapping = Mapping::new(len).map_err(|source| MemoryError::Map { mib, source })?;
         let addr = mapping.addr;
-        // SAFETY: `mapping` is a live anonymous mapping of exactly `len`
-        // bytes, owned by the `GuestRam` returned below, which outlives the
-        // region (see its contract).
+        // SAFETY: `mapping` is a live anonymous mapping of exactly `len` bytes,
+        // owned by the returned `GuestRam`, which outlives the region.
         let region = unsafe {
             MmapRegionBuilder::new(len)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -239,10 +238,10 @@ fn wipe_touched(pagemap: &File, base: *mut u8, pages: usize) -> std::io::Result<
     let mut page = 0usize;
     while page < pages {
         let n = entries.len().min(pages - page);
-        // SAFETY: a u64 slice viewed as bytes: any byte pattern is a valid
-        // u64, and the length is the slice's own size in bytes.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(entries.as_mut_ptr().cast::<u8>(), n * 8) };
+        let ptr = entries.as_mut_ptr().cast::<u8>();
+        // SAFETY: the u64 slice viewed as its own n * 8 bytes; any byte
+        // pattern is a valid u64.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n * 8) };
         pagemap.read_exact_at(bytes, first_entry + page as u64 * 8)?;
         for (i, entry) in entries[..n].iter().enumerate() {
             let touched = entry & (PM_PRESENT | PM_SWAPPED) != 0;
@@ -267,9 +266,9 @@ fn wipe_touched(pagemap: &File, base: *mut u8, pages: usize) -> std::io::Result<
 
 /// Zeroes pages `[from, to)` of the mapping at `base`.
 fn zero_pages(base: *mut u8, from: usize, to: usize) {
-    // SAFETY: callers pass page indexes within one guest memory region that
-    // `base` maps and that stays mapped for the call; the vCPUs are stopped,
-    // so nothing else accesses the range while it is written.
+    // Callers pass page indexes within one region that `base` maps and that
+    // stays mapped; the vCPUs are stopped, so nothing else touches it.
+    // SAFETY: the range is inside a live mapping that only we access now.
     unsafe { std::ptr::write_bytes(base.add(from * PAGE_SIZE), 0, (to - from) * PAGE_SIZE) };
     // The writes must happen even though nothing reads the memory before it
     // is unmapped.

@@ -108,6 +108,31 @@ pub struct ActiveQueues {
     pub acked_features: u64,
 }
 
+/// The parts of a one-queue activation.
+pub struct SingleQueue {
+    pub mem: GuestMemoryMmap,
+    pub queue: Queue,
+    pub queue_evt: EventFd,
+    pub irq: std::sync::Arc<IrqTrigger>,
+}
+
+impl ActiveQueues {
+    /// Splits the activation of a device that has exactly one queue.
+    pub fn into_single(self) -> Result<SingleQueue, ActivateError> {
+        let got = self.queues.len();
+        let mut pairs = self.queues.into_iter().zip(self.queue_evts);
+        match (pairs.next(), pairs.next()) {
+            (Some((queue, queue_evt)), None) => Ok(SingleQueue {
+                mem: self.mem,
+                queue,
+                queue_evt,
+                irq: self.irq,
+            }),
+            _ => Err(ActivateError::QueueCount { expected: 1, got }),
+        }
+    }
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// The virtio device ID ([`device_type`]).

@@ -18,7 +18,7 @@ use super::request::parse;
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
 use crate::devices::virtio::worker::WorkerHandle;
 use crate::devices::virtio::{
-    device_type, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice, INT_VRING,
+    device_type, ActivateError, ActiveQueues, IrqTrigger, SingleQueue, VirtioDevice, INT_VRING,
     VIRTIO_F_VERSION_1,
 };
 
@@ -200,27 +200,12 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
         self.reset();
-        let ActiveQueues {
+        let SingleQueue {
             mem,
-            queues,
-            queue_evts,
+            mut queue,
+            queue_evt,
             irq,
-            acked_features: _,
-        } = active;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (Some(mut queue), Some(queue_evt)) =
-            (queues.into_iter().next(), queue_evts.into_iter().next())
-        else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: 0,
-            });
-        };
+        } = active.into_single()?;
         let Some(mut q) = self.state.take() else {
             return Err(ActivateError::Backend("the drive's image was lost".into()));
         };

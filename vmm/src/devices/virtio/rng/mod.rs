@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::worker::WorkerHandle;
-use super::{device_type, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice};
+use super::{device_type, ActivateError, ActiveQueues, IrqTrigger, SingleQueue, VirtioDevice};
 use super::{INT_VRING, VIRTIO_F_VERSION_1};
 
 /// Size of the request queue.
@@ -387,27 +387,12 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, active: ActiveQueues) -> Result<(), ActivateError> {
         self.reset();
-        let ActiveQueues {
+        let SingleQueue {
             mem,
-            queues,
-            queue_evts,
+            queue,
+            queue_evt,
             irq,
-            acked_features: _,
-        } = active;
-        if queues.len() != 1 || queue_evts.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: queues.len(),
-            });
-        }
-        let (Some(queue), Some(queue_evt)) =
-            (queues.into_iter().next(), queue_evts.into_iter().next())
-        else {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: 0,
-            });
-        };
+        } = active.into_single()?;
         let bucket = self
             .bucket
             .take()
