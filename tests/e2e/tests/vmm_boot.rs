@@ -1,6 +1,6 @@
 //! The `airlock-vmm` binary boots the real guest image on real KVM.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -67,26 +67,73 @@ fn sigterm_stops_the_vm_cleanly_and_wipes() {
             .spawn()
             .expect("spawn airlock-vmm");
         let stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
+        // Both pipes are drained all along, so the VMM never blocks on them;
+        // lines are read as bytes, so no odd byte stops the reading.
         std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim_end_matches('\r');
                 println!("guest: {line}");
                 if line == "airlock-agent ready" {
                     let _ = tx.send(());
                 }
             }
         });
+        let err_reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text);
+            text
+        });
         let ready = rx.recv_timeout(Duration::from_secs(120));
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let out = child.wait_with_output().expect("wait for airlock-vmm");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !exits_within(&mut child, Duration::from_secs(60)) {
+            let threads = thread_report(child.id());
+            let _ = child.kill();
+            panic!("airlock-vmm did not stop within 60 s of SIGTERM; its threads:\n{threads}");
+        }
+        let status = child.wait().expect("wait for airlock-vmm");
+        let stderr = err_reader.join().expect("stderr reader");
         println!("--- stderr\n{stderr}");
         assert!(ready.is_ok(), "the guest never became ready");
-        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(status.code(), Some(0));
         assert!(stderr.contains("termination signal received"));
         assert!(stderr.contains("guest memory wiped"));
     });
+}
+
+fn exits_within(child: &mut std::process::Child, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Where each thread of `pid` is blocked, for a hang's failure message.
+fn thread_report(pid: u32) -> String {
+    let mut report = String::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten();
+    for task in tasks {
+        let read = |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+        report.push_str(&format!(
+            "{} {} wchan={} syscall={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("syscall").trim(),
+            read("stack")
+        ));
+    }
+    report
 }
 
 #[test]
