@@ -145,10 +145,11 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: VcpuContext, stop: &AtomicBool) {
+        if self.id == 0 {
+            // The boot vCPU's first KVM_RUN enters the guest kernel.
+            ctx.clock.mark_kernel_entry();
+        }
         while !stop.load(Ordering::Acquire) {
-            if self.id == 0 {
-                ctx.clock.mark_kernel_entry();
-            }
             let outcome = match self.fd.run() {
                 Ok(exit) => handle_exit(exit, self.id, &ctx.pio, &ctx.mmio),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
