@@ -36,6 +36,23 @@ fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     buf
 }
 
+/// A queue behind a bucket of 1000 bytes/s with a 200-byte burst, full at `t0`.
+fn limited_queue(
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    t0: Instant,
+) -> RngQueue {
+    let limit = RateLimit {
+        bytes_per_sec: 1000,
+        burst: 200,
+    };
+    RngQueue::new(
+        mem.clone(),
+        vq.create_queue().unwrap(),
+        Some(TokenBucket::new(limit, t0)),
+    )
+}
+
 #[test]
 fn reads_return_random_bytes() {
     let mem = memory();
@@ -161,15 +178,7 @@ fn rate_limit_throttles_the_queue() {
     vq.add_desc_chains(&[desc(0x1_0000, 300, W, 0), desc(0x2_0000, 300, W, 0)], 0)
         .unwrap();
     let t0 = Instant::now();
-    let limit = RateLimit {
-        bytes_per_sec: 1000,
-        burst: 200,
-    };
-    let mut q = RngQueue::new(
-        mem.clone(),
-        vq.create_queue().unwrap(),
-        Some(TokenBucket::new(limit, t0)),
-    );
+    let mut q = limited_queue(&mem, &vq, t0);
     // The burst serves the first request partially, then the bucket is dry.
     let done = q.process_queue(t0);
     assert!(done.needs_irq);
@@ -196,15 +205,7 @@ fn tiny_requests_cost_a_minimum() {
         .collect();
     vq.add_desc_chains(&tiny, 0).unwrap();
     let t0 = Instant::now();
-    let limit = RateLimit {
-        bytes_per_sec: 1000,
-        burst: 200,
-    };
-    let mut q = RngQueue::new(
-        mem.clone(),
-        vq.create_queue().unwrap(),
-        Some(TokenBucket::new(limit, t0)),
-    );
+    let mut q = limited_queue(&mem, &vq, t0);
     // 200 tokens: three requests at 64, a fourth with the remaining 8.
     let done = q.process_queue(t0);
     assert_eq!(vq.used().idx().load(), 4);
