@@ -1,0 +1,1 @@
+//! `airlock-runtime`: starts and tears down Airlock sandboxes on the host.
