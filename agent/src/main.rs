@@ -1,26 +1,52 @@
 //! `airlock-agent`: PID 1 inside every Airlock microVM.
 //!
-//! For now it is a correct init: it mounts the base filesystems, reports to
-//! the VMM's boot-timer device, reaps orphans and shuts the guest down on
-//! request. Later it serves ttrpc on vsock port 1024.
+//! The one binary plays three parts, chosen by its first argument:
+//! * no argument: PID 1 — mounts, reaping, the ttrpc server on vsock port
+//!   1024 (`init/`, `rpc/`, `sandbox.rs`, `container/`, `process/`,
+//!   `files.rs`);
+//! * `launch`: the single-threaded launcher that PID 1 starts for each OCI
+//!   operation, because youki's libcontainer must not run in a process with
+//!   other threads (`launcher/`);
+//! * `pause`: the placeholder init process of a long-lived sandbox's
+//!   container, which sleeps until it is killed (`pause.rs`).
 
 mod boot_timer;
 mod cmdline;
+mod container;
+mod files;
 mod init;
+mod launcher;
+mod pause;
+mod process;
+mod rpc;
+mod sandbox;
 mod sysinfo;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // As PID 1, the arguments are whatever the kernel did not understand on
+    // its command line: only the modes' own words select a mode.
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
+        Some(launcher::ARG) => return launcher::main(),
+        Some(pause::ARG) => return pause::main(),
+        _ => {}
+    }
     // Refuse before touching anything: as root on a host, this program would
     // otherwise mount over /dev and /tmp, SIGTERM every process and reboot.
     if std::process::id() != 1 {
         init::console::warn(format_args!(
-            "airlock-agent: not running as PID 1 (this is the guest's /init); refusing to start"
+            "airlock-agent: not running as PID 1 (this is the guest's /init; \
+             other modes: `{} ...`, `{}`); refusing to start",
+            launcher::ARG,
+            pause::ARG
         ));
         return ExitCode::from(2);
     }
-    boot_timer::signal(boot_timer::Event::InitEntered);
 
     let err = match init::run() {
         Ok(never) => match never {},

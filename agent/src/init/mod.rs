@@ -4,6 +4,7 @@ pub mod console;
 pub mod mounts;
 pub mod reaper;
 pub mod shutdown;
+pub mod switch_root;
 
 use std::convert::Infallible;
 
@@ -12,7 +13,7 @@ use crate::cmdline::{Cmdline, CmdlineError};
 use crate::sysinfo::SysInfo;
 use console::{info, warn, ConsoleError};
 use mounts::MountError;
-use reaper::{Event, ReaperError, Signals};
+use reaper::{ReaperError, Signals};
 use shutdown::ShutdownError;
 
 /// The line that tells whoever watches the console that the agent is up.
@@ -39,11 +40,27 @@ pub enum InitError {
     /// Shutting down failed
     #[error("Shutting down failed")]
     Shutdown(#[source] ShutdownError),
+    /// Cannot move to a tmpfs root
+    #[error("Cannot move to a tmpfs root")]
+    SwitchRoot(#[source] switch_root::SwitchRootError),
+    /// Cannot start the async runtime
+    #[error("Cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
+    /// The agent API server failed
+    #[error("The agent API server failed")]
+    Rpc(#[source] crate::rpc::RpcError),
 }
 
 /// Runs init. Returns only on a fatal error.
 pub fn run() -> Result<Infallible, InitError> {
-    // First, before any child exists: no signal may be lost or kill us.
+    let switched = std::env::args().nth(1).as_deref() == Some(switch_root::REEXEC_ARG);
+    if !switched {
+        boot_timer::signal(BootEvent::InitEntered);
+        // Containers need pivot_root, which the initramfs root refuses.
+        return Err(InitError::SwitchRoot(switch_root::switch_and_reexec()));
+    }
+    // First, before any child or thread exists: no signal may be lost or
+    // kill us, and every thread inherits the mask.
     let mut signals = Signals::block().map_err(InitError::Signals)?;
     // Children may have exited before we listened for SIGCHLD: e.g. those of
     // a wrapper that exec'd us, whose SIGCHLD went to the old program.
@@ -59,24 +76,29 @@ pub fn run() -> Result<Infallible, InitError> {
         Ok(sys) => info(format_args!("airlock-agent: {sys}")),
         Err(e) => warn(format_args!("airlock-agent: warning: {}", error_chain(&e))),
     }
+    if cmdline.oneshot {
+        announce_ready();
+        return shutdown::reboot_now().map_err(InitError::Shutdown);
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(InitError::Runtime)?;
+    let stop = runtime
+        .block_on(crate::rpc::serve(&mut signals, announce_ready))
+        .map_err(InitError::Rpc)?;
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    info(format_args!("airlock-agent: {stop}: shutting down"));
+    shutdown::stop_all_and_reboot(&mut signals).map_err(InitError::Shutdown)
+}
+
+/// Tells the console and the VMM's boot timer that the agent is up.
+fn announce_ready() {
     info(format_args!("{READY_LINE}"));
     console::flush();
     boot_timer::signal(BootEvent::AgentReady);
-
-    if cmdline.oneshot {
-        return shutdown::reboot_now().map_err(InitError::Shutdown);
-    }
-    loop {
-        match signals.next(None).map_err(InitError::Wait)? {
-            Event::Child | Event::Timeout => {
-                reaper::reap().map_err(InitError::Wait)?;
-            }
-            Event::Shutdown(sig) => {
-                info(format_args!("airlock-agent: {sig}: shutting down"));
-                return shutdown::stop_all_and_reboot(&mut signals).map_err(InitError::Shutdown);
-            }
-        }
-    }
 }
 
 /// Formats an error and its sources as `outer: inner: innermost`.

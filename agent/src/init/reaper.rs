@@ -66,40 +66,50 @@ impl Signals {
         SHUTDOWN_SIGNALS.iter().for_each(|&s| set.add(s));
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&set), None)
             .map_err(ReaperError::Block)?;
-        let fd =
-            SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC).map_err(ReaperError::SignalFd)?;
+        // Non-blocking: the async server reads it when epoll says so.
+        let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+            .map_err(ReaperError::SignalFd)?;
         Ok(Self { fd })
     }
 
     /// Sleeps until a signal arrives or `timeout` (if any) passes.
     pub fn next(&mut self, timeout: Option<Duration>) -> Result<Event, ReaperError> {
         loop {
-            if let Some(timeout) = timeout {
-                if !self.readable_within(timeout)? {
-                    return Ok(Event::Timeout);
-                }
+            if !self.readable_within(timeout)? {
+                return Ok(Event::Timeout);
             }
+            if let Some(event) = self.try_next()? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// The next pending signal of interest, without waiting.
+    pub fn try_next(&mut self) -> Result<Option<Event>, ReaperError> {
+        loop {
             let info = match self.fd.read_signal() {
                 Ok(Some(info)) => info,
-                // Non-blocking read found nothing, or a signal interrupted us.
-                Ok(None) | Err(Errno::EINTR) => continue,
+                Ok(None) => return Ok(None),
+                Err(Errno::EINTR) => continue,
                 Err(e) => return Err(ReaperError::Wait(e)),
             };
             match Signal::try_from(info.ssi_signo as i32) {
-                Ok(Signal::SIGCHLD) => return Ok(Event::Child),
-                Ok(sig) if SHUTDOWN_SIGNALS.contains(&sig) => return Ok(Event::Shutdown(sig)),
+                Ok(Signal::SIGCHLD) => return Ok(Some(Event::Child)),
+                Ok(sig) if SHUTDOWN_SIGNALS.contains(&sig) => {
+                    return Ok(Some(Event::Shutdown(sig)))
+                }
                 _ => continue,
             }
         }
     }
 
-    fn readable_within(&self, timeout: Duration) -> Result<bool, ReaperError> {
+    fn readable_within(&self, timeout: Option<Duration>) -> Result<bool, ReaperError> {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         };
-        let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+        let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
         // SAFETY: one valid pollfd, which lives across the call; the fd is
         // owned by self.
         match unsafe { libc::poll(&mut pfd, 1, ms) } {
@@ -108,6 +118,12 @@ impl Signals {
             0 => Ok(false),
             _ => Ok(true),
         }
+    }
+}
+
+impl AsRawFd for Signals {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_raw_fd()
     }
 }
 

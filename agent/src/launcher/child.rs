@@ -1,0 +1,108 @@
+//! The launcher process itself (`airlock-agent launch`): reads one
+//! [`Request`] from fd 0, performs it with libcontainer, replies, exits.
+//!
+//! It stays single-threaded: no tokio, no logging threads (libcontainer's
+//! `tracing` events go nowhere, its errors come back in the reply).
+
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+
+use super::{wire, Reply, Request, YOUKI_ROOT};
+
+const SOCK: RawFd = 0;
+
+pub fn main() -> ExitCode {
+    let (req, fds) = match wire::recv::<Request>(SOCK, wire::FDS_MAX) {
+        Ok((Some(req), fds)) => (req, fds),
+        Ok((None, _)) => return ExitCode::from(2),
+        Err(e) => {
+            eprintln!("airlock-agent launch: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let reply = match perform(req, fds) {
+        Ok(reply) => reply,
+        Err(msg) => Reply::Failed(msg),
+    };
+    match wire::send(SOCK, &reply, &[]) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("airlock-agent launch: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, String> {
+    match req {
+        Request::Create {
+            id,
+            bundle,
+            console_socket,
+        } => {
+            let builder = with_stdio(base(&id, console_socket)?, fds)?;
+            let container = builder
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| chain(&e))?;
+            let pid = container.pid().ok_or("the container has no init process")?;
+            Ok(Reply::Pid(pid.as_raw()))
+        }
+        Request::Start { id } => {
+            load(&id)?.start().map_err(|e| chain(&e))?;
+            Ok(Reply::Done)
+        }
+        Request::Exec {
+            id,
+            process,
+            console_socket,
+        } => {
+            let builder = with_stdio(base(&id, console_socket)?, fds)?;
+            let pid = builder
+                .as_tenant()
+                .with_process(Some(process))
+                .with_detach(true)
+                .build()
+                .map_err(|e| chain(&e))?;
+            Ok(Reply::Pid(pid.as_raw()))
+        }
+        Request::Delete { id } => {
+            load(&id)?.delete(true).map_err(|e| chain(&e))?;
+            Ok(Reply::Done)
+        }
+    }
+}
+
+fn base(id: &str, console_socket: Option<PathBuf>) -> Result<ContainerBuilder, String> {
+    ContainerBuilder::new(id.to_string(), SyscallType::Linux)
+        .with_root_path(YOUKI_ROOT)
+        .map_err(|e| chain(&e))
+        .map(|b| b.with_console_socket(console_socket))
+}
+
+fn with_stdio(builder: ContainerBuilder, fds: Vec<OwnedFd>) -> Result<ContainerBuilder, String> {
+    match <[OwnedFd; 3]>::try_from(fds) {
+        Ok([stdin, stdout, stderr]) => Ok(builder
+            .with_stdin(stdin)
+            .with_stdout(stdout)
+            .with_stderr(stderr)),
+        Err(fds) if fds.is_empty() => Ok(builder),
+        Err(fds) => Err(format!("expected 0 or 3 stdio fds, got {}", fds.len())),
+    }
+}
+
+fn load(id: &str) -> Result<Container, String> {
+    Container::load(PathBuf::from(YOUKI_ROOT).join(id)).map_err(|e| chain(&e))
+}
+
+/// The error and its sources on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    crate::init::error_chain(err)
+}

@@ -1,0 +1,166 @@
+//! A process's stdio as the agent holds it: pipe ends or a pseudo-terminal
+//! master, read and written through tokio's reactor (epoll), so a blocked
+//! `ReadStdout` sleeps in the kernel instead of polling.
+//!
+//! Written here rather than with `tokio::net::unix::pipe` because the same
+//! code must also drive a pty master, which is a character device.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// Largest read handed out at once; stays well below ttrpc's 4 MiB frame.
+pub const READ_MAX: usize = 1 << 20;
+
+/// A non-blocking fd registered with the reactor.
+pub struct FdStream {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl FdStream {
+    /// Makes `fd` non-blocking and registers it for reading and writing.
+    pub fn new(fd: OwnedFd) -> std::io::Result<Self> {
+        let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        // SAFETY: `fd` is an OwnedFd that moves into the AsyncFd, so it stays
+        // open and refers to the same file until the AsyncFd drops it.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(std::io::Error::from)?;
+        Ok(Self { fd })
+    }
+
+    /// Reads up to `max` bytes (at most [`READ_MAX`]), waiting until at
+    /// least one is there. An empty result means end of file. A pty master
+    /// reports EIO once the terminal's last user closed it: that is its end
+    /// of file too.
+    pub async fn read(&self, max: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; max.clamp(1, READ_MAX)];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.truncate(n);
+                    return Ok(buf);
+                }
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EIO as i32) => return Ok(Vec::new()),
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes some of `data`, waiting until the fd takes at least one byte.
+    pub async fn write(&self, data: &[u8]) -> std::io::Result<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            let mut guard = self.fd.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(Into::into)) {
+                Ok(Ok(n)) => return Ok(n),
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Writes all of `data`.
+    pub async fn write_all(&self, mut data: &[u8]) -> std::io::Result<usize> {
+        let len = data.len();
+        while !data.is_empty() {
+            let n = self.write(data).await?;
+            data = &data[n..];
+        }
+        Ok(len)
+    }
+}
+
+impl AsFd for FdStream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.get_ref().as_fd()
+    }
+}
+
+impl AsRawFd for FdStream {
+    fn as_raw_fd(&self) -> i32 {
+        self.fd.get_ref().as_raw_fd()
+    }
+}
+
+/// A pipe: (read end, write end), both close-on-exec.
+pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
+}
+
+/// Sets a terminal's window size (TIOCSWINSZ).
+pub fn set_window_size(fd: BorrowedFd<'_>, rows: u16, columns: u16) -> std::io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: rows,
+        ws_col: columns,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize, which lives across the call; the
+    // fd is borrowed, so it stays open.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pipe_round_trip_and_eof() {
+        let (r, w) = pipe().unwrap();
+        let (r, w) = (FdStream::new(r).unwrap(), FdStream::new(w).unwrap());
+        let data: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let writer = {
+            let data = data.clone();
+            tokio::spawn(async move {
+                w.write_all(&data).await.unwrap();
+                // Dropping the write end gives the reader its end of file.
+            })
+        };
+        let mut got = Vec::new();
+        loop {
+            let chunk = r.read(4096).await.unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            assert!(chunk.len() <= 4096);
+            got.extend(chunk);
+        }
+        writer.await.unwrap();
+        assert_eq!(got, data);
+    }
+
+    #[test]
+    fn window_size_on_a_pty() {
+        let pty = nix::pty::openpty(None, None).unwrap();
+        set_window_size(pty.master.as_fd(), 33, 101).unwrap();
+        let ws = nix::pty::Winsize {
+            ws_row: 0,
+            ws_col: 0,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let mut ws = ws;
+        // SAFETY: TIOCGWINSZ writes one winsize into ws, which outlives the
+        // call; the fd is open.
+        let rc = unsafe { libc::ioctl(pty.slave.as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+        assert_eq!(rc, 0);
+        assert_eq!((ws.ws_row, ws.ws_col), (33, 101));
+    }
+}

@@ -1,0 +1,322 @@
+//! The ttrpc `AgentService`: translates messages and status codes and
+//! forwards every call to [`Sandbox`]; no logic of its own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_protocol::agent::*;
+use airlock_protocol::agent_ttrpc::AgentService;
+use airlock_protocol::{check_compatible, PROTOCOL_VERSION};
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::{Code, Error as TtrpcError};
+
+use crate::container::ContainerError;
+use crate::files::{self, FileError};
+use crate::launcher::LaunchError;
+use crate::process::{StdioError, Stream};
+use crate::sandbox::{Sandbox, SandboxError};
+
+/// The service; cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    sandbox: Arc<Sandbox>,
+}
+
+impl Service {
+    pub fn new(sandbox: Arc<Sandbox>) -> Self {
+        Self { sandbox }
+    }
+}
+
+type Result<T> = ttrpc::Result<T>;
+
+fn status(code: Code, msg: impl Into<String>) -> TtrpcError {
+    TtrpcError::RpcStatus(ttrpc::get_status(code, msg.into()))
+}
+
+impl From<SandboxError> for TtrpcError {
+    fn from(e: SandboxError) -> Self {
+        let code = match &e {
+            SandboxError::NoContainer(_) | SandboxError::NoProcess(..) => Code::NOT_FOUND,
+            SandboxError::Exists(_) => Code::ALREADY_EXISTS,
+            SandboxError::Invalid(_) => Code::INVALID_ARGUMENT,
+            SandboxError::Container(c) => match c {
+                ContainerError::BadId(_) | ContainerError::Spec(_) => Code::INVALID_ARGUMENT,
+                ContainerError::ExecExists(_) => Code::ALREADY_EXISTS,
+                ContainerError::NotRunning => Code::FAILED_PRECONDITION,
+                // An exec that failed (e.g. no such command) is the caller's
+                // problem, as runc reports it.
+                ContainerError::Launch(LaunchError::Failed(_)) => Code::FAILED_PRECONDITION,
+                _ => Code::INTERNAL,
+            },
+            SandboxError::File(FileError::BadPath(_)) => Code::INVALID_ARGUMENT,
+            SandboxError::File(FileError::Sys(_, errno)) => match errno {
+                nix::Error::ENOENT => Code::NOT_FOUND,
+                nix::Error::EEXIST => Code::ALREADY_EXISTS,
+                nix::Error::EACCES | nix::Error::EPERM => Code::PERMISSION_DENIED,
+                _ => Code::FAILED_PRECONDITION,
+            },
+            SandboxError::Sys(..) => Code::INTERNAL,
+        };
+        status(code, crate::init::error_chain(&e))
+    }
+}
+
+fn stdio_err(e: StdioError) -> TtrpcError {
+    let code = match e {
+        StdioError::Io(_) => Code::INTERNAL,
+        _ => Code::FAILED_PRECONDITION,
+    };
+    status(code, crate::init::error_chain(&e))
+}
+
+fn file_info(i: files::Info) -> FileInfo {
+    FileInfo {
+        name: i.name,
+        file_type: match i.kind {
+            files::Kind::Regular => FileType::FILE_TYPE_REGULAR,
+            files::Kind::Directory => FileType::FILE_TYPE_DIRECTORY,
+            files::Kind::Symlink => FileType::FILE_TYPE_SYMLINK,
+            files::Kind::Other => FileType::FILE_TYPE_OTHER,
+        }
+        .into(),
+        size: i.size,
+        mode: i.mode,
+        uid: i.uid,
+        gid: i.gid,
+        mtime_seconds: i.mtime_seconds,
+        mtime_nanos: i.mtime_nanos,
+        link_target: i.link_target,
+        ..Default::default()
+    }
+}
+
+#[async_trait::async_trait]
+impl AgentService for Service {
+    async fn check(&self, _: &TtrpcContext, req: CheckRequest) -> Result<CheckResponse> {
+        // Answer even on a mismatch, so the runtime can name both versions;
+        // but say it here too, on the console.
+        if let Err(e) = check_compatible(req.protocol_version) {
+            crate::init::console::warn(format_args!("airlock-agent: runtime mismatch: {e}"));
+        }
+        Ok(CheckResponse {
+            protocol_version: PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    async fn create_sandbox(&self, _: &TtrpcContext, req: CreateSandboxRequest) -> Result<Empty> {
+        self.sandbox
+            .setup(&req.hostname, req.epoch_seconds, &req.scratch_device)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn destroy_sandbox(&self, _: &TtrpcContext, _: DestroySandboxRequest) -> Result<Empty> {
+        self.sandbox.destroy().await;
+        Ok(Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> Result<Empty> {
+        let rootfs = req.rootfs.into_option().unwrap_or_default();
+        self.sandbox
+            .create_container(
+                &req.container_id,
+                &req.oci_spec,
+                &rootfs.source,
+                &rootfs.fstype,
+                &rootfs.options,
+            )
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn start_container(&self, _: &TtrpcContext, req: StartContainerRequest) -> Result<Empty> {
+        self.sandbox.start_container(&req.container_id).await?;
+        Ok(Empty::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> Result<Empty> {
+        let grace = Duration::from_secs(req.timeout_seconds.into());
+        self.sandbox
+            .remove_container(&req.container_id, grace)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> Result<Empty> {
+        self.sandbox
+            .exec(&req.container_id, &req.exec_id, &req.process_spec, req.tty)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> Result<WaitProcessResponse> {
+        let p = self
+            .sandbox
+            .process(&req.container_id, &req.exec_id)
+            .await?;
+        let info = p.wait().await;
+        Ok(WaitProcessResponse {
+            exit_status: info.exit.status(),
+            signal: info.exit.signal(),
+            oom_killed: info.oom_killed,
+            ..Default::default()
+        })
+    }
+
+    async fn signal_process(&self, _: &TtrpcContext, req: SignalProcessRequest) -> Result<Empty> {
+        self.sandbox
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await?;
+        Ok(Empty::new())
+    }
+
+    async fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> Result<ReadStreamResponse> {
+        self.read(req, Stream::Stdout).await
+    }
+
+    async fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        req: ReadStreamRequest,
+    ) -> Result<ReadStreamResponse> {
+        self.read(req, Stream::Stderr).await
+    }
+
+    async fn write_stdin(
+        &self,
+        _: &TtrpcContext,
+        req: WriteStreamRequest,
+    ) -> Result<WriteStreamResponse> {
+        let p = self
+            .sandbox
+            .process(&req.container_id, &req.exec_id)
+            .await?;
+        let n = p.write_stdin(&req.data).await.map_err(stdio_err)?;
+        Ok(WriteStreamResponse {
+            len: u32::try_from(n).unwrap_or(u32::MAX),
+            ..Default::default()
+        })
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: CloseStdinRequest) -> Result<Empty> {
+        let p = self
+            .sandbox
+            .process(&req.container_id, &req.exec_id)
+            .await?;
+        p.close_stdin().await.map_err(stdio_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn tty_win_resize(&self, _: &TtrpcContext, req: TtyWinResizeRequest) -> Result<Empty> {
+        let p = self
+            .sandbox
+            .process(&req.container_id, &req.exec_id)
+            .await?;
+        let rows = u16::try_from(req.rows).unwrap_or(u16::MAX);
+        let cols = u16::try_from(req.columns).unwrap_or(u16::MAX);
+        p.resize(rows, cols).map_err(stdio_err)?;
+        Ok(Empty::new())
+    }
+
+    async fn read_file(&self, _: &TtrpcContext, req: ReadFileRequest) -> Result<ReadFileResponse> {
+        let root = self.sandbox.root(&req.container_id).await?;
+        let (data, eof) = root
+            .read(&req.path, req.offset, req.len as usize)
+            .map_err(SandboxError::from)?;
+        Ok(ReadFileResponse {
+            data,
+            eof,
+            ..Default::default()
+        })
+    }
+
+    async fn write_file(
+        &self,
+        _: &TtrpcContext,
+        req: WriteFileRequest,
+    ) -> Result<WriteFileResponse> {
+        let root = self.sandbox.root(&req.container_id).await?;
+        let len = root
+            .write(
+                &req.path,
+                req.offset,
+                &req.data,
+                req.create,
+                req.truncate,
+                req.mode,
+            )
+            .map_err(SandboxError::from)?;
+        Ok(WriteFileResponse {
+            len,
+            ..Default::default()
+        })
+    }
+
+    async fn list_dir(&self, _: &TtrpcContext, req: ListDirRequest) -> Result<ListDirResponse> {
+        let root = self.sandbox.root(&req.container_id).await?;
+        let entries = root.list(&req.path).map_err(SandboxError::from)?;
+        Ok(ListDirResponse {
+            entries: entries.into_iter().map(file_info).collect(),
+            ..Default::default()
+        })
+    }
+
+    async fn stat(&self, _: &TtrpcContext, req: StatRequest) -> Result<StatResponse> {
+        let root = self.sandbox.root(&req.container_id).await?;
+        let info = root
+            .stat(&req.path, req.follow_symlinks)
+            .map_err(SandboxError::from)?;
+        Ok(StatResponse {
+            info: Some(file_info(info)).into(),
+            ..Default::default()
+        })
+    }
+
+    async fn make_dir(&self, _: &TtrpcContext, req: MakeDirRequest) -> Result<Empty> {
+        let root = self.sandbox.root(&req.container_id).await?;
+        root.mkdir(&req.path, req.mode, req.parents)
+            .map_err(SandboxError::from)?;
+        Ok(Empty::new())
+    }
+
+    async fn remove(&self, _: &TtrpcContext, req: RemoveRequest) -> Result<Empty> {
+        let root = self.sandbox.root(&req.container_id).await?;
+        root.remove(&req.path, req.recursive)
+            .map_err(SandboxError::from)?;
+        Ok(Empty::new())
+    }
+}
+
+impl Service {
+    async fn read(&self, req: ReadStreamRequest, stream: Stream) -> Result<ReadStreamResponse> {
+        let p = self
+            .sandbox
+            .process(&req.container_id, &req.exec_id)
+            .await?;
+        let data = p.read(stream, req.len as usize).await.map_err(stdio_err)?;
+        Ok(ReadStreamResponse {
+            eof: data.is_empty(),
+            data,
+            ..Default::default()
+        })
+    }
+}
