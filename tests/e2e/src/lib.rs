@@ -72,3 +72,14 @@ pub fn vmm_binary() -> PathBuf {
     );
     p
 }
+
+/// The release `airlock` CLI that `scripts/setup` builds.
+pub fn airlock_binary() -> PathBuf {
+    let p = workspace_root().join("target/release/airlock");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with scripts/setup (or `cargo build --release -p airlock-runtime`)",
+        p.display()
+    );
+    p
+}

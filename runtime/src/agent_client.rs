@@ -1,0 +1,242 @@
+//! Connecting to a sandbox's guest agent: Firecracker's hybrid vsock
+//! handshake on the VMM's Unix socket (`CONNECT 1024\n` → `OK <port>\n`),
+//! retried until the agent listens, then ttrpc and the version check.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use airlock_protocol::agent::CheckRequest;
+use airlock_protocol::agent_ttrpc::AgentServiceClient;
+use airlock_protocol::ttrpc::context;
+use airlock_protocol::ttrpc::r#async::transport::Socket;
+use airlock_protocol::ttrpc::r#async::Client;
+use airlock_protocol::{check_compatible, VersionError, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// Pause between attempts while the guest boots.
+const RETRY: Duration = Duration::from_millis(25);
+/// Longest a handshake line may be.
+const LINE_MAX: usize = 64;
+
+/// Errors reaching the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// the agent did not answer on vsock port 1024 within {1:?} (socket {0}): see the sandbox's console.log
+    #[error("the agent did not answer on vsock port {AGENT_VSOCK_PORT} within {1:?} (socket {0}): see the sandbox's console.log")]
+    Timeout(PathBuf, Duration),
+    /// the VM stopped before its agent answered: see the sandbox's vmm.log and console.log
+    #[error("the VM stopped before its agent answered: see the sandbox's vmm.log and console.log")]
+    VmGone,
+    /// the VMM answered the vsock handshake with {0:?}
+    #[error("the VMM answered the vsock handshake with {0:?}")]
+    Handshake(String),
+    /// the agent's version check failed: {0}
+    #[error("the agent's version check failed: {0}")]
+    Check(String),
+    /// {0}
+    #[error(transparent)]
+    Version(#[from] VersionError),
+}
+
+/// A connection to an agent that passed the version check.
+pub struct AgentClient {
+    client: AgentServiceClient,
+    agent_version: String,
+}
+
+impl AgentClient {
+    /// The generated ttrpc client.
+    pub fn raw(&self) -> &AgentServiceClient {
+        &self.client
+    }
+
+    /// The agent's crate version.
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+}
+
+/// Connects within `deadline`.
+pub async fn connect(uds: &Path, deadline: Duration) -> Result<AgentClient, ConnectError> {
+    connect_while(uds, deadline, || true).await
+}
+
+/// Connects within `deadline`, giving up early once `alive` says the VM
+/// is gone.
+pub async fn connect_while(
+    uds: &Path,
+    deadline: Duration,
+    alive: impl Fn() -> bool,
+) -> Result<AgentClient, ConnectError> {
+    let until = Instant::now() + deadline;
+    let stream = loop {
+        match handshake(uds).await {
+            Ok(Some(stream)) => break stream,
+            Ok(None) => {}
+            Err(e) => return Err(e),
+        }
+        if !alive() {
+            return Err(ConnectError::VmGone);
+        }
+        if Instant::now() >= until {
+            return Err(ConnectError::Timeout(uds.to_path_buf(), deadline));
+        }
+        tokio::time::sleep(RETRY).await;
+    };
+    let client = AgentServiceClient::new(Client::new(Socket::new(stream)));
+    let req = CheckRequest {
+        protocol_version: PROTOCOL_VERSION,
+        ..Default::default()
+    };
+    let resp = client
+        .check(
+            context::with_timeout(Duration::from_secs(10).as_nanos() as i64),
+            &req,
+        )
+        .await
+        .map_err(|e| ConnectError::Check(e.to_string()))?;
+    check_compatible(resp.protocol_version)?;
+    Ok(AgentClient {
+        client,
+        agent_version: resp.agent_version,
+    })
+}
+
+/// One attempt: `None` when the agent is not there yet.
+async fn handshake(uds: &Path) -> Result<Option<UnixStream>, ConnectError> {
+    let Ok(mut stream) = UnixStream::connect(uds).await else {
+        return Ok(None);
+    };
+    if stream
+        .write_all(format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes())
+        .await
+        .is_err()
+    {
+        return Ok(None);
+    }
+    // Byte by byte: nothing after the newline belongs to the handshake.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte).await {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) if line.len() < LINE_MAX => line.push(byte[0]),
+            Ok(1) => {
+                return Err(ConnectError::Handshake(
+                    String::from_utf8_lossy(&line).into_owned(),
+                ))
+            }
+            // The guest refused (nobody listening yet): the VMM hung up.
+            _ => return Ok(None),
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    if line.starts_with("OK ") {
+        Ok(Some(stream))
+    } else {
+        Err(ConnectError::Handshake(line))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use airlock_protocol::agent::CheckResponse;
+    use airlock_protocol::agent_ttrpc::{create_agent_service, AgentService};
+    use airlock_protocol::ttrpc::r#async::{Server, TtrpcContext};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    struct Agent(u32);
+
+    #[async_trait::async_trait]
+    impl AgentService for Agent {
+        async fn check(
+            &self,
+            _: &TtrpcContext,
+            _: CheckRequest,
+        ) -> airlock_protocol::ttrpc::Result<CheckResponse> {
+            Ok(CheckResponse {
+                protocol_version: self.0,
+                agent_version: "9.9.9".into(),
+                ..Default::default()
+            })
+        }
+    }
+
+    /// A stand-in for the VMM's hybrid vsock: the first `refuse`
+    /// connections are hung up on (no listener in the guest yet), later
+    /// ones get `OK` and are spliced to a real ttrpc server.
+    async fn fake_vmm(dir: &Path, refuse: usize, version: u32) -> PathBuf {
+        let agent_sock = dir.join("agent.sock");
+        let mut server = Server::new()
+            .bind(&format!("unix://{}", agent_sock.display()))
+            .unwrap()
+            .register_service(create_agent_service(Arc::new(Agent(version))));
+        server.start().await.unwrap();
+        std::mem::forget(server);
+        let uds = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let (mut host, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 13];
+                host.read_exact(&mut buf).await.unwrap();
+                assert_eq!(&buf, b"CONNECT 1024\n");
+                n += 1;
+                if n <= refuse {
+                    continue; // dropped: hung up
+                }
+                host.write_all(b"OK 1073741824\n").await.unwrap();
+                let mut guest = UnixStream::connect(&agent_sock).await.unwrap();
+                tokio::spawn(
+                    async move { tokio::io::copy_bidirectional(&mut host, &mut guest).await },
+                );
+            }
+        });
+        uds
+    }
+
+    #[tokio::test]
+    async fn retries_until_the_agent_listens() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not even the socket exists yet.
+        let err = connect(&dir.path().join("vsock.sock"), Duration::from_millis(100))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConnectError::Timeout(..)), "{err}");
+        let uds = fake_vmm(dir.path(), 3, PROTOCOL_VERSION).await;
+        let client = connect(&uds, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(client.agent_version(), "9.9.9");
+    }
+
+    #[tokio::test]
+    async fn a_different_protocol_version_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake_vmm(dir.path(), 0, PROTOCOL_VERSION + 1).await;
+        let err = connect(&uds, Duration::from_secs(10))
+            .await
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("upgrade the guest image or the runtime"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_vm_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = connect_while(&dir.path().join("none"), Duration::from_secs(30), || false)
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConnectError::VmGone));
+    }
+}

@@ -1,0 +1,220 @@
+//! What the commands share: config, logging, progress, error lines and
+//! exit statuses.
+
+use std::fmt::Display;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::image::ImageRef;
+use airlock_runtime::sandbox::io::ProcessExit;
+use airlock_runtime::sandbox::spec::{ImageDefaults, ProcessOptions};
+use airlock_runtime::sandbox::{SandboxError, SandboxOptions};
+
+/// airlock itself failed (docker's convention).
+pub const EXIT_AIRLOCK: u8 = 125;
+/// The command exists but cannot be run.
+pub const EXIT_CANNOT_RUN: u8 = 126;
+/// The command was not found.
+pub const EXIT_NOT_FOUND: u8 = 127;
+/// --timeout passed (timeout(1)'s convention).
+pub const EXIT_TIMEOUT: u8 = 124;
+
+pub fn init_logging(level: Option<&str>) {
+    let level = level
+        .map(str::to_string)
+        .or_else(|| std::env::var("AIRLOCK_LOG").ok())
+        .unwrap_or_else(|| "warn".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+pub fn load_config(path: Option<&Path>) -> Result<RuntimeConfig, String> {
+    RuntimeConfig::load(path).map_err(|e| error_line(&e))
+}
+
+/// Prints `airlock: error: MSG` and returns status 125.
+pub fn fail(msg: &dyn Display) -> ExitCode {
+    eprintln!("airlock: error: {}", one_line(&msg.to_string()));
+    ExitCode::from(EXIT_AIRLOCK)
+}
+
+/// An error and its sources on one line.
+pub fn error_line(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let s = e.to_string();
+        if !text.contains(&s) {
+            text.push_str(": ");
+            text.push_str(&s);
+        }
+        source = e.source();
+    }
+    one_line(&text)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Reports a failed sandbox operation. A command that could not be started
+/// is reported the way runc reports it, with 126 or 127.
+pub fn fail_sandbox(err: &SandboxError) -> ExitCode {
+    if let Some(msg) = err.agent_message() {
+        if let Some(cmd) = between(msg, "executable '", "' not found") {
+            eprintln!("airlock: exec: \"{cmd}\": executable file not found in $PATH");
+            return ExitCode::from(EXIT_NOT_FOUND);
+        }
+        if let Some(cmd) = between(msg, "executable '", "' at path") {
+            eprintln!("airlock: exec: \"{cmd}\": permission denied");
+            return ExitCode::from(EXIT_CANNOT_RUN);
+        }
+    }
+    fail(&error_line(err))
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let from = s.find(start)? + start.len();
+    let len = s[from..].find(end)?;
+    Some(&s[from..from + len])
+}
+
+/// The exit status that mirrors the process's, with a note on stderr when
+/// a signal or the OOM killer ended it.
+pub fn exit_status(exit: ProcessExit) -> ExitCode {
+    if exit.oom_killed {
+        eprintln!("airlock: the command was killed: out of memory (the container's memory limit)");
+    } else if exit.signal != 0 {
+        tracing::info!(signal = exit.signal, "the command was killed by a signal");
+    }
+    ExitCode::from(u8::try_from(exit.status).unwrap_or(EXIT_AIRLOCK))
+}
+
+/// Progress lines on stderr, only when it is a terminal (scripts read
+/// stderr as the command's own).
+pub fn progress() -> impl FnMut(&str) {
+    let show = std::io::stderr().is_terminal();
+    move |msg: &str| {
+        if show {
+            eprintln!("airlock: {msg}…");
+        }
+    }
+}
+
+/// Sandbox sizing and image flags of `run` and `create`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SandboxFlags {
+    /// vCPUs of the microVM (default from the config: 1)
+    #[arg(long, value_name = "N")]
+    pub cpus: Option<u8>,
+    /// Memory of the microVM in MiB (default from the config: 256)
+    #[arg(long, value_name = "MIB")]
+    pub memory: Option<u32>,
+    /// Root filesystem from a directory (converted to a read-only ext4 image)
+    #[arg(long, value_name = "DIR", conflicts_with = "image")]
+    pub rootfs: Option<PathBuf>,
+    /// Image: a name built by scripts/setup (default, python), an OCI image
+    /// layout directory, or an OCI image tarball
+    #[arg(long, value_name = "NAME|PATH")]
+    pub image: Option<String>,
+    /// OCI runtime spec (config.json) to start from: its limits, mounts,
+    /// user and capabilities apply; the command line sets the process
+    #[arg(long, value_name = "PATH")]
+    pub spec: Option<PathBuf>,
+}
+
+impl SandboxFlags {
+    pub fn options(&self, config: &RuntimeConfig) -> SandboxOptions {
+        let mut opts = SandboxOptions::from_config(config);
+        if let Some(c) = self.cpus {
+            opts.vcpus = c;
+        }
+        if let Some(m) = self.memory {
+            opts.memory_mib = m;
+        }
+        if let Some(dir) = &self.rootfs {
+            opts.image = ImageRef::Dir(dir.clone());
+        } else if let Some(image) = &self.image {
+            opts.image = ImageRef::parse(image);
+        }
+        opts
+    }
+
+    /// Checks what can be checked before booting anything.
+    pub fn validate(&self) -> Result<Option<oci_spec::runtime::Spec>, String> {
+        if let Some(c) = self.cpus {
+            if c == 0 || c > 32 {
+                return Err(format!("--cpus {c}: use 1 to 32"));
+            }
+        }
+        if let Some(m) = self.memory {
+            if m < 64 {
+                return Err(format!("--memory {m}: use at least 64 (MiB)"));
+            }
+        }
+        if let Some(dir) = &self.rootfs {
+            if !dir.is_dir() {
+                return Err(format!("--rootfs {}: not a directory", dir.display()));
+            }
+        }
+        match &self.spec {
+            Some(p) => airlock_runtime::sandbox::spec::load(p)
+                .map(Some)
+                .map_err(|e| error_line(&e)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Process flags of `run` and `exec`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProcessFlags {
+    /// Set an environment variable in the command's environment
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    pub env: Vec<String>,
+    /// Working directory of the command
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Give the command a terminal (stderr then merges into stdout)
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Forward stdin to the command (else its stdin is empty)
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+}
+
+impl ProcessFlags {
+    pub fn options(&self, args: Vec<String>) -> Result<ProcessOptions, String> {
+        for kv in &self.env {
+            if !kv.contains('=') || kv.starts_with('=') {
+                return Err(format!("-e {kv}: use KEY=VALUE"));
+            }
+        }
+        Ok(ProcessOptions {
+            args,
+            env: self.env.clone(),
+            cwd: self.workdir.clone(),
+            tty: self.tty,
+        })
+    }
+}
+
+/// The image's process defaults (for OCI images that carry a config).
+pub fn image_defaults(resolved: Option<&airlock_runtime::image::ImageConfig>) -> ImageDefaults {
+    match resolved {
+        Some(c) => ImageDefaults {
+            env: c.env.clone(),
+            entrypoint: c.entrypoint.clone(),
+            cmd: c.cmd.clone(),
+            working_dir: c.working_dir.clone(),
+        },
+        None => ImageDefaults::default(),
+    }
+}

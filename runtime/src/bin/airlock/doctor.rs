@@ -1,0 +1,169 @@
+//! `airlock doctor`: can this host run sandboxes, and if not, why not.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use airlock_runtime::config::RuntimeConfig;
+
+use crate::common;
+
+/// Check this host: KVM (and whether it can boot unmodified guests), the
+/// VMM binary, the guest kernel and initramfs, the images, the state dir.
+/// Exits 1 when a check fails.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Print JSON (an array of checks)
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Check {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+fn check(name: &'static str, result: Result<String, String>) -> Check {
+    match result {
+        Ok(detail) => Check {
+            name,
+            ok: true,
+            detail,
+        },
+        Err(detail) => Check {
+            name,
+            ok: false,
+            detail,
+        },
+    }
+}
+
+pub fn main(config_path: Option<&Path>, args: &Args) -> ExitCode {
+    let mut checks = Vec::new();
+    let config = common::load_config(config_path);
+    checks.push(check(
+        "config",
+        config
+            .as_ref()
+            .map(|_| "loaded (defaults where unset)".to_string())
+            .map_err(Clone::clone),
+    ));
+    checks.push(check("kvm", kvm()));
+    if let Ok(config) = &config {
+        checks.push(check(
+            "vmm",
+            config
+                .vmm_binary_path()
+                .map(|p| p.display().to_string())
+                .map_err(|e| common::error_line(&e)),
+        ));
+        checks.push(check(
+            "guest",
+            config
+                .check_artifacts()
+                .map(|()| {
+                    format!(
+                        "kernel {}, initramfs {}",
+                        config.kernel.display(),
+                        config.initrd.display()
+                    )
+                })
+                .map_err(|e| common::error_line(&e)),
+        ));
+        checks.push(check("images", images(config)));
+        checks.push(check("state dir", state_dir(config)));
+    }
+    checks.push(check(
+        "mkfs.ext4",
+        which("mkfs.ext4").ok_or_else(|| "not found: apt-get install e2fsprogs".to_string()),
+    ));
+    let ok = checks.iter().all(|c| c.ok);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&checks).unwrap_or_default()
+        );
+    } else {
+        for c in &checks {
+            println!(
+                "{:<4} {:<10} {}",
+                if c.ok { "ok" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn kvm() -> Result<String, String> {
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return Err("no /dev/kvm: enable VT-x/AMD-V in the firmware (or nested virtualisation on a cloud VM) and load kvm_intel or kvm_amd".into());
+    }
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
+        return Err(format!(
+            "cannot open /dev/kvm read-write ({e}): run as root or join the kvm group"
+        ));
+    }
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+    if module("kvm_pvm") {
+        return Err("/dev/kvm is kvm_pvm, a paravirtual KVM: it cannot boot unmodified Linux guests; use a host with VT-x/AMD-V (on this machine, run airlock inside tests/testhost/run)".into());
+    }
+    match (module("kvm_intel"), module("kvm_amd")) {
+        (true, _) => Ok("/dev/kvm (kvm_intel)".into()),
+        (_, true) => Ok("/dev/kvm (kvm_amd)".into()),
+        _ => Ok("/dev/kvm (module unknown; assuming hardware KVM)".into()),
+    }
+}
+
+fn images(config: &RuntimeConfig) -> Result<String, String> {
+    let mut names: Vec<String> = std::fs::read_dir(&config.image_dir)
+        .map_err(|e| {
+            format!(
+                "{}: {e}: build the images with scripts/setup",
+                config.image_dir.display()
+            )
+        })?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".ext4")
+                .map(str::to_string)
+        })
+        .filter(|n| !n.contains('-'))
+        .collect();
+    names.sort();
+    if !names.iter().any(|n| *n == config.default_image) {
+        return Err(format!(
+            "default image \"{}\" not found in {}: build it with scripts/setup",
+            config.default_image,
+            config.image_dir.display()
+        ));
+    }
+    Ok(names.join(", "))
+}
+
+fn state_dir(config: &RuntimeConfig) -> Result<String, String> {
+    let dir = &config.state_dir;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let probe = dir.join(format!(".doctor-{}", std::process::id()));
+    std::fs::create_dir(&probe).map_err(|e| format!("{} is not writable: {e}", dir.display()))?;
+    std::fs::remove_dir(&probe).ok();
+    Ok(dir.display().to_string())
+}
+
+fn which(cmd: &str) -> Option<String> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/sbin".into(), "/usr/sbin".into()])
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
+}

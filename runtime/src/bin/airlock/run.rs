@@ -1,0 +1,90 @@
+//! `airlock run`: a fresh sandbox for one command, torn down and wiped
+//! when it ends.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::sandbox::io::{self, Attach};
+use airlock_runtime::sandbox::{spec, Sandbox};
+
+use crate::common::{self, ProcessFlags, SandboxFlags, EXIT_TIMEOUT};
+
+/// Run a command in a new sandbox, then destroy it (memory and scratch
+/// disk wiped). Exits with the command's status.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    sandbox: SandboxFlags,
+    #[command(flatten)]
+    process: ProcessFlags,
+    /// Stop the command after SECS seconds and exit with 124
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// The command and its arguments (default: the image's)
+    #[arg(last = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
+    let base = match args.sandbox.validate() {
+        Ok(b) => b,
+        Err(e) => return common::fail(&e),
+    };
+    let popts = match args.process.options(args.command.clone()) {
+        Ok(p) => p,
+        Err(e) => return common::fail(&e),
+    };
+    let mut progress = common::progress();
+    let sandbox = match Sandbox::create(config, &args.sandbox.options(config), &mut progress).await
+    {
+        Ok(s) => s,
+        Err(e) => return common::fail_sandbox(&e),
+    };
+    let (code, timed_out) = run_in(&sandbox, base, &popts, &args).await;
+    let report = if timed_out {
+        // The command is still running: no clean shutdown to wait for.
+        sandbox.kill().await
+    } else {
+        sandbox.teardown().await
+    };
+    tracing::info!(?report, "sandbox removed");
+    code
+}
+
+async fn run_in(
+    sandbox: &Sandbox,
+    base: Option<oci_spec::runtime::Spec>,
+    popts: &spec::ProcessOptions,
+    args: &Args,
+) -> (ExitCode, bool) {
+    let defaults = common::image_defaults(sandbox.image_config.as_ref());
+    let spec = match spec::container_spec(base, &sandbox.id.to_string(), popts, &defaults) {
+        Ok(s) => s,
+        Err(e) => return (common::fail(&common::error_line(&e)), false),
+    };
+    // Output waits in the agent's pipes until it is read: nothing is lost
+    // between the start and the attach.
+    if let Err(e) = sandbox.create_container(&spec).await {
+        return (common::fail_sandbox(&e), false);
+    }
+    let how = Attach {
+        interactive: args.process.interactive,
+        tty: args.process.tty,
+    };
+    let attached = io::attach(sandbox.agent.raw(), "", how);
+    let result = match args.timeout {
+        Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), attached).await {
+            Ok(r) => r,
+            Err(_) => {
+                eprintln!("airlock: timed out after {secs} s: the sandbox was destroyed");
+                return (ExitCode::from(EXIT_TIMEOUT), true);
+            }
+        },
+        None => attached.await,
+    };
+    match result {
+        Ok(exit) => (common::exit_status(exit), false),
+        Err(e) => (common::fail_sandbox(&e), false),
+    }
+}

@@ -1,0 +1,289 @@
+//! The runtime's configuration: TOML, every key optional, defaults
+//! compiled in, so no file is needed.
+//!
+//! ```toml
+//! vcpus = 2
+//! memory_mib = 512
+//! [timeouts]
+//! agent_connect_secs = 60
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Errors loading or checking the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot read the config file {0}: {1}
+    #[error("Cannot read the config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// malformed config file {0}: {1}
+    #[error("malformed config file {0}: {1}")]
+    Malformed(PathBuf, String),
+    /// invalid config: {0}
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    /// kernel not found at {0}: run scripts/setup (it builds the guest image), or set `kernel` in the config
+    #[error("kernel not found at {0}: run scripts/setup (it builds the guest image), or set `kernel` in the config")]
+    NoKernel(PathBuf),
+    /// initramfs not found at {0}: run scripts/setup (it builds the guest image), or set `initrd` in the config
+    #[error("initramfs not found at {0}: run scripts/setup (it builds the guest image), or set `initrd` in the config")]
+    NoInitrd(PathBuf),
+    /// airlock-vmm not found beside {0} nor on $PATH: build it (scripts/setup), or set `vmm_binary` in the config
+    #[error("airlock-vmm not found beside {0} nor on $PATH: build it (scripts/setup), or set `vmm_binary` in the config")]
+    NoVmm(PathBuf),
+}
+
+/// Timeouts, in seconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// From starting the VMM to the agent answering.
+    pub agent_connect_secs: u64,
+    /// From asking the VMM to stop to killing it.
+    pub teardown_secs: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            agent_connect_secs: 30,
+            teardown_secs: 10,
+        }
+    }
+}
+
+/// The runtime's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// The VMM; default: `airlock-vmm` beside this executable, else $PATH.
+    pub vmm_binary: Option<PathBuf>,
+    /// Guest kernel (vmlinux with the PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Guest initramfs holding the agent as /init.
+    pub initrd: PathBuf,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    /// Size of each sandbox's (sparse) scratch disk.
+    pub scratch_mib: u64,
+    /// Where sandboxes keep their state (`<state_dir>/<id>/`).
+    pub state_dir: PathBuf,
+    /// Named images (`<image_dir>/<name>.ext4`) and converted ones.
+    pub image_dir: PathBuf,
+    pub default_image: String,
+    pub timeouts: Timeouts,
+}
+
+/// `${AIRLOCK_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/airlock}`, as the
+/// setup scripts use it.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AIRLOCK_CACHE_DIR").filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache"));
+    base.join("airlock")
+}
+
+fn default_state_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/airlock");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => Path::new(&d).join("airlock"),
+        None => PathBuf::from(format!("/tmp/airlock-{uid}")),
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        let cache = cache_dir();
+        Self {
+            vmm_binary: None,
+            kernel: cache.join("guest/default/vmlinux"),
+            initrd: cache.join("guest/default/initramfs.cpio"),
+            vcpus: 1,
+            memory_mib: 256,
+            scratch_mib: 1024,
+            state_dir: default_state_dir(),
+            image_dir: cache.join("images"),
+            default_image: "default".into(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// Loads `path`, else `$AIRLOCK_CONFIG`, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = path.map(Path::to_path_buf).or_else(|| {
+            std::env::var_os("AIRLOCK_CONFIG")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        });
+        let config = match path {
+            None => Self::default(),
+            Some(p) => {
+                let text =
+                    std::fs::read_to_string(&p).map_err(|e| ConfigError::Read(p.clone(), e))?;
+                Self::parse(&text).map_err(|msg| ConfigError::Malformed(p, msg))?
+            }
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML; the error is one line.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e: toml::de::Error| {
+            let msg = e.message().to_string();
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                    format!("line {line}: {msg}")
+                }
+                None => msg,
+            }
+        })
+    }
+
+    /// Checks the values.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=32).contains(&self.vcpus) {
+            return Err(ConfigError::Invalid(format!(
+                "vcpus = {}: use 1 to 32",
+                self.vcpus
+            )));
+        }
+        if !(64..=65536).contains(&self.memory_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "memory_mib = {}: use 64 to 65536",
+                self.memory_mib
+            )));
+        }
+        if !(16..=1 << 20).contains(&self.scratch_mib) {
+            return Err(ConfigError::Invalid(format!(
+                "scratch_mib = {}: use 16 to 1048576",
+                self.scratch_mib
+            )));
+        }
+        if self.timeouts.agent_connect_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "timeouts.agent_connect_secs must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that the guest kernel and initramfs exist.
+    pub fn check_artifacts(&self) -> Result<(), ConfigError> {
+        if !self.kernel.is_file() {
+            return Err(ConfigError::NoKernel(self.kernel.clone()));
+        }
+        if !self.initrd.is_file() {
+            return Err(ConfigError::NoInitrd(self.initrd.clone()));
+        }
+        Ok(())
+    }
+
+    /// The VMM binary to start.
+    pub fn vmm_binary_path(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(p) = &self.vmm_binary {
+            return if p.is_file() {
+                Ok(p.clone())
+            } else {
+                Err(ConfigError::Invalid(format!(
+                    "vmm_binary {} does not exist",
+                    p.display()
+                )))
+            };
+        }
+        let exe = std::env::current_exe().unwrap_or_default();
+        let beside = exe.with_file_name("airlock-vmm");
+        if beside.is_file() {
+            return Ok(beside);
+        }
+        std::env::var_os("PATH")
+            .and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join("airlock-vmm"))
+                    .find(|p| p.is_file())
+            })
+            .ok_or(ConfigError::NoVmm(exe))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = RuntimeConfig::parse("").unwrap();
+        assert_eq!(c, RuntimeConfig::default());
+        assert_eq!((c.vcpus, c.memory_mib), (1, 256));
+        assert!(c.kernel.ends_with("guest/default/vmlinux"));
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c =
+            RuntimeConfig::parse("vcpus = 2\nmemory_mib = 512\n[timeouts]\nteardown_secs = 3\n")
+                .unwrap();
+        assert_eq!(
+            (c.vcpus, c.memory_mib, c.timeouts.teardown_secs),
+            (2, 512, 3)
+        );
+        assert_eq!(c.timeouts.agent_connect_secs, 30);
+    }
+
+    #[test]
+    fn malformed_files_give_one_line_with_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        for bad in [
+            "vcpus = \"two\"\n",
+            "[timeouts\n",
+            "no_such_key = 1\n",
+            "vcpus = 1\nvcpus = 2\n",
+        ] {
+            std::fs::write(&p, bad).unwrap();
+            let err = RuntimeConfig::load(Some(&p)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("malformed config file {}: line ", p.display())),
+                "{bad:?}: {err}"
+            );
+            assert!(!err.contains('\n'), "{err}");
+        }
+        std::fs::write(&p, "vcpus = 0\n").unwrap();
+        assert!(RuntimeConfig::load(Some(&p))
+            .unwrap_err()
+            .to_string()
+            .contains("vcpus = 0"));
+        let missing = dir.path().join("missing.toml");
+        assert!(RuntimeConfig::load(Some(&missing))
+            .unwrap_err()
+            .to_string()
+            .contains("missing.toml"));
+    }
+
+    #[test]
+    fn missing_artifacts_are_named() {
+        let c = RuntimeConfig {
+            kernel: "/nonexistent/vmlinux".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.check_artifacts().unwrap_err().to_string(),
+            "kernel not found at /nonexistent/vmlinux: run scripts/setup (it builds the guest image), or set `kernel` in the config"
+        );
+    }
+}

@@ -1,0 +1,327 @@
+//! Workload images: the root filesystem a sandbox's container runs on,
+//! attached to the VM as a read-only ext4 disk.
+//!
+//! * a name: `<image_dir>/<name>.ext4`, built by `guest-image/images/build`
+//!   (scripts/setup) from Debian packages;
+//! * a directory: converted with `mkfs.ext4 -d` and cached under
+//!   `<image_dir>/cache/<key>.ext4`, keyed by a hash of the tree's names,
+//!   sizes, modes and mtimes, so an unchanged tree is converted once.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::RuntimeConfig;
+use crate::scratch;
+
+/// Errors resolving an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// unknown image "{0}": known images: {1} (built by scripts/setup into {2})
+    #[error("unknown image \"{0}\": known images: {1} (built by scripts/setup into {2})")]
+    Unknown(String, String, PathBuf),
+    /// invalid image name {0:?}: use [a-z0-9._-]
+    #[error("invalid image name {0:?}: use [a-z0-9._-]")]
+    BadName(String),
+    /// image path {0} does not exist
+    #[error("image path {0} does not exist")]
+    NoPath(PathBuf),
+    /// {0}: OCI images are not supported yet: unpack the image into a directory and use --rootfs
+    #[error(
+        "{0}: OCI images are not supported yet: unpack the image into a directory and use --rootfs"
+    )]
+    Oci(PathBuf),
+    /// Cannot read {0}: {1}
+    #[error("Cannot read {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    /// Cannot build the image for {0}: {1}
+    #[error("Cannot build the image for {0}: {1}")]
+    Build(PathBuf, String),
+}
+
+/// Which image the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRef {
+    Named(String),
+    Dir(PathBuf),
+    OciLayout(PathBuf),
+    OciArchive(PathBuf),
+}
+
+impl ImageRef {
+    /// A name, or a path (anything with a `/`, or that exists).
+    pub fn parse(arg: &str) -> Self {
+        let p = Path::new(arg);
+        if p.is_dir() {
+            if p.join("oci-layout").is_file() {
+                return ImageRef::OciLayout(p.to_path_buf());
+            }
+            return ImageRef::Dir(p.to_path_buf());
+        }
+        if p.is_file() || arg.contains('/') {
+            return ImageRef::OciArchive(p.to_path_buf());
+        }
+        ImageRef::Named(arg.to_string())
+    }
+}
+
+/// What an OCI image's config says about its process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageConfig {
+    pub env: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub working_dir: Option<String>,
+}
+
+/// An image ready to attach.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// The ext4 file.
+    pub path: PathBuf,
+    /// For `airlock ls`.
+    pub name: String,
+    /// The image's process defaults, if it has a config.
+    pub config: Option<ImageConfig>,
+}
+
+/// Finds or builds the ext4 image for `image`.
+pub fn resolve(
+    image: &ImageRef,
+    config: &RuntimeConfig,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ResolvedImage, ImageError> {
+    match image {
+        ImageRef::Named(name) => named(name, &config.image_dir),
+        ImageRef::Dir(dir) => {
+            if !dir.is_dir() {
+                return Err(ImageError::NoPath(dir.clone()));
+            }
+            let path = from_dir(dir, &config.image_dir.join("cache"), progress)?;
+            Ok(ResolvedImage {
+                path,
+                name: dir.display().to_string(),
+                config: None,
+            })
+        }
+        ImageRef::OciLayout(p) | ImageRef::OciArchive(p) => {
+            if !p.exists() {
+                return Err(ImageError::NoPath(p.clone()));
+            }
+            Err(ImageError::Oci(p.clone()))
+        }
+    }
+}
+
+fn named(name: &str, image_dir: &Path) -> Result<ResolvedImage, ImageError> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+        || name.starts_with('.')
+    {
+        return Err(ImageError::BadName(name.into()));
+    }
+    let path = image_dir.join(format!("{name}.ext4"));
+    if !path.is_file() {
+        let known = known_names(image_dir);
+        let known = if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        };
+        return Err(ImageError::Unknown(
+            name.into(),
+            known,
+            image_dir.to_path_buf(),
+        ));
+    }
+    Ok(ResolvedImage {
+        path,
+        name: name.into(),
+        config: None,
+    })
+}
+
+/// The names of the built images (`NAME.ext4` links, not their hashed
+/// targets `NAME-KEY.ext4`).
+pub fn known_names(image_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(image_dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_type()
+                        .map(|t| t.is_symlink() || t.is_file())
+                        .unwrap_or(false)
+                })
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()?
+                        .strip_suffix(".ext4")
+                        .map(str::to_string)
+                })
+                .filter(|n| !n.contains('-'))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Converts `dir` to an ext4 image in `cache` (reused while the tree is
+/// unchanged).
+pub fn from_dir(
+    dir: &Path,
+    cache: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, ImageError> {
+    let (key, bytes, inodes) = tree_key(dir)?;
+    let out = cache.join(format!("{key:016x}.ext4"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(cache)
+        .map_err(|e| ImageError::Build(dir.into(), format!("{}: {e}", cache.display())))?;
+    // Room for the files, their inodes and ext4's own metadata.
+    let size = (bytes + inodes * 4096) * 5 / 4 + (32 << 20);
+    progress(&format!(
+        "converting {} to an ext4 image ({} MiB)",
+        dir.display(),
+        size >> 20
+    ));
+    let tmp = cache.join(format!(".{key:016x}.{}.tmp", std::process::id()));
+    let built = (|| {
+        let f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        f.set_len(size).map_err(|e| e.to_string())?;
+        drop(f);
+        let d = dir.to_string_lossy().into_owned();
+        scratch::mkfs(&tmp, &["-d", &d, "-E", "root_owner=0:0"]).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())
+    })();
+    if let Err(e) = built {
+        std::fs::remove_file(&tmp).ok();
+        return Err(ImageError::Build(dir.into(), e));
+    }
+    Ok(out)
+}
+
+/// A hash of the tree (names, types, sizes, modes, mtimes, link targets),
+/// its bytes (block-rounded) and its inode count.
+fn tree_key(dir: &Path) -> Result<(u64, u64, u64), ImageError> {
+    let mut h = DefaultHasher::new();
+    dir.hash(&mut h);
+    let (mut bytes, mut inodes) = (0u64, 0u64);
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .map_err(|e| ImageError::Read(d.clone(), e))?
+            .filter_map(Result::ok)
+            .collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let p = e.path();
+            let m =
+                std::fs::symlink_metadata(&p).map_err(|err| ImageError::Read(p.clone(), err))?;
+            p.strip_prefix(dir).unwrap_or(&p).hash(&mut h);
+            (
+                m.mode(),
+                m.size(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.uid(),
+                m.gid(),
+            )
+                .hash(&mut h);
+            if m.file_type().is_symlink() {
+                std::fs::read_link(&p).ok().hash(&mut h);
+            }
+            inodes += 1;
+            bytes += m.size().div_ceil(4096) * 4096;
+            if m.is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    Ok((h.finish(), bytes, inodes))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+
+    fn debugfs_ls(img: &Path, dir: &str) -> String {
+        let out = Command::new("debugfs")
+            .env("PATH", "/usr/sbin:/sbin:/usr/bin:/bin")
+            .args(["-R", &format!("ls -l {dir}")])
+            .arg(img)
+            .output()
+            .expect("debugfs (e2fsprogs)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    #[test]
+    fn a_directory_becomes_a_cached_ext4() {
+        let src = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        std::fs::create_dir(src.path().join("bin")).unwrap();
+        std::fs::write(src.path().join("bin/tool"), vec![7u8; 100_000]).unwrap();
+        std::os::unix::fs::symlink("bin/tool", src.path().join("link")).unwrap();
+        let mut said = Vec::new();
+        let img = from_dir(src.path(), cache.path(), &mut |m| said.push(m.to_string())).unwrap();
+        assert_eq!(said.len(), 1, "progress for the conversion");
+        let listing = debugfs_ls(&img, "/bin");
+        assert!(
+            listing.contains("tool") && listing.contains("100000"),
+            "{listing}"
+        );
+        assert!(debugfs_ls(&img, "/").contains("link"));
+
+        // Unchanged: the same file, no conversion.
+        let again = from_dir(src.path(), cache.path(), &mut |m| said.push(m.to_string())).unwrap();
+        assert_eq!(again, img);
+        assert_eq!(said.len(), 1);
+        // Changed: a new image.
+        std::fs::write(src.path().join("new"), b"x").unwrap();
+        assert_ne!(
+            from_dir(src.path(), cache.path(), &mut |_| {}).unwrap(),
+            img
+        );
+        let leftovers = std::fs::read_dir(cache.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count();
+        assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn names_and_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("default-0123.ext4"), b"").unwrap();
+        std::os::unix::fs::symlink("default-0123.ext4", dir.path().join("default.ext4")).unwrap();
+        assert_eq!(known_names(dir.path()), vec!["default".to_string()]);
+        let r = named("default", dir.path()).unwrap();
+        assert_eq!(r.path, dir.path().join("default.ext4"));
+        let err = named("python2", dir.path()).unwrap_err().to_string();
+        assert!(
+            err.starts_with("unknown image \"python2\": known images: default"),
+            "{err}"
+        );
+        assert!(matches!(
+            named("../x", dir.path()),
+            Err(ImageError::BadName(_))
+        ));
+        assert_eq!(ImageRef::parse("python"), ImageRef::Named("python".into()));
+        assert_eq!(
+            ImageRef::parse(dir.path().to_str().unwrap()),
+            ImageRef::Dir(dir.path().into())
+        );
+        assert!(matches!(
+            ImageRef::parse("./no/such.tar"),
+            ImageRef::OciArchive(_)
+        ));
+    }
+}

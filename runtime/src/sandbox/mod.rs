@@ -1,0 +1,439 @@
+//! A sandbox's lifecycle: create (state dir → image → scratch disk → VMM
+//! → agent) → containers and processes → teardown (the VM stops and wipes
+//! its memory, the scratch disk is scrubbed and deleted, the state dir
+//! removed).
+
+pub mod files;
+pub mod io;
+pub mod spec;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use airlock_protocol::agent;
+use airlock_protocol::ttrpc::context::{self, Context};
+
+use crate::agent_client::{self, AgentClient};
+use crate::config::RuntimeConfig;
+use crate::image::{self, ImageRef};
+use crate::state::{SandboxId, SandboxRecord, StateDir};
+use crate::{scratch, vmm};
+
+/// The container of a sandbox (one per sandbox).
+pub const CONTAINER_ID: &str = "main";
+/// Guest device of the workload image (first drive).
+pub const IMAGE_DEVICE: &str = "/dev/vda";
+/// Guest device of the scratch disk (second drive).
+pub const SCRATCH_DEVICE: &str = "/dev/vdb";
+/// Deadline of short agent calls.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors of the sandbox lifecycle; each names what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// {0}
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// {0}
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    /// {0}
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    /// {0}
+    #[error(transparent)]
+    Scratch(#[from] scratch::ScratchError),
+    /// {0}
+    #[error(transparent)]
+    Vmm(#[from] vmm::VmmError),
+    /// {0}
+    #[error(transparent)]
+    Connect(#[from] agent_client::ConnectError),
+    /// {0}
+    #[error(transparent)]
+    Spec(#[from] spec::SpecError),
+    /// the agent refused {0}: {1}
+    #[error("the agent refused {0}: {1}")]
+    Agent(&'static str, String),
+    /// {0}
+    #[error("{0}")]
+    Io(String),
+}
+
+impl SandboxError {
+    /// The agent's own message, when the agent refused a call.
+    pub fn agent_message(&self) -> Option<&str> {
+        match self {
+            SandboxError::Agent(_, msg) => Some(msg),
+            _ => None,
+        }
+    }
+}
+
+/// Turns a ttrpc error into [`SandboxError::Agent`] with the status
+/// message alone (not ttrpc's debug dump).
+pub(crate) fn agent_err(
+    call: &'static str,
+) -> impl FnOnce(airlock_protocol::ttrpc::Error) -> SandboxError {
+    move |e| {
+        let msg = match e {
+            airlock_protocol::ttrpc::Error::RpcStatus(s) => s.message().to_string(),
+            other => other.to_string(),
+        };
+        SandboxError::Agent(call, msg)
+    }
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub image: ImageRef,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+}
+
+impl SandboxOptions {
+    /// The config's defaults and its default image.
+    pub fn from_config(config: &RuntimeConfig) -> Self {
+        Self {
+            image: ImageRef::Named(config.default_image.clone()),
+            vcpus: config.vcpus,
+            memory_mib: config.memory_mib,
+        }
+    }
+}
+
+/// What teardown did, for the user and the logs.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TeardownReport {
+    pub id: String,
+    /// Guest memory the VMM overwrote before unmapping it (MiB), from its log.
+    pub wiped_mib: Option<u64>,
+    pub guest_mib: Option<u64>,
+    /// Scratch-disk bytes overwritten before the file was deleted.
+    pub scratch_scrubbed_bytes: u64,
+    /// The state dir is gone.
+    pub state_removed: bool,
+}
+
+/// A running sandbox and a connection to its agent.
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub state: StateDir,
+    pub record: SandboxRecord,
+    pub agent: AgentClient,
+    /// The image's process defaults (only known to the creator).
+    pub image_config: Option<image::ImageConfig>,
+    config: RuntimeConfig,
+}
+
+impl Sandbox {
+    /// Boots a new sandbox. On failure everything it made is torn down.
+    pub async fn create(
+        config: &RuntimeConfig,
+        opts: &SandboxOptions,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self, SandboxError> {
+        config.check_artifacts()?;
+        let vmm_binary = config.vmm_binary_path()?;
+        let resolved = image::resolve(&opts.image, config, progress)?;
+        let id = SandboxId::generate();
+        let state = StateDir::create(&config.state_dir, &id)?;
+        let result = async {
+            scratch::create(&state.scratch_path(), config.scratch_mib)?;
+            let guest_cid = random_cid();
+            let spec = vmm::VmmSpec {
+                kernel: config.kernel.clone(),
+                initrd: config.initrd.clone(),
+                vcpus: opts.vcpus,
+                memory_mib: opts.memory_mib,
+                vsock_uds: state.vsock_uds(),
+                guest_cid,
+                drives: vec![
+                    vmm::Drive {
+                        path: resolved.path.clone(),
+                        read_only: true,
+                        id: "image".into(),
+                    },
+                    vmm::Drive {
+                        path: state.scratch_path(),
+                        read_only: false,
+                        id: "scratch".into(),
+                    },
+                ],
+                log_path: state.log_path(),
+                console_path: Some(state.console_path()),
+                extra_args: vec![],
+            };
+            progress("booting the microVM");
+            let process = vmm::VmmProcess::spawn(&vmm_binary, &spec)?;
+            let record = SandboxRecord {
+                id: id.to_string(),
+                vmm_pid: process.pid(),
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                image: resolved.name.clone(),
+                vcpus: opts.vcpus,
+                memory_mib: opts.memory_mib,
+                guest_cid,
+            };
+            state.write_record(&record)?;
+            let deadline = Duration::from_secs(config.timeouts.agent_connect_secs);
+            let pid = record.vmm_pid;
+            let alive = move || {
+                std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !is_zombie(pid)
+            };
+            let agent = agent_client::connect_while(&state.vsock_uds(), deadline, alive).await?;
+            let sandbox = Sandbox {
+                id: id.clone(),
+                state: state.clone(),
+                record,
+                agent,
+                image_config: resolved.config.clone(),
+                config: config.clone(),
+            };
+            sandbox.setup().await?;
+            Ok::<_, SandboxError>((sandbox, resolved))
+        }
+        .await;
+        match result {
+            Ok((sandbox, _)) => Ok(sandbox),
+            Err(e) => {
+                tracing::debug!(id = %id, "sandbox creation failed; tearing down: {e}");
+                teardown_state(config, &state, None).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Connects to an existing sandbox.
+    pub async fn open(config: &RuntimeConfig, id: &SandboxId) -> Result<Self, SandboxError> {
+        let state = StateDir::open(&config.state_dir, id)?;
+        let record = state.read_record()?;
+        let agent = agent_client::connect(&state.vsock_uds(), Duration::from_secs(5)).await?;
+        Ok(Self {
+            id: id.clone(),
+            state,
+            record,
+            agent,
+            image_config: None,
+            config: config.clone(),
+        })
+    }
+
+    async fn setup(&self) -> Result<(), SandboxError> {
+        let req = agent::CreateSandboxRequest {
+            sandbox_id: self.id.to_string(),
+            hostname: self.id.to_string(),
+            epoch_seconds: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+            scratch_device: SCRATCH_DEVICE.into(),
+            ..Default::default()
+        };
+        self.agent
+            .raw()
+            .create_sandbox(ctx(), &req)
+            .await
+            .map_err(agent_err("CreateSandbox"))?;
+        Ok(())
+    }
+
+    /// Creates the sandbox's container from `spec` on the workload image.
+    pub async fn create_container(
+        &self,
+        spec: &oci_spec::runtime::Spec,
+    ) -> Result<(), SandboxError> {
+        let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Io(e.to_string()))?;
+        std::fs::write(self.state.path().join("config.json"), &json)
+            .map_err(|e| SandboxError::Io(format!("cannot save the container spec: {e}")))?;
+        let req = agent::CreateContainerRequest {
+            container_id: CONTAINER_ID.into(),
+            oci_spec: json,
+            rootfs: Some(agent::Rootfs {
+                source: IMAGE_DEVICE.into(),
+                fstype: "ext4".into(),
+                options: vec!["ro".into()],
+                ..Default::default()
+            })
+            .into(),
+            ..Default::default()
+        };
+        self.agent
+            .raw()
+            .create_container(ctx(), &req)
+            .await
+            .map_err(agent_err("CreateContainer"))?;
+        let req = agent::StartContainerRequest {
+            container_id: CONTAINER_ID.into(),
+            ..Default::default()
+        };
+        self.agent
+            .raw()
+            .start_container(ctx(), &req)
+            .await
+            .map_err(agent_err("StartContainer"))?;
+        Ok(())
+    }
+
+    /// The container's spec, as saved by [`Sandbox::create_container`].
+    pub fn container_spec(&self) -> Result<oci_spec::runtime::Spec, SandboxError> {
+        let bytes = std::fs::read(self.state.path().join("config.json"))
+            .map_err(|e| SandboxError::Io(format!("cannot read the container spec: {e}")))?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SandboxError::Io(format!("corrupt container spec: {e}")))
+    }
+
+    /// Starts `process` in the container as `exec_id`.
+    pub async fn exec(
+        &self,
+        exec_id: &str,
+        process: &oci_spec::runtime::Process,
+    ) -> Result<(), SandboxError> {
+        let req = agent::ExecProcessRequest {
+            container_id: CONTAINER_ID.into(),
+            exec_id: exec_id.into(),
+            process_spec: serde_json::to_vec(process)
+                .map_err(|e| SandboxError::Io(e.to_string()))?,
+            tty: process.terminal().unwrap_or(false),
+            ..Default::default()
+        };
+        self.agent
+            .raw()
+            .exec_process(ctx(), &req)
+            .await
+            .map_err(agent_err("ExecProcess"))?;
+        Ok(())
+    }
+
+    /// Stops the VM (memory wiped by the VMM), scrubs and deletes the
+    /// scratch disk and removes the state dir.
+    pub async fn teardown(self) -> TeardownReport {
+        let req = agent::DestroySandboxRequest {
+            sandbox_id: self.id.to_string(),
+            ..Default::default()
+        };
+        // Best effort: a dead or hostile agent must not stop the teardown.
+        let destroyed = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.agent
+                .raw()
+                .destroy_sandbox(context::with_timeout(5_000_000_000), &req),
+        )
+        .await;
+        if !matches!(destroyed, Ok(Ok(_))) {
+            tracing::debug!(id = %self.id, "DestroySandbox failed; stopping the VMM with SIGTERM");
+        }
+        drop(self.agent);
+        teardown_state(&self.config, &self.state, Some(self.record.vmm_pid)).await
+    }
+}
+
+impl Sandbox {
+    /// Tears down at once, without a clean guest shutdown (e.g. after a
+    /// timeout): the VMM is stopped (and wipes), the rest as in teardown.
+    pub async fn kill(self) -> TeardownReport {
+        drop(self.agent);
+        teardown_state(&self.config, &self.state, Some(self.record.vmm_pid)).await
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            matches!(
+                s.rsplit(')')
+                    .next()
+                    .and_then(|r| r.split_whitespace().next()),
+                Some("Z" | "X")
+            )
+        })
+        .unwrap_or(true)
+}
+
+/// Tears down whatever is in `state`: the VMM (if running), the scratch
+/// disk and the state dir. Used for sandboxes whose agent is unreachable
+/// too.
+pub async fn teardown_state(
+    config: &RuntimeConfig,
+    state: &StateDir,
+    vmm_pid: Option<u32>,
+) -> TeardownReport {
+    let mut report = TeardownReport {
+        id: state.id().to_string(),
+        ..Default::default()
+    };
+    let pid = vmm_pid.or_else(|| state.read_record().ok().map(|r| r.vmm_pid));
+    let grace = Duration::from_secs(config.timeouts.teardown_secs);
+    if let Some(pid) = pid {
+        let log = state.log_path();
+        let stop = tokio::task::spawn_blocking(move || vmm::stop(pid, grace, &log)).await;
+        match stop {
+            Ok(Ok(stop)) => {
+                if let Some(w) = stop.wipe {
+                    report.wiped_mib = Some(w.wiped_mib);
+                    report.guest_mib = Some(w.guest_mib);
+                }
+            }
+            Ok(Err(e)) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
+            Err(e) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
+        }
+    }
+    if report.wiped_mib.is_none() {
+        if let Some(w) = vmm::wipe_from_log(&state.log_path()) {
+            report.wiped_mib = Some(w.wiped_mib);
+            report.guest_mib = Some(w.guest_mib);
+        }
+    }
+    match report.wiped_mib {
+        Some(mib) => tracing::info!(
+            id = %state.id(),
+            wiped_mib = mib,
+            guest_mib = report.guest_mib.unwrap_or(0),
+            "guest memory wiped"
+        ),
+        None => tracing::warn!(id = %state.id(), "the VMM logged no memory wipe"),
+    }
+    let scratch = state.scratch_path();
+    if scratch.exists() {
+        match scratch::scrub_and_delete(&scratch) {
+            Ok(r) => {
+                report.scratch_scrubbed_bytes = r.bytes_scrubbed;
+                tracing::info!(id = %state.id(), bytes = r.bytes_scrubbed, "scratch disk scrubbed and deleted");
+            }
+            Err(e) => tracing::warn!("scrubbing the scratch disk of {}: {e}", state.id()),
+        }
+    }
+    match state.remove() {
+        Ok(()) => report.state_removed = true,
+        Err(e) => tracing::warn!("removing the state dir of {}: {e}", state.id()),
+    }
+    report
+}
+
+/// A fresh guest CID for every sandbox (DESIGN.md §4.4): 3 and up are
+/// guest CIDs; hybrid vsock keeps each one private to its VM anyway.
+fn random_cid() -> u32 {
+    let mut b = [0u8; 4];
+    if getrandom(&mut b).is_err() {
+        return 3;
+    }
+    3 + (u32::from_le_bytes(b) % (u32::MAX - 16))
+}
+
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// A context for short calls.
+pub(crate) fn ctx() -> Context {
+    context::with_timeout(CALL_TIMEOUT.as_nanos() as i64)
+}
+
+/// A context for calls that block as long as the process runs.
+pub(crate) fn no_timeout() -> Context {
+    context::with_timeout(0)
+}

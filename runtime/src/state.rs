@@ -1,0 +1,267 @@
+//! Per-sandbox state on the host: `<state_dir>/<id>/` (mode 0700) with the
+//! sandbox record, the vsock socket, the scratch disk and the VMM's log.
+//! Removed at teardown.
+
+use std::fmt;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+const RECORD: &str = "sandbox.json";
+
+/// Errors handling state dirs.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// invalid sandbox ID {0:?}: IDs are 1-64 of [a-z0-9-]
+    #[error("invalid sandbox ID {0:?}: IDs are 1-64 of [a-z0-9-]")]
+    BadId(String),
+    /// no sandbox {0}: `airlock ls` lists them
+    #[error("no sandbox {0}: `airlock ls` lists them")]
+    NoSandbox(String),
+    /// Cannot create the state dir {0}: {1}
+    #[error("Cannot create the state dir {0}: {1}")]
+    Create(PathBuf, std::io::Error),
+    /// Cannot write {0}: {1}
+    #[error("Cannot write {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+    /// Cannot read {0}: {1}
+    #[error("Cannot read {0}: {1}")]
+    Read(PathBuf, String),
+    /// Cannot remove the state dir {0}: {1}
+    #[error("Cannot remove the state dir {0}: {1}")]
+    Remove(PathBuf, std::io::Error),
+}
+
+/// A sandbox's ID; safe as a path component.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SandboxId(String);
+
+impl SandboxId {
+    /// 12 random hex digits.
+    pub fn generate() -> Self {
+        let mut b = [0u8; 6];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            f.read_exact(&mut b).ok();
+        }
+        Self(b.iter().map(|x| format!("{x:02x}")).collect())
+    }
+
+    /// Checks a user-given ID.
+    pub fn parse(s: &str) -> Result<Self, StateError> {
+        let ok = !s.is_empty()
+            && s.len() <= 64
+            && !s.starts_with('-')
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(StateError::BadId(s.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What `airlock ls` shows and teardown needs, in `sandbox.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub vmm_pid: u32,
+    pub created_unix: u64,
+    pub image: String,
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub guest_cid: u32,
+}
+
+impl SandboxRecord {
+    /// Whether its VMM process is alive (and is an airlock-vmm).
+    pub fn is_running(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.vmm_pid))
+            .map(|c| {
+                String::from_utf8_lossy(&c).contains("airlock-vmm")
+                    && String::from_utf8_lossy(&c).contains(&self.id)
+            })
+            .unwrap_or(false)
+    }
+}
+
+/// One sandbox's state dir.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    id: SandboxId,
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Creates `<root>/<id>/` (0700; `root` 0711 if new).
+    pub fn create(root: &Path, id: &SandboxId) -> Result<Self, StateError> {
+        if !root.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(root)
+                .map_err(|e| StateError::Create(root.to_path_buf(), e))?;
+        }
+        let dir = root.join(id.as_str());
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| StateError::Create(dir.clone(), e))?;
+        // The umask may have narrowed it; make it exactly 0700.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| StateError::Create(dir.clone(), e))?;
+        Ok(Self {
+            id: id.clone(),
+            dir,
+        })
+    }
+
+    /// An existing sandbox's state dir.
+    pub fn open(root: &Path, id: &SandboxId) -> Result<Self, StateError> {
+        let dir = root.join(id.as_str());
+        if !dir.is_dir() {
+            return Err(StateError::NoSandbox(id.to_string()));
+        }
+        Ok(Self {
+            id: id.clone(),
+            dir,
+        })
+    }
+
+    pub fn id(&self) -> &SandboxId {
+        &self.id
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The host end of the guest's vsock (hybrid vsock's Unix socket).
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+
+    pub fn scratch_path(&self) -> PathBuf {
+        self.dir.join("scratch.ext4")
+    }
+
+    /// The VMM's log (JSON lines).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("vmm.log")
+    }
+
+    /// The guest's serial console.
+    pub fn console_path(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Writes the record atomically (temp file, then rename).
+    pub fn write_record(&self, record: &SandboxRecord) -> Result<(), StateError> {
+        let tmp = self.dir.join(".sandbox.json.tmp");
+        let json = serde_json::to_vec_pretty(record)
+            .map_err(|e| StateError::Write(tmp.clone(), e.into()))?;
+        std::fs::write(&tmp, json).map_err(|e| StateError::Write(tmp.clone(), e))?;
+        std::fs::rename(&tmp, self.dir.join(RECORD))
+            .map_err(|e| StateError::Write(self.dir.join(RECORD), e))
+    }
+
+    pub fn read_record(&self) -> Result<SandboxRecord, StateError> {
+        let p = self.dir.join(RECORD);
+        let bytes = std::fs::read(&p).map_err(|e| StateError::Read(p.clone(), e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Read(p, e.to_string()))
+    }
+
+    /// Deletes the dir and everything in it.
+    pub fn remove(&self) -> Result<(), StateError> {
+        match std::fs::remove_dir_all(&self.dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(StateError::Remove(self.dir.clone(), e))
+            }
+            _ if self.dir.exists() => Err(StateError::Remove(
+                self.dir.clone(),
+                std::io::Error::other("still there"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Every sandbox under `root` that has a record, sorted by creation time.
+pub fn list(root: &Path) -> Result<Vec<SandboxRecord>, StateError> {
+    let entries = match std::fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(StateError::Read(root.to_path_buf(), e.to_string())),
+    };
+    let mut out: Vec<SandboxRecord> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let id = SandboxId::parse(e.file_name().to_str()?).ok()?;
+            StateDir::open(root, &id).ok()?.read_record().ok()
+        })
+        .collect();
+    out.sort_by_key(|r| (r.created_unix, r.id.clone()));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &SandboxId) -> SandboxRecord {
+        SandboxRecord {
+            id: id.to_string(),
+            vmm_pid: std::process::id(),
+            created_unix: 1,
+            image: "default".into(),
+            vcpus: 1,
+            memory_mib: 256,
+            guest_cid: 3,
+        }
+    }
+
+    #[test]
+    fn ids() {
+        let a = SandboxId::generate();
+        assert_eq!(a.as_str().len(), 12);
+        assert_ne!(a, SandboxId::generate());
+        SandboxId::parse(a.as_str()).unwrap();
+        for bad in ["", "..", "../x", "a/b", "A", "-x", &"a".repeat(65)] {
+            assert!(SandboxId::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lifecycle() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path().join("state");
+        let id = SandboxId::generate();
+        let dir = StateDir::create(&root, &id).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(StateDir::create(&root, &id).is_err(), "exists");
+        dir.write_record(&record(&id)).unwrap();
+        assert_eq!(dir.read_record().unwrap(), record(&id));
+        // This test process is not an airlock-vmm.
+        assert!(!record(&id).is_running());
+        assert_eq!(list(&root).unwrap(), vec![record(&id)]);
+        std::fs::write(dir.scratch_path(), b"x").unwrap();
+        dir.remove().unwrap();
+        assert!(!dir.path().exists());
+        assert!(list(&root).unwrap().is_empty());
+        let err = StateDir::open(&root, &id).unwrap_err().to_string();
+        assert_eq!(err, format!("no sandbox {id}: `airlock ls` lists them"));
+    }
+}

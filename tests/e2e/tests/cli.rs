@@ -1,0 +1,445 @@
+//! The `airlock` CLI end to end: real microVMs on real KVM, the real guest
+//! kernel and agent, the workload images built by scripts/setup.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_e2e::{airlock_binary, on_real_kvm, real_kvm};
+
+fn airlock(args: &[&str]) -> Command {
+    let mut cmd = Command::new(airlock_binary());
+    cmd.args(args).stdin(Stdio::null());
+    cmd
+}
+
+fn show(out: &Output) {
+    println!("--- status {:?}", out.status.code());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if stdout.len() < 4096 {
+        println!("--- stdout\n{stdout}");
+    }
+    println!("--- stderr\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = airlock(args).output().expect("run airlock");
+    show(&out);
+    out
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a failure with one `airlock: ...` line on stderr.
+fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line: {err}");
+    assert!(lines[0].starts_with("airlock: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+}
+
+#[test]
+fn run_output_exit_codes_and_stdin() {
+    on_real_kvm("run_output_exit_codes_and_stdin", || {
+        let out = run(&["run", "--", "echo", "hello"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out), "hello\n");
+        assert_eq!(stderr(&out), "", "stderr stays the command's own");
+
+        let out = run(&["run", "--", "sh", "-c", "exit 7"]);
+        assert_eq!(out.status.code(), Some(7));
+
+        let out = run(&[
+            "run",
+            "--",
+            "sh",
+            "-c",
+            "echo to-out; echo to-err >&2; echo more-out",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out), "to-out\nmore-out\n");
+        assert_eq!(stderr(&out), "to-err\n");
+
+        let mut child = airlock(&["run", "-i", "--", "sh", "-c", "cat; echo done"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"piped line 1\npiped line 2\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        show(&out);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out), "piped line 1\npiped line 2\ndone\n");
+
+        // Signals are reported the shell's way.
+        let out = run(&["run", "--", "sh", "-c", "kill -9 $$"]);
+        assert_eq!(out.status.code(), Some(137));
+    });
+}
+
+#[test]
+fn a_100_mib_stdout_stream_arrives_intact() {
+    on_real_kvm("a_100_mib_stdout_stream_arrives_intact", || {
+        const LEN: usize = 100 << 20;
+        let line = "airlock-0123456789-abcdefghijklmnopqrstuvwxyz\n";
+        let script = format!("yes {} | head -c {LEN}", line.trim_end());
+        let out = airlock(&["run", "--memory", "256", "--", "sh", "-c", &script])
+            .output()
+            .unwrap();
+        println!("--- stderr\n{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(out.stdout.len(), LEN);
+        let expected: Vec<u8> = line.bytes().cycle().take(LEN).collect();
+        assert_eq!(fnv(&out.stdout), fnv(&expected), "checksum of the stream");
+    });
+}
+
+/// FNV-1a, enough to compare two streams.
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[test]
+fn timeout_tty_and_the_python_image() {
+    on_real_kvm("timeout_tty_and_the_python_image", || {
+        // The same sandbox without the timeout, to subtract boot and
+        // teardown, which are slow in the emulated test host.
+        let t = Instant::now();
+        let out = run(&["run", "--", "true"]);
+        assert_eq!(out.status.code(), Some(0));
+        let baseline = t.elapsed();
+
+        let t = Instant::now();
+        let out = run(&["run", "--timeout", "2", "--", "sleep", "100"]);
+        let took = t.elapsed();
+        assert_eq!(out.status.code(), Some(124));
+        assert!(
+            stderr(&out).contains("timed out after 2 s"),
+            "{}",
+            stderr(&out)
+        );
+        println!("baseline {baseline:?}, with --timeout 2: {took:?}");
+        assert!(took >= Duration::from_secs(2));
+        assert!(
+            took < baseline + Duration::from_secs(5),
+            "timeout took {took:?} (a run of `true` took {baseline:?})"
+        );
+
+        let out = run(&["run", "-t", "--", "tty"]);
+        assert_eq!(out.status.code(), Some(0));
+        let tty = stdout(&out);
+        let tty = tty.trim();
+        assert!(
+            tty.starts_with("/dev/pts/") && tty["/dev/pts/".len()..].parse::<u32>().is_ok(),
+            "{tty:?}"
+        );
+
+        let out = run(&[
+            "run",
+            "--image",
+            "python",
+            "--",
+            "python3",
+            "-c",
+            "print(1+1)",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out), "2\n");
+    });
+}
+
+/// Every process whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && !cmdline.contains("--exact") {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+fn state_dir() -> PathBuf {
+    PathBuf::from("/run/airlock")
+}
+
+#[test]
+fn create_exec_cp_rm_leaves_nothing_behind() {
+    on_real_kvm("create_exec_cp_rm_leaves_nothing_behind", || {
+        let out = run(&["create"]);
+        assert_eq!(out.status.code(), Some(0));
+        let id = stdout(&out).trim().to_string();
+        assert!(
+            !id.is_empty() && !id.contains(char::is_whitespace),
+            "{id:?}"
+        );
+        let dir = state_dir().join(&id);
+        assert!(dir.is_dir());
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&dir).unwrap().permissions()
+            ) & 0o777,
+            0o700
+        );
+
+        let out = run(&["exec", &id, "--", "sh", "-c", "echo one > /tmp/shared"]);
+        assert_eq!(out.status.code(), Some(0));
+        let out = run(&[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "cat /tmp/shared; echo two >> /tmp/shared",
+        ]);
+        assert_eq!(stdout(&out), "one\n");
+        let out = run(&["exec", &id, "--", "cat", "/tmp/shared"]);
+        assert_eq!(stdout(&out), "one\ntwo\n");
+
+        let work = tempfile::tempdir().unwrap();
+        let local_in = work.path().join("in.bin");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+        std::fs::write(&local_in, &data).unwrap();
+        let out = run(&[
+            "cp",
+            local_in.to_str().unwrap(),
+            &format!("{id}:/tmp/in.bin"),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        let out = run(&["exec", &id, "--", "sh", "-c", "wc -c < /tmp/in.bin"]);
+        assert_eq!(stdout(&out).trim(), "3000000");
+        let local_out = work.path().join("out.bin");
+        let out = run(&[
+            "cp",
+            &format!("{id}:/tmp/in.bin"),
+            local_out.to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(std::fs::read(&local_out).unwrap(), data, "round trip");
+        let out = run(&[
+            "cp",
+            &format!("{id}:/tmp/shared"),
+            work.path().to_str().unwrap(),
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            std::fs::read_to_string(work.path().join("shared")).unwrap(),
+            "one\ntwo\n"
+        );
+
+        let out = run(&["ls", "--json"]);
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let me = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id.as_str())
+            .expect("listed");
+        assert_eq!(me["running"], true);
+        let vmm_pid = me["vmm_pid"].as_u64().unwrap();
+
+        let out = run(&["rm", &id]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out).trim(), id);
+        let err = stderr(&out);
+        assert!(
+            err.contains(&format!("{id}: guest memory wiped (")),
+            "{err}"
+        );
+        assert!(!err.contains("wiped (? MiB"), "the wipe was logged: {err}");
+
+        assert!(!dir.exists(), "state dir {} is left", dir.display());
+        assert!(
+            !Path::new(&format!("/proc/{vmm_pid}")).exists(),
+            "the VMM is still running"
+        );
+        assert_eq!(processes_mentioning(&id), Vec::<String>::new());
+        let sockets = std::fs::read_to_string("/proc/net/unix").unwrap();
+        assert!(!sockets.contains(&id), "a socket of {id} is left");
+        let out = run(&["ls", "--json"]);
+        assert!(!stdout(&out).contains(&id));
+        // Removing it again is an error that names it.
+        let out = run(&["rm", &id]);
+        assert_one_line_error(&out, 125, &id);
+    });
+}
+
+#[test]
+fn four_sandboxes_at_once() {
+    on_real_kvm("four_sandboxes_at_once", || {
+        let children: Vec<_> = (0..4)
+            .map(|i| {
+                let script = format!(
+                    "echo {i} > /tmp/mine; hostname > /tmp/host; sleep 2; cat /tmp/mine /tmp/host"
+                );
+                airlock(&["run", "--memory", "192", "--", "sh", "-c", &script])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut hosts = Vec::new();
+        for (i, child) in children.into_iter().enumerate() {
+            let out = child.wait_with_output().unwrap();
+            show(&out);
+            assert_eq!(out.status.code(), Some(0));
+            let text = stdout(&out);
+            let mut lines = text.lines();
+            assert_eq!(
+                lines.next(),
+                Some(i.to_string().as_str()),
+                "sandbox {i} saw another's file"
+            );
+            hosts.push(lines.next().unwrap().to_string());
+        }
+        hosts.sort();
+        hosts.dedup();
+        assert_eq!(
+            hosts.len(),
+            4,
+            "every sandbox has its own hostname: {hosts:?}"
+        );
+    });
+}
+
+#[test]
+fn a_memory_limit_from_the_spec_oom_kills_only_the_process() {
+    on_real_kvm(
+        "a_memory_limit_from_the_spec_oom_kills_only_the_process",
+        || {
+            let work = tempfile::tempdir().unwrap();
+            let spec = work.path().join("config.json");
+            std::fs::write(&spec, limited_spec(32 << 20)).unwrap();
+            let out = run(&["create", "--spec", spec.to_str().unwrap()]);
+            assert_eq!(out.status.code(), Some(0));
+            let id = stdout(&out).trim().to_string();
+
+            // busybox dd allocates its block: 96 MiB against a 32 MiB limit.
+            let out = run(&[
+                "exec",
+                &id,
+                "--",
+                "dd",
+                "if=/dev/zero",
+                "of=/dev/null",
+                "bs=96M",
+                "count=1",
+            ]);
+            assert_eq!(out.status.code(), Some(137));
+            assert!(stderr(&out).contains("out of memory"), "{}", stderr(&out));
+
+            let out = run(&["exec", &id, "--", "echo", "still up"]);
+            assert_eq!(out.status.code(), Some(0));
+            assert_eq!(stdout(&out), "still up\n");
+            let out = run(&["rm", &id]);
+            assert_eq!(out.status.code(), Some(0));
+        },
+    );
+}
+
+/// runc's default spec with a memory limit.
+fn limited_spec(limit: u64) -> String {
+    format!(
+        r#"{{"ociVersion":"1.0.2","process":{{"args":["sh"],"cwd":"/","user":{{"uid":0,"gid":0}},
+            "env":["PATH=/usr/bin:/bin"]}},
+          "root":{{"path":"rootfs","readonly":false}},
+          "mounts":[{{"destination":"/proc","type":"proc","source":"proc"}},
+                    {{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}},
+                    {{"destination":"/tmp","type":"tmpfs","source":"tmpfs","options":["nosuid","nodev"]}}],
+          "linux":{{"resources":{{"memory":{{"limit":{limit},"swap":{limit}}}}},
+                   "namespaces":[{{"type":"pid"}},{{"type":"mount"}},{{"type":"ipc"}},{{"type":"uts"}}]}}}}"#
+    )
+}
+
+#[test]
+fn bad_input_gets_one_clear_line() {
+    // These fail before any VM boots: they run on any machine.
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("config.toml");
+
+    std::fs::write(&config, "kernel = \"/nonexistent/vmlinux\"\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "run", "--", "true"]);
+    assert_one_line_error(&out, 125, "kernel not found at /nonexistent/vmlinux");
+
+    std::fs::write(&config, "vcpus = \"many\"\n[timeouts\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "run", "--", "true"]);
+    assert_one_line_error(&out, 125, "malformed config file");
+
+    let spec = work.path().join("bad.json");
+    std::fs::write(&spec, "{\"ociVersion\": \"1.0.2\", \"process\": ").unwrap();
+    let out = run(&["run", "--spec", spec.to_str().unwrap(), "--", "true"]);
+    assert_one_line_error(&out, 125, "invalid OCI spec");
+
+    let out = run(&["run", "--image", "no-such-image", "--", "true"]);
+    assert_one_line_error(&out, 125, "unknown image \"no-such-image\"");
+
+    let out = run(&["exec", "../etc", "--", "true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let out = run(&["run", "-e", "NOEQUALS", "--", "true"]);
+    assert_one_line_error(&out, 125, "-e NOEQUALS");
+}
+
+#[test]
+fn a_missing_command_is_reported_like_runc() {
+    on_real_kvm("a_missing_command_is_reported_like_runc", || {
+        let out = run(&["run", "--", "nonexistent-command", "arg"]);
+        assert_one_line_error(
+            &out,
+            127,
+            "exec: \"nonexistent-command\": executable file not found in $PATH",
+        );
+        assert_eq!(stdout(&out), "");
+        assert!(
+            !state_dir().exists() || std::fs::read_dir(state_dir()).unwrap().next().is_none(),
+            "teardown after a failed start"
+        );
+    });
+}
+
+#[test]
+fn doctor_tells_whether_this_kvm_can_boot_guests() {
+    let out = run(&["doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kvm = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "kvm")
+        .unwrap();
+    assert_eq!(kvm["ok"], real_kvm(), "{kvm}");
+    if Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(kvm["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot boot unmodified Linux guests"));
+        assert_eq!(out.status.code(), Some(1));
+    }
+    let guest = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "guest")
+        .unwrap();
+    assert_eq!(guest["ok"], true, "{guest}");
+}
