@@ -143,7 +143,7 @@ impl RuntimeConfig {
     /// Parses TOML; the error is one line.
     pub fn parse(text: &str) -> Result<Self, String> {
         toml::from_str(text).map_err(|e: toml::de::Error| {
-            let msg = e.message().to_string();
+            let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
             match e.span() {
                 Some(span) => {
                     let line = text[..span.start.min(text.len())].matches('\n').count() + 1;

@@ -47,6 +47,9 @@ pub struct VmmSpec {
     pub log_path: PathBuf,
     pub console_path: Option<PathBuf>,
     pub extra_args: Vec<String>,
+    /// Stop the VM (SIGTERM: it wipes and exits) if the process that
+    /// started it dies; for sandboxes that must not outlive one command.
+    pub die_with_parent: bool,
 }
 
 impl VmmSpec {
@@ -102,12 +105,24 @@ impl VmmProcess {
         let log2 = log
             .try_clone()
             .map_err(|e| VmmError::Log(spec.log_path.clone(), e))?;
-        let mut child = spec
-            .command(binary)
-            .stdin(Stdio::null())
+        let mut cmd = spec.command(binary);
+        cmd.stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
+            .process_group(0);
+        if spec.die_with_parent {
+            // SAFETY: the closure runs in the child between fork and exec and
+            // only calls prctl, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .spawn()
             .map_err(|e| VmmError::Spawn(binary.to_path_buf(), e))?;
         let pid = child.id();
@@ -276,6 +291,7 @@ mod tests {
             log_path: dir.join("vmm.log"),
             console_path: None,
             extra_args: vec![],
+            die_with_parent: false,
         }
     }
 

@@ -17,6 +17,12 @@ use super::{wire, Reply, Request, YOUKI_ROOT};
 const SOCK: RawFd = 0;
 
 pub fn main() -> ExitCode {
+    // Rust's runtime ignores SIGPIPE, and an ignored signal stays ignored
+    // across exec: the container's processes would inherit it (`yes | head`
+    // would never end). Give them the default, as any shell would.
+    // SAFETY: resetting a disposition to SIG_DFL installs no handler; this
+    // process is single-threaded.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let (req, fds) = match wire::recv::<Request>(SOCK, wire::FDS_MAX) {
         Ok((Some(req), fds)) => (req, fds),
         Ok((None, _)) => return ExitCode::from(2),

@@ -39,21 +39,43 @@ impl FdStream {
     /// of file too.
     pub async fn read(&self, max: usize) -> std::io::Result<Vec<u8>> {
         let mut buf = vec![0u8; max.clamp(1, READ_MAX)];
+        let mut filled = 0;
         loop {
             let mut guard = self.fd.readable().await?;
             match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref(), &mut buf).map_err(std::io::Error::from)
+                nix::unistd::read(fd.get_ref(), &mut buf[filled..]).map_err(std::io::Error::from)
             }) {
+                Ok(Ok(0)) => break,
                 Ok(Ok(n)) => {
-                    buf.truncate(n);
-                    return Ok(buf);
+                    filled += n;
+                    // Take whatever else is already there, without waiting:
+                    // fewer, larger replies for a fast writer. An end of
+                    // file found here shows up on the next read.
+                    self.fill_more(&mut buf, &mut filled)?;
+                    break;
                 }
-                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EIO as i32) => return Ok(Vec::new()),
+                Ok(Err(e)) if e.raw_os_error() == Some(Errno::EIO as i32) => break,
                 Ok(Err(e)) if e.raw_os_error() == Some(Errno::EINTR as i32) => continue,
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
         }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    /// Non-blocking reads into `buf[*filled..]` until it is full or nothing
+    /// is left.
+    fn fill_more(&self, buf: &mut [u8], filled: &mut usize) -> std::io::Result<()> {
+        while *filled < buf.len() {
+            match nix::unistd::read(self.fd.get_ref(), &mut buf[*filled..]) {
+                Ok(0) | Err(Errno::EAGAIN | Errno::EIO) => break,
+                Ok(n) => *filled += n,
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     /// Writes some of `data`, waiting until the fd takes at least one byte.
@@ -95,9 +117,16 @@ impl AsRawFd for FdStream {
     }
 }
 
+/// Capacity asked for output pipes: a fast writer fills 1 MiB before it
+/// waits for the host to read.
+const PIPE_SIZE: i32 = 1 << 20;
+
 /// A pipe: (read end, write end), both close-on-exec.
 pub fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    Ok(nix::unistd::pipe2(OFlag::O_CLOEXEC)?)
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // Best effort: the kernel may cap it (pipe-max-size).
+    fcntl(&r, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE)).ok();
+    Ok((r, w))
 }
 
 /// Sets a terminal's window size (TIOCSWINSZ).

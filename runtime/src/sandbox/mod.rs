@@ -89,6 +89,9 @@ pub struct SandboxOptions {
     pub image: ImageRef,
     pub vcpus: u8,
     pub memory_mib: u32,
+    /// The VM stops if this process dies (`airlock run`), rather than
+    /// living on for later commands (`airlock create`).
+    pub ephemeral: bool,
 }
 
 impl SandboxOptions {
@@ -98,6 +101,7 @@ impl SandboxOptions {
             image: ImageRef::Named(config.default_image.clone()),
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
+            ephemeral: false,
         }
     }
 }
@@ -131,7 +135,7 @@ impl Sandbox {
     pub async fn create(
         config: &RuntimeConfig,
         opts: &SandboxOptions,
-        progress: &mut dyn FnMut(&str),
+        progress: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Self, SandboxError> {
         config.check_artifacts()?;
         let vmm_binary = config.vmm_binary_path()?;
@@ -163,6 +167,7 @@ impl Sandbox {
                 log_path: state.log_path(),
                 console_path: Some(state.console_path()),
                 extra_args: vec![],
+                die_with_parent: opts.ephemeral,
             };
             progress("booting the microVM");
             let process = vmm::VmmProcess::spawn(&vmm_binary, &spec)?;

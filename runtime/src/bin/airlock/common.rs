@@ -218,3 +218,38 @@ pub fn image_defaults(resolved: Option<&airlock_runtime::image::ImageConfig>) ->
         None => ImageDefaults::default(),
     }
 }
+
+/// SIGINT, SIGTERM and SIGHUP, caught so that a sandbox is destroyed
+/// rather than left running.
+pub struct Interrupts {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    pub fn new() -> Result<Self, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let err = |e: std::io::Error| format!("cannot catch signals: {e}");
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).map_err(err)?,
+            term: signal(SignalKind::terminate()).map_err(err)?,
+            hup: signal(SignalKind::hangup()).map_err(err)?,
+        })
+    }
+
+    /// The next one's number.
+    pub async fn recv(&mut self) -> i32 {
+        tokio::select! {
+            _ = self.int.recv() => libc::SIGINT,
+            _ = self.term.recv() => libc::SIGTERM,
+            _ = self.hup.recv() => libc::SIGHUP,
+        }
+    }
+}
+
+/// Reports an interruption; the status is 128 + the signal.
+pub fn interrupted(sig: i32) -> ExitCode {
+    eprintln!("airlock: interrupted by signal {sig}: destroying the sandbox");
+    ExitCode::from(u8::try_from(128 + sig).unwrap_or(EXIT_AIRLOCK))
+}

@@ -36,12 +36,37 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
         Err(e) => return common::fail(&e),
     };
     let mut progress = common::progress();
-    let sandbox = match Sandbox::create(config, &args.sandbox.options(config), &mut progress).await
-    {
+    let mut opts = args.sandbox.options(config);
+    opts.ephemeral = true;
+    // Ctrl-C, SIGTERM or SIGHUP while booting or running: destroy the
+    // sandbox, then exit 128 + the signal, as a shell would.
+    let mut signals = match common::Interrupts::new() {
         Ok(s) => s,
-        Err(e) => return common::fail_sandbox(&e),
+        Err(e) => return common::fail(&e),
     };
-    let (code, timed_out) = run_in(&sandbox, base, &popts, &args).await;
+    let mut creating = {
+        let config = config.clone();
+        tokio::spawn(async move { Sandbox::create(&config, &opts, &mut progress).await })
+    };
+    let created = tokio::select! {
+        created = &mut creating => created,
+        sig = signals.recv() => {
+            // Let the boot finish (it is bounded), then destroy it.
+            if let Ok(Ok(sandbox)) = creating.await {
+                sandbox.kill().await;
+            }
+            return common::interrupted(sig);
+        }
+    };
+    let sandbox = match created {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return common::fail_sandbox(&e),
+        Err(e) => return common::fail(&format!("sandbox creation failed: {e}")),
+    };
+    let (code, timed_out) = tokio::select! {
+        r = run_in(&sandbox, base, &popts, &args) => r,
+        sig = signals.recv() => (common::interrupted(sig), true),
+    };
     let report = if timed_out {
         // The command is still running: no clean shutdown to wait for.
         sandbox.kill().await

@@ -5,7 +5,11 @@
 //!   (scripts/setup) from Debian packages;
 //! * a directory: converted with `mkfs.ext4 -d` and cached under
 //!   `<image_dir>/cache/<key>.ext4`, keyed by a hash of the tree's names,
-//!   sizes, modes and mtimes, so an unchanged tree is converted once.
+//!   sizes, modes and mtimes, so an unchanged tree is converted once;
+//! * an OCI image layout or tarball (`oci.rs`): unpacked and converted,
+//!   cached by its manifest digest.
+
+pub mod oci;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
@@ -27,11 +31,9 @@ pub enum ImageError {
     /// image path {0} does not exist
     #[error("image path {0} does not exist")]
     NoPath(PathBuf),
-    /// {0}: OCI images are not supported yet: unpack the image into a directory and use --rootfs
-    #[error(
-        "{0}: OCI images are not supported yet: unpack the image into a directory and use --rootfs"
-    )]
-    Oci(PathBuf),
+    /// corrupt OCI image {0}: {1}
+    #[error("corrupt OCI image {0}: {1}")]
+    Corrupt(PathBuf, String),
     /// Cannot read {0}: {1}
     #[error("Cannot read {0}: {1}")]
     Read(PathBuf, std::io::Error),
@@ -109,7 +111,7 @@ pub fn resolve(
             if !p.exists() {
                 return Err(ImageError::NoPath(p.clone()));
             }
-            Err(ImageError::Oci(p.clone()))
+            from_oci(image, p, &config.image_dir.join("cache"), progress)
         }
     }
 }
@@ -169,6 +171,72 @@ pub fn known_names(image_dir: &Path) -> Vec<String> {
     names
 }
 
+/// Unpacks an OCI image (layout or tarball) and converts it, cached by its
+/// manifest digest.
+fn from_oci(
+    image: &ImageRef,
+    path: &Path,
+    cache: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ResolvedImage, ImageError> {
+    std::fs::create_dir_all(cache)
+        .map_err(|e| ImageError::Build(path.into(), format!("{}: {e}", cache.display())))?;
+    let work = tempfile_dir(cache)?;
+    let result = (|| {
+        let layout_dir = match image {
+            ImageRef::OciArchive(_) => {
+                progress(&format!("unpacking {}", path.display()));
+                let d = work.join("layout");
+                std::fs::create_dir_all(&d)
+                    .map_err(|e| ImageError::Build(path.into(), e.to_string()))?;
+                oci::unpack_archive(path, &d)?;
+                d
+            }
+            _ => path.to_path_buf(),
+        };
+        let layout = oci::Layout::open(&layout_dir)?;
+        let config = layout.config()?;
+        let key = layout
+            .manifest_digest
+            .trim_start_matches("sha256:")
+            .chars()
+            .take(32)
+            .collect::<String>();
+        let out = cache.join(format!("oci-{key}.ext4"));
+        if !out.is_file() {
+            progress(&format!("unpacking the layers of {}", path.display()));
+            let root = work.join("rootfs");
+            std::fs::create_dir_all(&root)
+                .map_err(|e| ImageError::Build(path.into(), e.to_string()))?;
+            layout.unpack(&root)?;
+            let (_, bytes, inodes) = tree_key(&root)?;
+            build_ext4(&root, &out, bytes, inodes, progress)?;
+        }
+        Ok(ResolvedImage {
+            path: out,
+            name: path.display().to_string(),
+            config: Some(config),
+        })
+    })();
+    std::fs::remove_dir_all(&work).ok();
+    result
+}
+
+/// A fresh private work dir under `cache`.
+fn tempfile_dir(cache: &Path) -> Result<PathBuf, ImageError> {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        f.read_exact(&mut b).ok();
+    }
+    let d = cache.join(format!(
+        ".work-{}",
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    ));
+    std::fs::create_dir(&d).map_err(|e| ImageError::Build(d.clone(), e.to_string()))?;
+    Ok(d)
+}
+
 /// Converts `dir` to an ext4 image in `cache` (reused while the tree is
 /// unchanged).
 pub fn from_dir(
@@ -183,6 +251,18 @@ pub fn from_dir(
     }
     std::fs::create_dir_all(cache)
         .map_err(|e| ImageError::Build(dir.into(), format!("{}: {e}", cache.display())))?;
+    build_ext4(dir, &out, bytes, inodes, progress)?;
+    Ok(out)
+}
+
+/// `mkfs.ext4 -d dir` into `out`, through a temporary file.
+fn build_ext4(
+    dir: &Path,
+    out: &Path,
+    bytes: u64,
+    inodes: u64,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
     // Room for the files, their inodes and ext4's own metadata.
     let size = (bytes + inodes * 4096) * 5 / 4 + (32 << 20);
     progress(&format!(
@@ -190,20 +270,20 @@ pub fn from_dir(
         dir.display(),
         size >> 20
     ));
-    let tmp = cache.join(format!(".{key:016x}.{}.tmp", std::process::id()));
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
     let built = (|| {
         let f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
         f.set_len(size).map_err(|e| e.to_string())?;
         drop(f);
         let d = dir.to_string_lossy().into_owned();
         scratch::mkfs(&tmp, &["-d", &d, "-E", "root_owner=0:0"]).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())
+        std::fs::rename(&tmp, out).map_err(|e| e.to_string())
     })();
     if let Err(e) = built {
         std::fs::remove_file(&tmp).ok();
         return Err(ImageError::Build(dir.into(), e));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A hash of the tree (names, types, sizes, modes, mtimes, link targets),
@@ -323,5 +403,60 @@ mod tests {
             ImageRef::parse("./no/such.tar"),
             ImageRef::OciArchive(_)
         ));
+    }
+
+    #[test]
+    fn oci_layouts_and_tarballs_become_cached_images() {
+        let src = tempfile::tempdir().unwrap();
+        oci::tests::sample(src.path());
+        assert_eq!(
+            ImageRef::parse(src.path().to_str().unwrap()),
+            ImageRef::OciLayout(src.path().into())
+        );
+        let images = tempfile::tempdir().unwrap();
+        let config = RuntimeConfig {
+            image_dir: images.path().to_path_buf(),
+            ..Default::default()
+        };
+        let r = resolve(
+            &ImageRef::OciLayout(src.path().into()),
+            &config,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert!(debugfs_ls(&r.path, "/bin").contains("tool"));
+        assert_eq!(r.config.as_ref().unwrap().cmd, vec!["tool".to_string()]);
+
+        // The same image as a tarball: same manifest, same cached file.
+        let tarball = tempfile::tempdir().unwrap();
+        let tar_path = tarball.path().join("image.tar");
+        let mut b = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+        b.append_dir_all(".", src.path()).unwrap();
+        b.finish().unwrap();
+        drop(b);
+        let r2 = resolve(
+            &ImageRef::parse(tar_path.to_str().unwrap()),
+            &config,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(r2.path, r.path);
+        let leftovers: Vec<_> = std::fs::read_dir(images.path().join("cache"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| {
+                n.to_string_lossy().starts_with('.') || n.to_string_lossy().ends_with(".tmp")
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+
+        // Not a tarball at all.
+        let junk = tarball.path().join("junk.tar");
+        std::fs::write(&junk, b"not a tar").unwrap();
+        let err = resolve(&ImageRef::OciArchive(junk), &config, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("corrupt OCI image"), "{err}");
     }
 }
