@@ -34,6 +34,16 @@ pub enum StateError {
     Remove(PathBuf, std::io::Error),
 }
 
+/// `bytes` random bytes from the kernel, as lowercase hex (ids, names of
+/// temporary files).
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        f.read_exact(&mut b).ok();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// A sandbox's ID; safe as a path component.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SandboxId(String);
@@ -41,11 +51,7 @@ pub struct SandboxId(String);
 impl SandboxId {
     /// 12 random hex digits.
     pub fn generate() -> Self {
-        let mut b = [0u8; 6];
-        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-            f.read_exact(&mut b).ok();
-        }
-        Self(b.iter().map(|x| format!("{x:02x}")).collect())
+        Self(random_hex(6))
     }
 
     /// Checks a user-given ID.

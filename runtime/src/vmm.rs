@@ -335,6 +335,7 @@ mod tests {
         )
         .unwrap();
         // A process that ignores SIGTERM needs the SIGKILL.
+        #[allow(clippy::zombie_processes, reason = "stop() reaps it")]
         let child = Command::new("sh")
             .args(["-c", "trap '' TERM; sleep 30"])
             .spawn()

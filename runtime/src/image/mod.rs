@@ -224,15 +224,7 @@ fn from_oci(
 
 /// A fresh private work dir under `cache`.
 fn tempfile_dir(cache: &Path) -> Result<PathBuf, ImageError> {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        f.read_exact(&mut b).ok();
-    }
-    let d = cache.join(format!(
-        ".work-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    ));
+    let d = cache.join(format!(".work-{}", crate::state::random_hex(8)));
     std::fs::create_dir(&d).map_err(|e| ImageError::Build(d.clone(), e.to_string()))?;
     Ok(d)
 }

@@ -188,9 +188,9 @@ fn apply_layer(data: &[u8], root: &Path) -> std::io::Result<()> {
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
-        let rel = safe_relative(&path).ok_or_else(|| {
-            std::io::Error::other(format!("entry {} escapes the root", path.display()))
-        })?;
+        let Some(rel) = safe_relative(&path)? else {
+            continue; // the root itself ("./")
+        };
         let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let parent = root.join(rel.parent().unwrap_or(Path::new("")));
         if name == ".wh..wh..opq" {
@@ -233,17 +233,23 @@ fn remove(p: &Path) -> std::io::Result<()> {
     }
 }
 
-/// `path` without leading `/` or `./`; `None` if it has `..`.
-fn safe_relative(path: &Path) -> Option<PathBuf> {
+/// `path` without leading `/` or `./` (`None` for the root itself); an
+/// error if it has `..`.
+fn safe_relative(path: &Path) -> std::io::Result<Option<PathBuf>> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {
             Component::Normal(n) => out.push(n),
             Component::RootDir | Component::CurDir => {}
-            Component::ParentDir | Component::Prefix(_) => return None,
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(std::io::Error::other(format!(
+                    "entry {} escapes the root",
+                    path.display()
+                )))
+            }
         }
     }
-    (!out.as_os_str().is_empty()).then_some(out)
+    Ok((!out.as_os_str().is_empty()).then_some(out))
 }
 
 /// Unpacks an image tarball (an archived layout) into `dir`.
@@ -309,6 +315,7 @@ pub(crate) mod tests {
     /// whiteout. Returns the layout's dir.
     pub(crate) fn sample(dir: &Path) {
         let l1 = layer(&[
+            ("./", None),
             ("bin/", None),
             ("bin/tool", Some(b"v1")),
             ("etc/", None),

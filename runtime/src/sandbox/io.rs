@@ -186,10 +186,7 @@ async fn close_stdin(client: &AgentServiceClient, exec_id: &str) -> Result<(), S
 /// Sends our terminal's size now and on every SIGWINCH.
 async fn forward_window_size(client: AgentServiceClient, exec_id: String) {
     let mut winch =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) {
-            Ok(s) => Some(s),
-            Err(_) => None,
-        };
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     loop {
         if let Some((rows, columns)) = window_size() {
             let req = agent::TtyWinResizeRequest {

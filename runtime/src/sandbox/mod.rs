@@ -421,16 +421,8 @@ pub async fn teardown_state(
 /// A fresh guest CID for every sandbox (DESIGN.md §4.4): 3 and up are
 /// guest CIDs; hybrid vsock keeps each one private to its VM anyway.
 fn random_cid() -> u32 {
-    let mut b = [0u8; 4];
-    if getrandom(&mut b).is_err() {
-        return 3;
-    }
-    3 + (u32::from_le_bytes(b) % (u32::MAX - 16))
-}
-
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+    let r = u32::from_str_radix(&crate::state::random_hex(4), 16).unwrap_or(0);
+    3 + r % (u32::MAX - 16)
 }
 
 /// A context for short calls.

@@ -23,10 +23,74 @@ fn show(out: &Output) {
     println!("--- stderr\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Runs airlock with a deadline: a hang becomes a failure that shows what
+/// every sandbox's VMM and guest console said, instead of a stuck suite.
 fn run(args: &[&str]) -> Output {
-    let out = airlock(args).output().expect("run airlock");
+    let child = airlock(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run airlock");
+    let out = wait_with_deadline(child, args);
     show(&out);
     out
+}
+
+fn wait_with_deadline(mut child: std::process::Child, args: &[&str]) -> Output {
+    use std::io::Read;
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        stdout.read_to_end(&mut b).ok();
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        stderr.read_to_end(&mut b).ok();
+        b
+    });
+    let until = Instant::now() + Duration::from_secs(240);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > until {
+            let logs = sandbox_logs();
+            child.kill().ok();
+            panic!("airlock {args:?} hung for 240 s; sandbox logs:\n{logs}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+/// The tails of every sandbox's VMM log and console.
+fn sandbox_logs() -> String {
+    let mut text = String::new();
+    for e in std::fs::read_dir(state_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for f in ["vmm.log", "console.log"] {
+            let body = std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+            let tail: String = body
+                .chars()
+                .rev()
+                .take(4000)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            text.push_str(&format!("==> {}/{f}\n{tail}\n", e.path().display()));
+        }
+    }
+    text
 }
 
 fn stdout(out: &Output) -> String {
@@ -81,7 +145,7 @@ fn run_output_exit_codes_and_stdin() {
             .unwrap()
             .write_all(b"piped line 1\npiped line 2\n")
             .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = wait_with_deadline(child, &["run", "-i"]);
         show(&out);
         assert_eq!(out.status.code(), Some(0));
         assert_eq!(stdout(&out), "piped line 1\npiped line 2\ndone\n");
@@ -94,9 +158,12 @@ fn a_100_mib_stdout_stream_arrives_intact() {
         const LEN: usize = 100 << 20;
         let line = "airlock-0123456789-abcdefghijklmnopqrstuvwxyz\n";
         let script = format!("yes {} | head -c {LEN}", line.trim_end());
-        let out = airlock(&["run", "--memory", "256", "--", "sh", "-c", &script])
-            .output()
+        let child = airlock(&["run", "--memory", "256", "--", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .unwrap();
+        let out = wait_with_deadline(child, &["run", "100 MiB"]);
         println!("--- stderr\n{}", stderr(&out));
         assert_eq!(out.status.code(), Some(0));
         assert_eq!(out.stdout.len(), LEN);
@@ -133,8 +200,9 @@ fn timeout_tty_and_the_python_image() {
         );
         println!("baseline {baseline:?}, with --timeout 2: {took:?}");
         assert!(took >= Duration::from_secs(2));
+        // Ended within 5 s of the timeout, beyond what a normal run costs.
         assert!(
-            took < baseline + Duration::from_secs(5),
+            took < baseline + Duration::from_secs(2 + 5),
             "timeout took {took:?} (a run of `true` took {baseline:?})"
         );
 
@@ -159,6 +227,18 @@ fn timeout_tty_and_the_python_image() {
         assert_eq!(out.status.code(), Some(0));
         assert_eq!(stdout(&out), "2\n");
     });
+}
+
+/// `airlock ls --json`'s entry for sandbox `id`.
+fn listed(id: &str) -> serde_json::Value {
+    let out = run(&["ls", "--json"]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("{id} is not listed"))
 }
 
 /// Every process whose command line mentions `needle`.
@@ -246,14 +326,7 @@ fn create_exec_cp_rm_leaves_nothing_behind() {
             "one\ntwo\n"
         );
 
-        let out = run(&["ls", "--json"]);
-        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let me = listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["id"] == id.as_str())
-            .expect("listed");
+        let me = listed(&id);
         assert_eq!(me["running"], true);
         let vmm_pid = me["vmm_pid"].as_u64().unwrap();
 
@@ -300,7 +373,7 @@ fn four_sandboxes_at_once() {
             .collect();
         let mut hosts = Vec::new();
         for (i, child) in children.into_iter().enumerate() {
-            let out = child.wait_with_output().unwrap();
+            let out = wait_with_deadline(child, &["run", "four at once"]);
             show(&out);
             assert_eq!(out.status.code(), Some(0));
             let text = stdout(&out);
@@ -441,4 +514,91 @@ fn doctor_tells_whether_this_kvm_can_boot_guests() {
         .find(|c| c["name"] == "guest")
         .unwrap();
     assert_eq!(guest["ok"], true, "{guest}");
+}
+
+/// The one sandbox dir under /run/airlock, once its record is written.
+fn wait_for_sandbox(timeout: Duration) -> Option<PathBuf> {
+    let until = Instant::now() + timeout;
+    while Instant::now() < until {
+        if let Ok(entries) = std::fs::read_dir(state_dir()) {
+            for e in entries.flatten() {
+                if e.path().join("sandbox.json").exists() && e.path().join("config.json").exists() {
+                    return Some(e.path());
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_killed_airlock_run_leaves_no_vm_running() {
+    on_real_kvm("a_killed_airlock_run_leaves_no_vm_running", || {
+        // SIGTERM: the sandbox is destroyed, the status is 128 + 15.
+        let child = airlock(&["run", "--", "sleep", "100"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let dir = wait_for_sandbox(Duration::from_secs(60)).expect("the sandbox started");
+        let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+        // SAFETY: kill only reads its arguments.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = wait_with_deadline(child, &["run", "SIGTERM"]);
+        show(&out);
+        assert_eq!(out.status.code(), Some(143));
+        assert!(stderr(&out).contains("interrupted by signal 15"));
+        assert!(!dir.exists(), "state dir left after SIGTERM");
+        assert_eq!(processes_mentioning(&id), Vec::<String>::new());
+
+        // SIGKILL: nothing can clean up in airlock, but its VMM stops with
+        // it (and wipes); `airlock rm` removes what is left on disk.
+        let mut child = airlock(&["run", "--", "sleep", "100"]).spawn().unwrap();
+        let dir = wait_for_sandbox(Duration::from_secs(60)).expect("the sandbox started");
+        let id = dir.file_name().unwrap().to_string_lossy().into_owned();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        while !processes_mentioning(&id).is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            processes_mentioning(&id),
+            Vec::<String>::new(),
+            "the VMM outlived airlock"
+        );
+        let me = listed(&id);
+        assert_eq!(me["running"], false);
+        let out = run(&["rm", &id]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(!dir.exists());
+    });
+}
+
+#[test]
+fn oci_image_tarball_runs() {
+    on_real_kvm("oci_image_tarball_runs", || {
+        // An OCI image made here from the default image's busybox, with an
+        // image config whose Env and WorkingDir the process gets.
+        let work = tempfile::tempdir().unwrap();
+        let tarball = work.path().join("image.tar");
+        let status = Command::new("sh")
+            .arg(airlock_e2e::workspace_root().join("tests/e2e/make-oci-image"))
+            .arg(&tarball)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = run(&[
+            "run",
+            "--image",
+            tarball.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "echo $GREETING from $(pwd)",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(stdout(&out), "hello from /work\n");
+    });
 }

@@ -25,7 +25,9 @@ pub fn init_logging(level: Option<&str>) {
     let level = level
         .map(str::to_string)
         .or_else(|| std::env::var("AIRLOCK_LOG").ok())
-        .unwrap_or_else(|| "warn".into());
+        // ttrpc warns about requests still pending when a connection is
+        // dropped on purpose (e.g. after --timeout).
+        .unwrap_or_else(|| "warn,ttrpc=error".into());
     let filter = tracing_subscriber::EnvFilter::try_new(&level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

@@ -123,24 +123,8 @@ fn kvm() -> Result<String, String> {
 }
 
 fn images(config: &RuntimeConfig) -> Result<String, String> {
-    let mut names: Vec<String> = std::fs::read_dir(&config.image_dir)
-        .map_err(|e| {
-            format!(
-                "{}: {e}: build the images with scripts/setup",
-                config.image_dir.display()
-            )
-        })?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_suffix(".ext4")
-                .map(str::to_string)
-        })
-        .filter(|n| !n.contains('-'))
-        .collect();
-    names.sort();
-    if !names.iter().any(|n| *n == config.default_image) {
+    let names = airlock_runtime::image::known_names(&config.image_dir);
+    if !names.contains(&config.default_image) {
         return Err(format!(
             "default image \"{}\" not found in {}: build it with scripts/setup",
             config.default_image,

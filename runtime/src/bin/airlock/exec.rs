@@ -58,13 +58,5 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
 
 /// A fresh exec id.
 fn exec_id() -> String {
-    let mut b = [0u8; 6];
-    use std::io::Read;
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        f.read_exact(&mut b).ok();
-    }
-    format!(
-        "exec-{}",
-        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
-    )
+    format!("exec-{}", airlock_runtime::state::random_hex(6))
 }
