@@ -399,6 +399,8 @@ pub async fn teardown_state(
             guest_mib = report.guest_mib.unwrap_or(0),
             "guest memory wiped"
         ),
+        // No VMM ever ran (its setup failed): there was no guest memory.
+        None if pid.is_none() => {}
         None => tracing::warn!(id = %state.id(), "the VMM logged no memory wipe"),
     }
     let scratch = state.scratch_path();
