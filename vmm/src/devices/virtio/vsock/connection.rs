@@ -207,10 +207,18 @@ impl Connection {
         self.tx_buf = VecDeque::new();
     }
 
+    /// Ends the connection and logs why (the host side sees only EOF).
+    fn kill_because(&mut self, rst: bool, why: &str) {
+        if self.state != State::Killed {
+            tracing::info!(port = self.local_port, state = ?self.state, "vsock: closing a connection: {why}");
+        }
+        self.kill(rst);
+    }
+
     /// The timeout for the current state passed: reset.
     pub fn check_deadline(&mut self, now: Instant) {
         if self.deadline.is_some_and(|d| now >= d) {
-            self.kill(true);
+            self.kill_because(true, "timed out");
         }
     }
 
@@ -244,7 +252,7 @@ impl Connection {
         } else if ev.intersects(EventSet::HANG_UP | EventSet::ERROR) && self.state != State::Killed
         {
             // Not reading (or not yet connected), so a hangup would spin.
-            self.kill(true);
+            self.kill_because(true, &format!("host socket event {ev:?} while not reading"));
         }
     }
 
@@ -262,7 +270,7 @@ impl Connection {
         }
         self.credit.update_from_peer(hdr.buf_alloc, hdr.fwd_cnt);
         match (hdr.op, self.state) {
-            (OP_RST, _) => self.kill(false),
+            (OP_RST, _) => self.kill_because(false, "the guest reset it"),
             (OP_RESPONSE, State::LocalInit) => {
                 self.state = State::Established;
                 self.deadline = None;
@@ -294,7 +302,7 @@ impl Connection {
             }
             // Anything else (REQUEST on a live connection, data before the
             // guest accepted, an unknown op) is a protocol error.
-            _ => self.kill(true),
+            _ => self.kill_because(true, "unexpected packet from the guest"),
         }
     }
 
@@ -306,8 +314,8 @@ impl Connection {
                 Ok(n) => written = n,
                 Err(e)
                     if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.kill(true);
+                Err(e) => {
+                    self.kill_because(true, &format!("writing to the host socket: {e}"));
                     return;
                 }
             }
@@ -345,8 +353,8 @@ impl Connection {
                 {
                     break
                 }
-                Err(_) => {
-                    self.kill(true);
+                Err(e) => {
+                    self.kill_because(true, &format!("writing to the host socket: {e}"));
                     return;
                 }
             }
@@ -452,8 +460,8 @@ impl Connection {
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {
                 None
             }
-            Err(_) => {
-                self.kill(true);
+            Err(e) => {
+                self.kill_because(true, &format!("reading the host socket: {e}"));
                 None
             }
         }

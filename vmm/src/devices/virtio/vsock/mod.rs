@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -166,31 +166,92 @@ impl VirtioDevice for Vsock {
     }
 }
 
+/// Why a TX chain was not a packet.
+#[derive(Debug, thiserror::Error)]
+pub enum TxError {
+    /// a device-writable descriptor in a TX chain
+    #[error("a device-writable descriptor in a TX chain")]
+    WriteOnly,
+    /// the chain holds fewer bytes than the header and its length field
+    #[error("the chain holds fewer bytes than the header and its length field")]
+    TooShort,
+    /// data length {0} is over the maximum
+    #[error("data length {0} is over the maximum")]
+    TooLong(u32),
+    /// a descriptor points outside guest memory
+    #[error("a descriptor points outside guest memory")]
+    Memory,
+}
+
+/// Reads one TX packet: its header, then `len` bytes of data gathered from
+/// the chain's descriptors, however the guest split them (header and data
+/// in one descriptor or several, across guest memory regions). Written
+/// here rather than with `VsockPacket::from_tx_virtq_chain`, which wants the
+/// data in one descriptor and one memory region and rejects the packet
+/// otherwise: for a stream socket that silently loses data.
+fn read_tx_packet<M>(
+    mem: &GuestMemoryMmap,
+    chain: virtio_queue::DescriptorChain<M>,
+    data: &mut Vec<u8>,
+) -> Result<Header, TxError>
+where
+    M: std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let mut head = [0u8; HEADER_SIZE];
+    let mut head_len = 0usize;
+    let mut want: Option<usize> = None;
+    data.clear();
+    for desc in chain {
+        if desc.is_write_only() {
+            return Err(TxError::WriteOnly);
+        }
+        let mut addr = desc.addr();
+        let mut left = desc.len() as usize;
+        if head_len < HEADER_SIZE {
+            let n = left.min(HEADER_SIZE - head_len);
+            mem.read_slice(&mut head[head_len..head_len + n], addr)
+                .map_err(|_| TxError::Memory)?;
+            head_len += n;
+            left -= n;
+            addr = addr.checked_add(n as u64).ok_or(TxError::Memory)?;
+            if head_len < HEADER_SIZE {
+                continue;
+            }
+            let hdr = Header::from_bytes(&head);
+            if hdr.op == OP_RW && hdr.len > MAX_PKT_DATA {
+                return Err(TxError::TooLong(hdr.len));
+            }
+            // Only RW carries data; another op's length is ignored.
+            want = Some(if hdr.op == OP_RW { hdr.len as usize } else { 0 });
+        }
+        let Some(total) = want else { continue };
+        let n = left.min(total - data.len());
+        if n > 0 {
+            let from = data.len();
+            data.resize(from + n, 0);
+            mem.read_slice(&mut data[from..], addr)
+                .map_err(|_| TxError::Memory)?;
+        }
+        if data.len() == total {
+            break;
+        }
+    }
+    match want {
+        Some(total) if data.len() == total => Ok(Header::from_bytes(&head)),
+        _ => Err(TxError::TooShort),
+    }
+}
+
 /// Moves the guest's tx packets to the muxer. Returns whether any
 /// descriptor was used (the guest should be interrupted).
 pub fn process_tx(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
     let mut used = false;
     let mut data = Vec::new();
-    while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
         let head = chain.head_index();
-        match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA) {
-            Ok(pkt) => {
-                let hdr = Header::from_packet(&pkt);
-                data.clear();
-                let ok = match (hdr.op, pkt.data_slice()) {
-                    (OP_RW, Some(slice)) => {
-                        // `from_tx_virtq_chain` bounded len by MAX_PKT_DATA
-                        // and the descriptor size.
-                        data.resize(hdr.len as usize, 0);
-                        slice.read_slice(&mut data, 0).is_ok()
-                    }
-                    // An RW without payload; or a payload on another op, ignored.
-                    _ => true,
-                };
-                if ok {
-                    muxer.send_from_guest(&hdr, &data);
-                }
-            }
+        match read_tx_packet(mem, chain, &mut data) {
+            Ok(hdr) => muxer.send_from_guest(&hdr, &data),
             Err(e) => tracing::debug!("vsock: dropping malformed tx packet: {e}"),
         }
         if let Err(e) = queue.add_used(mem, head, 0) {
