@@ -38,9 +38,8 @@ pub fn on_real_kvm(name: &str, body: impl FnOnce()) {
         std::env::var_os("AIRLOCK_TESTHOST").is_none(),
         "inside the test host but /dev/kvm is not hardware KVM: kvm_amd did not load"
     );
-    // One test host at a time: each is a 2-vCPU emulated machine, and two
-    // of them on a 2-core host starve each other (and have been seen to
-    // stall together).
+    // One test host at a time: two emulated machines on a 2-core host
+    // starve each other (and have been seen to stall together).
     static ONE_TEST_HOST: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = ONE_TEST_HOST.lock().unwrap_or_else(|e| e.into_inner());
     let exe = std::env::current_exe().expect("test binary path");

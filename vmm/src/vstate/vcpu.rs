@@ -159,9 +159,39 @@ impl Vcpu {
                 ))),
             };
             if let Some(exit) = outcome {
+                if matches!(exit, VmExit::TripleFault { .. }) {
+                    self.log_state("triple fault");
+                }
                 ctx.exit.signal(exit);
                 return;
             }
+        }
+    }
+}
+
+impl Vcpu {
+    /// Logs where the vCPU stopped, for a guest that died without a word
+    /// (a triple fault leaves nothing on the guest's console).
+    fn log_state(&self, why: &str) {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => tracing::error!(
+                vcpu = self.id,
+                rip = format_args!("{:#x}", r.rip),
+                rsp = format_args!("{:#x}", r.rsp),
+                rflags = format_args!("{:#x}", r.rflags),
+                cr0 = format_args!("{:#x}", s.cr0),
+                cr2 = format_args!("{:#x}", s.cr2),
+                cr3 = format_args!("{:#x}", s.cr3),
+                cr4 = format_args!("{:#x}", s.cr4),
+                idt = format_args!("{:#x}/{}", s.idt.base, s.idt.limit),
+                "vCPU state at the {why}"
+            ),
+            (r, s) => tracing::error!(
+                vcpu = self.id,
+                "vCPU state at the {why} unreadable: {:?} {:?}",
+                r.err(),
+                s.err()
+            ),
         }
     }
 }
