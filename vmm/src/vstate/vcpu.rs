@@ -171,7 +171,9 @@ impl Vcpu {
 
 impl Vcpu {
     /// Logs where the vCPU stopped, for a guest that died without a word
-    /// (a triple fault leaves nothing on the guest's console).
+    /// (a triple fault leaves nothing on the guest's console). On AMD, KVM
+    /// has already reset the vCPU at a shutdown, so the state is the reset
+    /// state there.
     fn log_state(&self, why: &str) {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
             (Ok(r), Ok(s)) => tracing::error!(
