@@ -49,6 +49,9 @@ pub enum ImageRef {
     Dir(PathBuf),
     OciLayout(PathBuf),
     OciArchive(PathBuf),
+    /// A ready ext4 image, used as it is (the containerd shim builds one
+    /// from each container's rootfs with [`build_from_dir`]).
+    Ext4(PathBuf),
 }
 
 impl ImageRef {
@@ -104,6 +107,16 @@ pub fn resolve(
             Ok(ResolvedImage {
                 path,
                 name: dir.display().to_string(),
+                config: None,
+            })
+        }
+        ImageRef::Ext4(p) => {
+            if !p.is_file() {
+                return Err(ImageError::NoPath(p.clone()));
+            }
+            Ok(ResolvedImage {
+                path: p.clone(),
+                name: p.display().to_string(),
                 config: None,
             })
         }
@@ -245,6 +258,16 @@ pub fn from_dir(
         .map_err(|e| ImageError::Build(dir.into(), format!("{}: {e}", cache.display())))?;
     build_ext4(dir, &out, bytes, inodes, progress)?;
     Ok(out)
+}
+
+/// Converts `dir` to the ext4 image `out` (no cache: the caller owns it).
+pub fn build_from_dir(
+    dir: &Path,
+    out: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), ImageError> {
+    let (_, bytes, inodes) = tree_key(dir)?;
+    build_ext4(dir, out, bytes, inodes, progress)
 }
 
 /// `mkfs.ext4 -d dir` into `out`, through a temporary file.

@@ -58,29 +58,21 @@ pub async fn attach(
     let stdin = if how.interactive {
         Some(tokio::spawn(pump_in(client.clone(), exec_id.to_string())))
     } else {
-        close_stdin(client, exec_id).await?;
+        close_stdin(client, CONTAINER_ID, exec_id).await?;
         None
     };
     let winch = how
         .tty
         .then(|| tokio::spawn(forward_window_size(client.clone(), exec_id.to_string())));
 
-    let req = agent::WaitProcessRequest {
-        container_id: CONTAINER_ID.into(),
-        exec_id: exec_id.into(),
-        ..Default::default()
-    };
-    let waited = client
-        .wait_process(no_timeout(), &req)
-        .await
-        .map_err(agent_err("WaitProcess"));
+    let waited = wait(client, CONTAINER_ID, exec_id).await;
     if let Some(t) = winch {
         t.abort();
     }
     if let Some(t) = stdin {
         t.abort();
     }
-    let resp = waited?;
+    let exit = waited?;
     for t in std::iter::once(stdout).chain(stderr) {
         match tokio::time::timeout(DRAIN_TIMEOUT, t).await {
             Ok(Ok(Ok(()))) => {}
@@ -91,40 +83,42 @@ pub async fn attach(
             ),
         }
     }
-    Ok(ProcessExit {
-        status: resp.exit_status,
-        signal: resp.signal,
-        oom_killed: resp.oom_killed,
-    })
+    Ok(exit)
 }
 
-async fn pump_out(
-    client: AgentServiceClient,
-    exec_id: String,
-    stderr: bool,
+/// One of a process's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Stdout,
+    Stderr,
+}
+
+/// Copies `which` of process `exec_id` in `container_id` to `out` until
+/// it ends. A reader of `out` that went away (`EPIPE`) ends the copy
+/// quietly.
+pub async fn copy_output(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+    which: Output,
+    out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
 ) -> Result<(), SandboxError> {
     let req = agent::ReadStreamRequest {
-        container_id: CONTAINER_ID.into(),
-        exec_id,
+        container_id: container_id.into(),
+        exec_id: exec_id.into(),
         len: READ_CHUNK,
         ..Default::default()
     };
-    let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if stderr {
-        Box::new(tokio::io::stderr())
-    } else {
-        Box::new(tokio::io::stdout())
-    };
     loop {
-        let resp = if stderr {
-            client
+        let resp = match which {
+            Output::Stderr => client
                 .read_stderr(no_timeout(), &req)
                 .await
-                .map_err(agent_err("ReadStderr"))?
-        } else {
-            client
+                .map_err(agent_err("ReadStderr"))?,
+            Output::Stdout => client
                 .read_stdout(no_timeout(), &req)
                 .await
-                .map_err(agent_err("ReadStdout"))?
+                .map_err(agent_err("ReadStdout"))?,
         };
         if !resp.data.is_empty() {
             if let Err(e) = async {
@@ -146,20 +140,26 @@ async fn pump_out(
     }
 }
 
-async fn pump_in(client: AgentServiceClient, exec_id: String) -> Result<(), SandboxError> {
-    let mut stdin = tokio::io::stdin();
+/// Copies `input` to the stdin of process `exec_id` in `container_id`,
+/// and closes that stdin at end of file.
+pub async fn copy_input(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+    input: &mut (dyn tokio::io::AsyncRead + Unpin + Send),
+) -> Result<(), SandboxError> {
     let mut buf = vec![0u8; WRITE_CHUNK];
     loop {
-        let n = stdin
+        let n = input
             .read(&mut buf)
             .await
             .map_err(|e| SandboxError::Io(format!("reading stdin: {e}")))?;
         if n == 0 {
-            return close_stdin(&client, &exec_id).await;
+            return close_stdin(client, container_id, exec_id).await;
         }
         let req = agent::WriteStreamRequest {
-            container_id: CONTAINER_ID.into(),
-            exec_id: exec_id.clone(),
+            container_id: container_id.into(),
+            exec_id: exec_id.into(),
             data: buf[..n].to_vec(),
             ..Default::default()
         };
@@ -170,9 +170,14 @@ async fn pump_in(client: AgentServiceClient, exec_id: String) -> Result<(), Sand
     }
 }
 
-async fn close_stdin(client: &AgentServiceClient, exec_id: &str) -> Result<(), SandboxError> {
+/// Closes the stdin of process `exec_id` in `container_id`.
+pub async fn close_stdin(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+) -> Result<(), SandboxError> {
     let req = agent::CloseStdinRequest {
-        container_id: CONTAINER_ID.into(),
+        container_id: container_id.into(),
         exec_id: exec_id.into(),
         ..Default::default()
     };
@@ -183,20 +188,76 @@ async fn close_stdin(client: &AgentServiceClient, exec_id: &str) -> Result<(), S
     Ok(())
 }
 
+/// Waits until process `exec_id` in `container_id` exits.
+pub async fn wait(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+) -> Result<ProcessExit, SandboxError> {
+    let req = agent::WaitProcessRequest {
+        container_id: container_id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    };
+    let resp = client
+        .wait_process(no_timeout(), &req)
+        .await
+        .map_err(agent_err("WaitProcess"))?;
+    Ok(ProcessExit {
+        status: resp.exit_status,
+        signal: resp.signal,
+        oom_killed: resp.oom_killed,
+    })
+}
+
+/// Sets the terminal size of process `exec_id` in `container_id`.
+pub async fn resize(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+    rows: u32,
+    columns: u32,
+) -> Result<(), SandboxError> {
+    let req = agent::TtyWinResizeRequest {
+        container_id: container_id.into(),
+        exec_id: exec_id.into(),
+        rows,
+        columns,
+        ..Default::default()
+    };
+    client
+        .tty_win_resize(ctx(), &req)
+        .await
+        .map_err(agent_err("TtyWinResize"))?;
+    Ok(())
+}
+
+async fn pump_out(
+    client: AgentServiceClient,
+    exec_id: String,
+    stderr: bool,
+) -> Result<(), SandboxError> {
+    let (which, mut out): (_, Box<dyn tokio::io::AsyncWrite + Unpin + Send>) = if stderr {
+        (Output::Stderr, Box::new(tokio::io::stderr()))
+    } else {
+        (Output::Stdout, Box::new(tokio::io::stdout()))
+    };
+    copy_output(&client, CONTAINER_ID, &exec_id, which, &mut out).await
+}
+
+async fn pump_in(client: AgentServiceClient, exec_id: String) -> Result<(), SandboxError> {
+    copy_input(&client, CONTAINER_ID, &exec_id, &mut tokio::io::stdin()).await
+}
+
 /// Sends our terminal's size now and on every SIGWINCH.
 async fn forward_window_size(client: AgentServiceClient, exec_id: String) {
     let mut winch =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
     loop {
         if let Some((rows, columns)) = window_size() {
-            let req = agent::TtyWinResizeRequest {
-                container_id: CONTAINER_ID.into(),
-                exec_id: exec_id.clone(),
-                rows: rows.into(),
-                columns: columns.into(),
-                ..Default::default()
-            };
-            client.tty_win_resize(ctx(), &req).await.ok();
+            resize(&client, CONTAINER_ID, &exec_id, rows.into(), columns.into())
+                .await
+                .ok();
         }
         match winch.as_mut() {
             Some(w) => {

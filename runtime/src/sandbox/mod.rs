@@ -3,6 +3,7 @@
 //! its memory, the scratch disk is scrubbed and deleted, the state dir
 //! removed).
 
+pub mod container;
 pub mod files;
 pub mod io;
 pub mod spec;
@@ -254,33 +255,14 @@ impl Sandbox {
         let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Io(e.to_string()))?;
         std::fs::write(self.state.path().join("config.json"), &json)
             .map_err(|e| SandboxError::Io(format!("cannot save the container spec: {e}")))?;
-        let req = agent::CreateContainerRequest {
-            container_id: CONTAINER_ID.into(),
-            oci_spec: json,
-            rootfs: Some(agent::Rootfs {
-                source: IMAGE_DEVICE.into(),
-                fstype: "ext4".into(),
-                options: vec!["ro".into()],
-                ..Default::default()
-            })
-            .into(),
-            ..Default::default()
+        let rootfs = container::GuestRootfs {
+            source: IMAGE_DEVICE.into(),
+            fstype: "ext4".into(),
+            read_only: true,
         };
-        self.agent
-            .raw()
-            .create_container(ctx(), &req)
-            .await
-            .map_err(agent_err("CreateContainer"))?;
-        let req = agent::StartContainerRequest {
-            container_id: CONTAINER_ID.into(),
-            ..Default::default()
-        };
-        self.agent
-            .raw()
-            .start_container(ctx(), &req)
-            .await
-            .map_err(agent_err("StartContainer"))?;
-        Ok(())
+        self.create_container_on(CONTAINER_ID, spec, &rootfs)
+            .await?;
+        self.start_container(CONTAINER_ID).await
     }
 
     /// The container's spec, as saved by [`Sandbox::create_container`].
@@ -297,25 +279,18 @@ impl Sandbox {
         exec_id: &str,
         process: &oci_spec::runtime::Process,
     ) -> Result<(), SandboxError> {
-        let req = agent::ExecProcessRequest {
-            container_id: CONTAINER_ID.into(),
-            exec_id: exec_id.into(),
-            process_spec: serde_json::to_vec(process)
-                .map_err(|e| SandboxError::Io(e.to_string()))?,
-            tty: process.terminal().unwrap_or(false),
-            ..Default::default()
-        };
-        self.agent
-            .raw()
-            .exec_process(ctx(), &req)
-            .await
-            .map_err(agent_err("ExecProcess"))?;
-        Ok(())
+        self.exec_in(CONTAINER_ID, exec_id, process).await
     }
 
     /// Stops the VM (memory wiped by the VMM), scrubs and deletes the
     /// scratch disk and removes the state dir.
     pub async fn teardown(self) -> TeardownReport {
+        self.shutdown().await
+    }
+
+    /// [`Sandbox::teardown`] through a shared reference (the containerd
+    /// shim's tasks may still hold the sandbox).
+    pub async fn shutdown(&self) -> TeardownReport {
         let req = agent::DestroySandboxRequest {
             sandbox_id: self.id.to_string(),
             ..Default::default()
@@ -331,7 +306,6 @@ impl Sandbox {
         if !matches!(destroyed, Ok(Ok(_))) {
             tracing::debug!(id = %self.id, "DestroySandbox failed; stopping the VMM with SIGTERM");
         }
-        drop(self.agent);
         teardown_state(&self.config, &self.state, Some(self.record.vmm_pid)).await
     }
 }

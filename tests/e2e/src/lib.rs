@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+pub mod containerd;
 pub mod guest;
 pub mod tiny_guest;
 
@@ -86,4 +87,23 @@ pub fn airlock_binary() -> PathBuf {
         p.display()
     );
     p
+}
+
+/// `PID cmdline` of every process whose command line mentions `needle`
+/// (not the test harness's own re-run of a test).
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
+            continue;
+        }
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && !cmdline.contains("--exact") {
+                found.push(format!("{pid} {cmdline}"));
+            }
+        }
+    }
+    found
 }

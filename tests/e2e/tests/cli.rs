@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use airlock_e2e::{airlock_binary, on_real_kvm, real_kvm};
+use airlock_e2e::{airlock_binary, on_real_kvm, processes_mentioning, real_kvm};
 
 fn airlock(args: &[&str]) -> Command {
     let mut cmd = Command::new(airlock_binary());
@@ -242,19 +242,6 @@ fn listed(id: &str) -> serde_json::Value {
 }
 
 /// Every process whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if cmdline.contains(needle) && !cmdline.contains("--exact") {
-                found.push(cmdline);
-            }
-        }
-    }
-    found
-}
-
 fn state_dir() -> PathBuf {
     PathBuf::from("/run/airlock")
 }

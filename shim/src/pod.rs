@@ -1,0 +1,550 @@
+//! The logic behind the task service: one microVM per shim, holding the
+//! containers containerd creates through it. Everything here can be
+//! driven without a ttrpc transport; `task/` only translates messages.
+//!
+//! A `ctr run` container gets a VM of its own. A CRI pod's sandbox
+//! container creates the VM; joining a running VM with a further
+//! container needs a block device added to a running VM and is not done
+//! yet (refused with a clear error, see ARCHITECTURE.md).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::image::{self, ImageRef};
+use airlock_runtime::sandbox::container::GuestRootfs;
+use airlock_runtime::sandbox::{io, Sandbox, SandboxOptions, IMAGE_DEVICE};
+use containerd_shim::protos::api::Mount;
+use tokio::sync::Mutex;
+
+use crate::process::{Exited, Process, Status};
+use crate::stdio::{self, Stdio};
+use crate::{options, spec};
+
+/// The image built from a container's rootfs, in its bundle.
+pub const IMAGE_FILE: &str = "airlock-rootfs.ext4";
+/// The sandbox id of the VM a bundle's container runs in, for `delete`
+/// after a dead shim.
+pub const SANDBOX_FILE: &str = "airlock-sandbox";
+
+/// What a task call can fail with; `task/` maps each to a ttrpc code.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    /// container {0} not found
+    #[error("container {0} not found")]
+    NoContainer(String),
+    /// process {1} of container {0} not found
+    #[error("process {1} of container {0} not found")]
+    NoProcess(String, String),
+    /// {0} already exists
+    #[error("{0} already exists")]
+    Exists(String),
+    /// {0}
+    #[error("{0}")]
+    Precondition(String),
+    /// {0}
+    #[error("{0}")]
+    Unsupported(String),
+    /// {0}
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<airlock_runtime::sandbox::SandboxError> for PodError {
+    fn from(e: airlock_runtime::sandbox::SandboxError) -> Self {
+        PodError::Failed(e.to_string())
+    }
+}
+
+/// What containerd asked Create for.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub rootfs: Vec<Mount>,
+    pub stdio: Stdio,
+    pub options: options::RuntimeOptions,
+}
+
+/// A task event for containerd.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Create {
+        id: String,
+        pid: u32,
+    },
+    Start {
+        id: String,
+        pid: u32,
+    },
+    Exit {
+        id: String,
+        exec_id: String,
+        pid: u32,
+        exit: Exited,
+    },
+    Delete {
+        id: String,
+        pid: u32,
+        exit: Exited,
+    },
+    ExecAdded {
+        id: String,
+        exec_id: String,
+    },
+    ExecStarted {
+        id: String,
+        exec_id: String,
+        pid: u32,
+    },
+}
+
+/// Where events go (the publisher to containerd, or a test's channel).
+pub type Events = tokio::sync::mpsc::UnboundedSender<Event>;
+
+struct Container {
+    bundle: PathBuf,
+    processes: HashMap<String, Arc<Process>>,
+}
+
+struct Vm {
+    sandbox: Arc<Sandbox>,
+    /// The container whose Create booted it; its Delete tears it down.
+    owner: String,
+}
+
+/// The shim's VM and containers.
+pub struct Pod {
+    events: Events,
+    vm: Mutex<Option<Vm>>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+impl Pod {
+    pub fn new(events: Events) -> Self {
+        Self {
+            events,
+            vm: Mutex::new(None),
+            containers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn emit(&self, e: Event) {
+        // The receiver lives as long as the shim.
+        self.events.send(e).ok();
+    }
+
+    /// The VMM's pid: the host process that stands for every task process.
+    pub async fn pid(&self) -> u32 {
+        self.vm
+            .lock()
+            .await
+            .as_ref()
+            .map_or(0, |vm| vm.sandbox.record.vmm_pid)
+    }
+
+    async fn sandbox(&self) -> Result<Arc<Sandbox>, PodError> {
+        self.vm
+            .lock()
+            .await
+            .as_ref()
+            .map(|vm| vm.sandbox.clone())
+            .ok_or_else(|| PodError::Precondition("the microVM is not running".into()))
+    }
+
+    async fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, PodError> {
+        let containers = self.containers.lock().await;
+        let c = containers
+            .get(id)
+            .ok_or_else(|| PodError::NoContainer(id.into()))?;
+        c.processes
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| PodError::NoProcess(id.into(), exec_id.into()))
+    }
+
+    /// Create: the container's rootfs becomes an ext4 image, a VM boots on
+    /// it, and the container is created in the guest (not started).
+    pub async fn create(&self, req: CreateRequest) -> Result<u32, PodError> {
+        if self.containers.lock().await.contains_key(&req.id) {
+            return Err(PodError::Exists(format!("container {}", req.id)));
+        }
+        let oci = spec::load(&req.bundle).map_err(|e| PodError::Failed(e.to_string()))?;
+        if self.vm.lock().await.is_some() {
+            let what = match spec::pod_of(&oci) {
+                Some((pod, _)) => format!("container {} of pod {pod}", req.id),
+                None => format!("container {}", req.id),
+            };
+            return Err(PodError::Unsupported(format!(
+                "{what}: joining a running microVM is not supported yet; \
+                 each pod gets one container"
+            )));
+        }
+        let config = RuntimeConfig::load(req.options.config_path.as_deref())
+            .map_err(|e| PodError::Failed(e.to_string()))?;
+        let image = build_image(&req.bundle, &req.rootfs).await?;
+        let opts = SandboxOptions {
+            image: ImageRef::Ext4(image.clone()),
+            ..SandboxOptions::from_config(&config)
+        };
+        let mut progress = |m: &str| log::info!("{}: {m}", req.id);
+        let sandbox = match Sandbox::create(&config, &opts, &mut progress).await {
+            Ok(s) => Arc::new(s),
+            Err(e) => {
+                std::fs::remove_file(&image).ok();
+                return Err(e.into());
+            }
+        };
+        std::fs::write(req.bundle.join(SANDBOX_FILE), sandbox.id.as_str()).ok();
+        let (guest_spec, dropped) = spec::for_guest(oci);
+        if dropped.hooks {
+            log::warn!("{}: OCI hooks are not run: they are host commands", req.id);
+        }
+        for m in &dropped.bind_mounts {
+            log::warn!("{}: host bind mount at {m} left out of the microVM", req.id);
+        }
+        let rootfs = GuestRootfs {
+            source: IMAGE_DEVICE.into(),
+            fstype: "ext4".into(),
+            read_only: true,
+        };
+        let terminal = guest_spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.terminal())
+            .unwrap_or(false);
+        if let Err(e) = sandbox
+            .create_container_on(&req.id, &guest_spec, &rootfs)
+            .await
+        {
+            sandbox.shutdown().await;
+            cleanup_bundle(&req.bundle);
+            return Err(e.into());
+        }
+        let pid = sandbox.record.vmm_pid;
+        *self.vm.lock().await = Some(Vm {
+            sandbox,
+            owner: req.id.clone(),
+        });
+        let stdio = Stdio {
+            terminal: terminal || req.stdio.terminal,
+            ..req.stdio
+        };
+        let init = Arc::new(Process::new(stdio, None));
+        self.containers.lock().await.insert(
+            req.id.clone(),
+            Container {
+                bundle: req.bundle,
+                processes: HashMap::from([(String::new(), init)]),
+            },
+        );
+        self.emit(Event::Create { id: req.id, pid });
+        Ok(pid)
+    }
+
+    /// Start: the init process (exec id "") or an exec added before.
+    pub async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32, PodError> {
+        let p = self.process(id, exec_id).await?;
+        if p.status() != Status::Created {
+            return Err(PodError::Precondition(format!(
+                "process {exec_id:?} of {id} was already started"
+            )));
+        }
+        let sandbox = self.sandbox().await?;
+        let client = sandbox.agent.raw().clone();
+        if exec_id.is_empty() {
+            let pumps = stdio::connect(&client, id, exec_id, &p.stdio).await?;
+            *p.pumps.lock().await = Some(pumps);
+            sandbox.start_container(id).await?;
+        } else {
+            let spec = p
+                .spec
+                .clone()
+                .ok_or_else(|| PodError::Failed("exec without a process spec".into()))?;
+            sandbox.exec_in(id, exec_id, &spec).await?;
+            let pumps = stdio::connect(&client, id, exec_id, &p.stdio).await?;
+            *p.pumps.lock().await = Some(pumps);
+        }
+        p.set_running();
+        let pid = sandbox.record.vmm_pid;
+        self.emit(if exec_id.is_empty() {
+            Event::Start { id: id.into(), pid }
+        } else {
+            Event::ExecStarted {
+                id: id.into(),
+                exec_id: exec_id.into(),
+                pid,
+            }
+        });
+        let pod = self.clone();
+        let (id, exec_id) = (id.to_string(), exec_id.to_string());
+        tokio::spawn(async move { pod.watch_exit(client, id, exec_id, p, pid).await });
+        Ok(pid)
+    }
+
+    /// Waits for a started process to end, lets its output drain, and
+    /// reports the exit.
+    async fn watch_exit(
+        &self,
+        client: airlock_protocol::agent_ttrpc::AgentServiceClient,
+        id: String,
+        exec_id: String,
+        p: Arc<Process>,
+        pid: u32,
+    ) {
+        let status = match io::wait(&client, &id, &exec_id).await {
+            Ok(e) => {
+                if e.oom_killed {
+                    log::warn!("{id}: process {exec_id:?} was killed by the OOM killer");
+                }
+                u32::try_from(e.status).unwrap_or(255)
+            }
+            Err(e) => {
+                // The agent or the VM is gone: containerd must still see
+                // an exit, with a status that says it did not end well.
+                log::error!("{id}: lost process {exec_id:?}: {e}");
+                255
+            }
+        };
+        if let Some(pumps) = p.pumps.lock().await.take() {
+            pumps.drain().await;
+        }
+        let exit = Exited::now(status);
+        if p.set_exited(exit) {
+            self.emit(Event::Exit {
+                id: id.clone(),
+                exec_id: if exec_id.is_empty() { id } else { exec_id },
+                pid,
+                exit,
+            });
+        }
+    }
+
+    /// Exec: registers a process to start later with Start.
+    pub async fn add_exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        stdio: Stdio,
+        process: oci_spec::runtime::Process,
+    ) -> Result<(), PodError> {
+        {
+            let mut containers = self.containers.lock().await;
+            let c = containers
+                .get_mut(id)
+                .ok_or_else(|| PodError::NoContainer(id.into()))?;
+            if exec_id.is_empty() || c.processes.contains_key(exec_id) {
+                return Err(PodError::Exists(format!("exec {exec_id:?} in {id}")));
+            }
+            let stdio = Stdio {
+                terminal: stdio.terminal || process.terminal().unwrap_or(false),
+                ..stdio
+            };
+            c.processes
+                .insert(exec_id.into(), Arc::new(Process::new(stdio, Some(process))));
+        }
+        self.emit(Event::ExecAdded {
+            id: id.into(),
+            exec_id: exec_id.into(),
+        });
+        Ok(())
+    }
+
+    /// Kill: a signal to one process, or with `all` to the container.
+    pub async fn kill(
+        &self,
+        id: &str,
+        exec_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), PodError> {
+        let p = self.process(id, exec_id).await?;
+        match p.status() {
+            Status::Stopped => Err(PodError::NoProcess(id.into(), exec_id.into())),
+            Status::Created => {
+                // Never started: nothing runs in the guest to signal.
+                if p.set_exited(Exited::now(128 + signal)) {
+                    let pid = self.pid().await;
+                    self.emit(Event::Exit {
+                        id: id.into(),
+                        exec_id: if exec_id.is_empty() {
+                            id.into()
+                        } else {
+                            exec_id.into()
+                        },
+                        pid,
+                        exit: Exited::now(128 + signal),
+                    });
+                }
+                Ok(())
+            }
+            Status::Running => {
+                let sandbox = self.sandbox().await?;
+                sandbox.signal(id, exec_id, signal, all).await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Wait: until the process exited.
+    pub async fn wait(&self, id: &str, exec_id: &str) -> Result<Exited, PodError> {
+        let p = self.process(id, exec_id).await?;
+        Ok(p.wait().await)
+    }
+
+    /// State of one process.
+    pub async fn state(
+        &self,
+        id: &str,
+        exec_id: &str,
+    ) -> Result<(Arc<Process>, PathBuf, u32), PodError> {
+        let p = self.process(id, exec_id).await?;
+        let bundle = self
+            .containers
+            .lock()
+            .await
+            .get(id)
+            .map(|c| c.bundle.clone())
+            .unwrap_or_default();
+        Ok((p, bundle, self.pid().await))
+    }
+
+    /// CloseIO: the process's stdin ends.
+    pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), PodError> {
+        let p = self.process(id, exec_id).await?;
+        if let Some(pumps) = p.pumps.lock().await.as_mut() {
+            pumps.stop_stdin();
+        }
+        let sandbox = self.sandbox().await?;
+        io::close_stdin(sandbox.agent.raw(), id, exec_id).await?;
+        Ok(())
+    }
+
+    /// ResizePty.
+    pub async fn resize(
+        &self,
+        id: &str,
+        exec_id: &str,
+        width: u32,
+        height: u32,
+    ) -> Result<(), PodError> {
+        self.process(id, exec_id).await?;
+        let sandbox = self.sandbox().await?;
+        io::resize(sandbox.agent.raw(), id, exec_id, height, width).await?;
+        Ok(())
+    }
+
+    /// Delete: an exited exec, or a container (whose VM goes with it when
+    /// it booted it: memory wiped, scratch disk scrubbed).
+    pub async fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exited), PodError> {
+        let p = self.process(id, exec_id).await?;
+        if p.status() == Status::Running {
+            return Err(PodError::Precondition(format!(
+                "process {exec_id:?} of {id} is still running"
+            )));
+        }
+        let exit = p.exit().unwrap_or_else(|| Exited::now(0));
+        let pid = self.pid().await;
+        if !exec_id.is_empty() {
+            if let Some(c) = self.containers.lock().await.get_mut(id) {
+                c.processes.remove(exec_id);
+            }
+            return Ok((pid, exit));
+        }
+        let Some(container) = self.containers.lock().await.remove(id) else {
+            return Err(PodError::NoContainer(id.into()));
+        };
+        let owner = {
+            let vm = self.vm.lock().await;
+            vm.as_ref()
+                .filter(|vm| vm.owner == id)
+                .map(|vm| vm.sandbox.clone())
+        };
+        match owner {
+            Some(sandbox) => {
+                let report = sandbox.shutdown().await;
+                log::info!(
+                    "{id}: microVM {} torn down: {} MiB of guest memory wiped, {} scratch bytes scrubbed",
+                    report.id,
+                    report.wiped_mib.unwrap_or(0),
+                    report.scratch_scrubbed_bytes
+                );
+                *self.vm.lock().await = None;
+            }
+            None => {
+                if let Ok(sandbox) = self.sandbox().await {
+                    sandbox.remove_container(id).await.ok();
+                }
+            }
+        }
+        cleanup_bundle(&container.bundle);
+        self.emit(Event::Delete {
+            id: id.into(),
+            pid,
+            exit,
+        });
+        Ok((pid, exit))
+    }
+
+    /// Whether no container is left (Shutdown may end the shim).
+    pub async fn is_empty(&self) -> bool {
+        self.containers.lock().await.is_empty()
+    }
+
+    /// Tears the VM down whatever state the containers are in (the shim
+    /// is going away).
+    pub async fn destroy(&self) {
+        if let Some(vm) = self.vm.lock().await.take() {
+            vm.sandbox.shutdown().await;
+        }
+    }
+}
+
+/// Mounts the rootfs containerd gave at `<bundle>/rootfs`, converts it to
+/// `<bundle>/airlock-rootfs.ext4` and unmounts it again: the guest gets a
+/// block device, never a host directory.
+async fn build_image(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, PodError> {
+    let rootfs = bundle.join("rootfs");
+    std::fs::create_dir_all(&rootfs)
+        .map_err(|e| PodError::Failed(format!("cannot make {}: {e}", rootfs.display())))?;
+    for m in mounts {
+        containerd_shim::asynchronous::util::mount_rootfs(m, &rootfs)
+            .await
+            .map_err(|e| {
+                PodError::Failed(format!(
+                    "cannot mount the rootfs ({} {}) at {}: {e}",
+                    m.type_,
+                    m.source,
+                    rootfs.display()
+                ))
+            })?;
+    }
+    let out = bundle.join(IMAGE_FILE);
+    let (dir, file) = (rootfs.clone(), out.clone());
+    let built = tokio::task::spawn_blocking(move || {
+        image::build_from_dir(&dir, &file, &mut |m| log::info!("{m}"))
+    })
+    .await
+    .map_err(|e| PodError::Failed(format!("image build task failed: {e}")));
+    if !mounts.is_empty() {
+        unmount(&rootfs);
+    }
+    built?.map_err(|e| PodError::Failed(e.to_string()))?;
+    Ok(out)
+}
+
+fn unmount(path: &Path) {
+    if let Err(e) = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        if e != nix::errno::Errno::EINVAL {
+            log::warn!("cannot unmount {}: {e}", path.display());
+        }
+    }
+}
+
+/// Removes what the shim put in a bundle (containerd removes the rest).
+pub fn cleanup_bundle(bundle: &Path) {
+    unmount(&bundle.join("rootfs"));
+    std::fs::remove_file(bundle.join(IMAGE_FILE)).ok();
+    std::fs::remove_file(bundle.join(SANDBOX_FILE)).ok();
+}

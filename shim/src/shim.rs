@@ -1,0 +1,99 @@
+//! The shim process's lifecycle (containerd's runtime v2 protocol):
+//! `start` picks or spawns the shim daemon for the container's pod,
+//! `delete` cleans up after a shim that died, and the daemon serves the
+//! task service until Shutdown.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::sandbox::teardown_state;
+use airlock_runtime::state::{SandboxId, StateDir};
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::protos::api::DeleteResponse;
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::{Config, Error, Flags, StartOpts};
+
+use crate::pod::{self, Pod};
+use crate::process::Exited;
+use crate::spec;
+use crate::task::{self, TaskService};
+
+pub struct AirlockShim {
+    exit: Arc<ExitSignal>,
+    id: String,
+    namespace: String,
+    bundle: String,
+}
+
+#[async_trait]
+impl Shim for AirlockShim {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        AirlockShim {
+            exit: Arc::new(ExitSignal::default()),
+            id: args.id.clone(),
+            namespace: args.namespace.clone(),
+            bundle: args.bundle.clone(),
+        }
+    }
+
+    /// One shim per pod: a CRI container joins the shim of its pod's
+    /// sandbox (the socket address is derived from the pod id), anything
+    /// else gets its own.
+    async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // containerd runs `start` in the bundle.
+        let grouping = spec::load(Path::new("."))
+            .ok()
+            .and_then(|s| spec::pod_of(&s))
+            .map_or_else(|| opts.id.clone(), |(pod, _)| pod);
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        containerd_shim::asynchronous::util::write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    /// containerd's cleanup after a shim that is gone: stop the VM it left
+    /// (the VMM wipes guest memory on SIGTERM), scrub its scratch disk,
+    /// remove its state and what the shim put in the bundle.
+    async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let bundle = if self.bundle.is_empty() {
+            std::env::current_dir().map_err(|e| Error::Other(e.to_string()))?
+        } else {
+            self.bundle.clone().into()
+        };
+        if let Ok(id) = std::fs::read_to_string(bundle.join(pod::SANDBOX_FILE)) {
+            let config = RuntimeConfig::load(None).unwrap_or_default();
+            if let Ok(id) = SandboxId::parse(id.trim()) {
+                if let Ok(state) = StateDir::open(&config.state_dir, &id) {
+                    let pid = state.read_record().ok().map(|r| r.vmm_pid);
+                    let report = teardown_state(&config, &state, pid).await;
+                    log::info!(
+                        "{}: cleaned up microVM {} after a dead shim",
+                        self.id,
+                        report.id
+                    );
+                }
+            }
+        }
+        pod::cleanup_bundle(&bundle);
+        let exit = Exited::now(128 + libc::SIGKILL as u32);
+        Ok(DeleteResponse {
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.timestamp()),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(task::forward_events(publisher, self.namespace.clone(), rx));
+        TaskService::new(Arc::new(Pod::new(tx)), self.exit.clone())
+    }
+}

@@ -1,0 +1,113 @@
+//! A process's stdio: containerd's FIFOs (paths in Create/Exec) joined to
+//! the agent's streams. Output is pulled with blocking `ReadStdout` calls
+//! (no polling); stdin is pushed until the FIFO's writer closes it.
+
+use std::time::Duration;
+
+use airlock_protocol::agent_ttrpc::AgentServiceClient;
+use airlock_runtime::sandbox::io::{self, Output};
+use airlock_runtime::sandbox::SandboxError;
+use tokio::task::JoinHandle;
+
+/// How long output may keep flowing after the process exited (a child it
+/// left behind may hold the pipe open).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The FIFO paths containerd gave; empty means not wanted.
+#[derive(Debug, Clone, Default)]
+pub struct Stdio {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+}
+
+/// The copy tasks of one process.
+pub struct Pumps {
+    outputs: Vec<JoinHandle<Result<(), SandboxError>>>,
+    stdin: Option<JoinHandle<Result<(), SandboxError>>>,
+}
+
+/// Starts copying between `stdio` and process `exec_id` of container
+/// `container_id`.
+pub async fn connect(
+    client: &AgentServiceClient,
+    container_id: &str,
+    exec_id: &str,
+    stdio: &Stdio,
+) -> Result<Pumps, SandboxError> {
+    let mut outputs = Vec::new();
+    let mut streams = vec![(Output::Stdout, stdio.stdout.as_str())];
+    if !stdio.terminal {
+        streams.push((Output::Stderr, stdio.stderr.as_str()));
+    }
+    for (which, path) in streams {
+        // No FIFO: drain anyway, or a full pipe would stall the process.
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if path.is_empty() {
+            Box::new(tokio::io::sink())
+        } else {
+            Box::new(open_fifo(path, true).await?)
+        };
+        let (c, cid, eid) = (
+            client.clone(),
+            container_id.to_string(),
+            exec_id.to_string(),
+        );
+        outputs.push(tokio::spawn(async move {
+            io::copy_output(&c, &cid, &eid, which, &mut out).await
+        }));
+    }
+    let stdin = if stdio.stdin.is_empty() {
+        io::close_stdin(client, container_id, exec_id).await?;
+        None
+    } else {
+        let (c, cid, eid) = (
+            client.clone(),
+            container_id.to_string(),
+            exec_id.to_string(),
+        );
+        let path = stdio.stdin.clone();
+        Some(tokio::spawn(async move {
+            let mut input = open_fifo(&path, false).await?;
+            io::copy_input(&c, &cid, &eid, &mut input).await
+        }))
+    };
+    Ok(Pumps { outputs, stdin })
+}
+
+impl Pumps {
+    /// Stops forwarding stdin (`CloseIO`); the caller closes it in the guest.
+    pub fn stop_stdin(&mut self) {
+        if let Some(t) = self.stdin.take() {
+            t.abort();
+        }
+    }
+
+    /// Waits (bounded) for the output to end after the process exited.
+    pub async fn drain(mut self) {
+        self.stop_stdin();
+        for t in self.outputs {
+            match tokio::time::timeout(DRAIN_TIMEOUT, t).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => log::warn!("output copy failed: {e}"),
+                Ok(Err(e)) => log::warn!("output task failed: {e}"),
+                Err(_) => log::warn!(
+                    "output still open {DRAIN_TIMEOUT:?} after the process exited; detaching"
+                ),
+            }
+        }
+    }
+}
+
+/// Opens a FIFO containerd made (containerd already holds its other end).
+async fn open_fifo(path: &str, write: bool) -> Result<tokio::fs::File, SandboxError> {
+    let mut o = tokio::fs::OpenOptions::new();
+    if write {
+        o.write(true);
+    } else {
+        o.read(true);
+    }
+    o.open(path)
+        .await
+        .map_err(|e| SandboxError::Io(format!("cannot open the stdio FIFO {path}: {e}")))
+}

@@ -1,0 +1,231 @@
+//! A real containerd (Debian's package) for the shim's tests, started with
+//! private root, state and socket paths and stopped again on drop, and
+//! `ctr` calls against it with a deadline.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::workspace_root;
+
+/// The namespace the tests use.
+pub const NAMESPACE: &str = "airlock-test";
+/// The runtime under test.
+pub const RUNTIME: &str = "io.containerd.airlock.v2";
+
+pub struct Containerd {
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Containerd {
+    /// Starts containerd in a fresh dir under /run: a tmpfs, where the
+    /// overlayfs snapshotter works (it cannot put its upper dirs on the
+    /// test host's overlay /tmp). The release `containerd-shim-airlock-v2`
+    /// is on its PATH; the CRI plugin is on only when `cri` is set.
+    pub fn start(cri: bool) -> Self {
+        let dir = PathBuf::from(format!(
+            "/run/airlock-e2e-containerd-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("containerd dir");
+        let disabled = if cri {
+            ""
+        } else {
+            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
+        };
+        let config = format!(
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{disabled}\n\
+             [grpc]\n  address = \"{d}/containerd.sock\"\n\
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("config.toml"), config).expect("containerd config");
+        let mut c = Self { dir, child: None };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let release = workspace_root().join("target/release");
+        assert!(
+            release.join("containerd-shim-airlock-v2").is_file(),
+            "target/release/containerd-shim-airlock-v2 is missing: run scripts/setup"
+        );
+        let path = format!(
+            "{}:{}",
+            release.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("containerd.log"))
+            .expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(self.dir.join("config.toml"))
+            .env("PATH", path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd not found: run scripts/setup (Debian's containerd)");
+        self.child = Some(child);
+        let until = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < until {
+            if self.ctr(&["version"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("containerd did not come up in 30 s:\n{}", self.log());
+    }
+
+    /// Stops containerd (SIGTERM) and starts it again on the same dirs.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill only reads its arguments.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let until = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("containerd.sock")
+    }
+
+    /// `ctr` against this containerd, in the test namespace.
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(self.socket())
+            .args(["--namespace", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `ctr ARGS` with a 240 s deadline; a hang fails the test with
+    /// containerd's log.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        let child = self
+            .ctr_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr not found: run scripts/setup (Debian's containerd)");
+        self.finish(child, args)
+    }
+
+    /// Waits for a `ctr` started with [`Containerd::ctr_command`].
+    pub fn finish(&self, child: Child, args: &[&str]) -> Output {
+        let pid = child.id();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(240);
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    if Instant::now() > until {
+                        // SAFETY: kill only reads its arguments.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                false
+            })
+        };
+        let out = child.wait_with_output().expect("wait for ctr");
+        done.store(true, std::sync::atomic::Ordering::Release);
+        if watchdog.join().unwrap_or(false) {
+            panic!(
+                "ctr {args:?} hung for 240 s; containerd log:\n{}",
+                self.log()
+            );
+        }
+        println!(
+            "$ ctr {}\n{}{}-- {:?}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            out.status.code()
+        );
+        out
+    }
+
+    /// Builds the test image (tests/e2e/make-oci-image: busybox, one
+    /// layer, no registry) and imports it; returns its name.
+    pub fn import_test_image(&self) -> &'static str {
+        const NAME: &str = "airlock-test:1";
+        let tar = self.dir.join("image.tar");
+        let made = Command::new(workspace_root().join("tests/e2e/make-oci-image"))
+            .arg(&tar)
+            .status()
+            .expect("make-oci-image");
+        assert!(made.success());
+        let tar = tar.display().to_string();
+        let out = self.ctr(&["images", "import", "--index-name", NAME, &tar]);
+        assert!(out.status.success(), "ctr images import failed");
+        NAME
+    }
+
+    /// The tail of containerd's log (the shims' logs are in it too).
+    pub fn log(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let start = text.len().saturating_sub(8000);
+        text.get(start..).unwrap_or(&text).to_string()
+    }
+
+    /// Mount points under this containerd's dirs.
+    pub fn mounts(&self) -> Vec<String> {
+        mounts_under(&self.dir)
+    }
+}
+
+/// Mount points at or under `dir`.
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let prefix = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&prefix))
+        .map(String::from)
+        .collect()
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Shims outlive containerd by design: stop ours, then containerd.
+        let address = self.socket().display().to_string();
+        for cmdline in crate::processes_mentioning(&address) {
+            if let Some(pid) = cmdline
+                .split(' ')
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+            {
+                // SAFETY: kill only reads its arguments.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        self.stop();
+        for m in mounts_under(&self.dir).into_iter().rev() {
+            let c = std::ffi::CString::new(m).unwrap_or_default();
+            // SAFETY: umount2 reads the NUL-terminated path only.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}

@@ -1,0 +1,324 @@
+//! The containerd shim (`containerd-shim-airlock-v2`) against a real
+//! containerd from Debian's package, driven with `ctr` as a user would,
+//! on real KVM with the real guest kernel and agent.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use airlock_e2e::containerd::{Containerd, RUNTIME};
+use airlock_e2e::{on_real_kvm, processes_mentioning};
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Nothing of the shim's VMs is left: no VMM, no sandbox state, no mounts
+/// under containerd's dirs.
+fn assert_nothing_left(c: &Containerd) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !processes_mentioning("airlock-vmm").is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(processes_mentioning("airlock-vmm"), Vec::<String>::new());
+    let state: Vec<_> = std::fs::read_dir("/run/airlock")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(state.is_empty(), "sandbox state left: {state:?}");
+    assert_eq!(c.mounts(), Vec::<String>::new(), "mounts left");
+}
+
+/// The task list as `ID -> STATUS`.
+fn task_status(c: &Containerd, id: &str) -> Option<String> {
+    let out = c.ctr(&["task", "ls"]);
+    text(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&id))
+        .and_then(|f| f.get(2).map(|s| s.to_string()))
+}
+
+#[test]
+fn ctr_run_exec_kill_tty_and_stdin() {
+    on_real_kvm("ctr_run_exec_kill_tty_and_stdin", || {
+        let c = Containerd::start(false);
+        let img = c.import_test_image();
+
+        // Output and exit codes.
+        let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, img, "t1", "echo", "hi"]);
+        assert_eq!(out.status.code(), Some(0), "{}", c.log());
+        assert_eq!(text(&out.stdout), "hi\n");
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            img,
+            "t2",
+            "sh",
+            "-c",
+            "echo oops >&2; exit 7",
+        ]);
+        assert_eq!(out.status.code(), Some(7));
+        assert!(
+            text(&out.stderr).contains("oops"),
+            "stderr is passed through"
+        );
+        assert!(
+            !text(&out.stdout).contains("oops"),
+            "stdout and stderr stay apart"
+        );
+
+        // Stdin piped in.
+        let mut child = c
+            .ctr_command(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                img,
+                "t3",
+                "sh",
+                "-c",
+                "tr a-z A-Z",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"piped in\n")
+            .unwrap();
+        let out = c.finish(child, &["run", "t3 (stdin)"]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(text(&out.stdout), "PIPED IN\n");
+
+        // A long-lived task: exec into it, then kill it.
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            img,
+            "t4",
+            "sleep",
+            "1000",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(task_status(&c, "t4").as_deref(), Some("RUNNING"));
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e1",
+            "t4",
+            "sh",
+            "-c",
+            "echo from-exec; exit 5",
+        ]);
+        assert_eq!(out.status.code(), Some(5));
+        assert_eq!(text(&out.stdout), "from-exec\n");
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "e2",
+            "t4",
+            "cat",
+            "/proc/1/cmdline",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        assert_eq!(
+            text(&out.stdout),
+            "sleep\x001000\x00",
+            "exec runs in the task's container"
+        );
+        let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", "t4"]);
+        assert_eq!(out.status.code(), Some(0));
+        let until = Instant::now() + Duration::from_secs(30);
+        while task_status(&c, "t4").as_deref() != Some("STOPPED") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(task_status(&c, "t4").as_deref(), Some("STOPPED"));
+        assert!(c.ctr(&["task", "rm", "t4"]).status.success());
+        assert!(c.ctr(&["container", "rm", "t4"]).status.success());
+
+        // A terminal: `ctr run -t` wants one of its own, so it runs under
+        // script(1).
+        let cmd = format!(
+            "ctr --address {} --namespace {} run --rm -t --runtime {RUNTIME} {img} t5 tty",
+            c.socket().display(),
+            airlock_e2e::containerd::NAMESPACE
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let tty = text(&out.stdout);
+        println!("tty: {tty:?}");
+        assert_eq!(out.status.code(), Some(0), "{}", c.log());
+        assert!(tty.contains("/dev/pts/"), "{tty:?}");
+
+        assert_nothing_left(&c);
+    });
+}
+
+#[test]
+fn runtime_config_path_and_bad_input() {
+    on_real_kvm("runtime_config_path_and_bad_input", || {
+        let c = Containerd::start(false);
+        let img = c.import_test_image();
+
+        // ConfigPath sizes the VM.
+        let cfg = c.dir.join("airlock.toml");
+        std::fs::write(&cfg, "memory_mib = 200\n").unwrap();
+        let cfg = cfg.display().to_string();
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            &cfg,
+            img,
+            "m1",
+            "sh",
+            "-c",
+            "cat /proc/meminfo",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", c.log());
+        let kib: u64 = text(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .expect("MemTotal");
+        assert!(kib < 200 * 1024 && kib > 150 * 1024, "MemTotal {kib} KiB");
+
+        // A malformed config: a clear error, and nothing is left.
+        std::fs::write(&cfg, "memory_mib = [oops\n").unwrap();
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            &cfg,
+            img,
+            "m2",
+            "true",
+        ]);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(
+            text(&out.stderr).contains(&cfg),
+            "the error names the config file"
+        );
+
+        // A command the image does not have: runc's wording, no VM left.
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            img,
+            "m3",
+            "no-such-command",
+        ]);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(
+            text(&out.stderr).contains("executable 'no-such-command' not found"),
+            "{}",
+            text(&out.stderr)
+        );
+        c.ctr(&["container", "rm", "m2", "m3"]);
+        assert_nothing_left(&c);
+    });
+}
+
+#[test]
+fn a_killed_vmm_and_a_containerd_restart() {
+    on_real_kvm("a_killed_vmm_and_a_containerd_restart", || {
+        let mut c = Containerd::start(false);
+        let img = c.import_test_image();
+
+        // containerd restarts; the task keeps running and answers.
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            img,
+            "r1",
+            "sleep",
+            "1000",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        c.restart();
+        assert_eq!(task_status(&c, "r1").as_deref(), Some("RUNNING"));
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "after",
+            "r1",
+            "echo",
+            "still-here",
+        ]);
+        assert_eq!(text(&out.stdout), "still-here\n", "{}", c.log());
+
+        assert!(c
+            .ctr(&["task", "kill", "--signal", "SIGKILL", "r1"])
+            .status
+            .success());
+        let until = Instant::now() + Duration::from_secs(30);
+        while task_status(&c, "r1").as_deref() != Some("STOPPED") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert!(c.ctr(&["task", "rm", "r1"]).status.success());
+        assert!(c.ctr(&["container", "rm", "r1"]).status.success());
+
+        // The VMM is SIGKILLed under a running task: `ctr run` gets the
+        // exit with a non-zero status, and containerd deletes the task.
+        let child = c
+            .ctr_command(&[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                img,
+                "r2",
+                "sleep",
+                "1000",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let until = Instant::now() + Duration::from_secs(120);
+        while task_status(&c, "r2").as_deref() != Some("RUNNING") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let vmm = processes_mentioning("airlock-vmm");
+        assert_eq!(vmm.len(), 1, "{vmm:?}");
+        let pid: i32 = vmm[0].split(' ').next().unwrap().parse().unwrap();
+        // SAFETY: kill only reads its arguments.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let out = c.finish(child, &["run", "r2 (VMM killed)"]);
+        assert!(
+            !matches!(out.status.code(), Some(0) | None),
+            "exit status {:?}",
+            out.status
+        );
+        assert_eq!(task_status(&c, "r2"), None, "the task was deleted");
+        assert_nothing_left(&c);
+    });
+}
