@@ -16,7 +16,7 @@ use crate::process::exits::Exits;
 use crate::process::Process;
 
 /// Where the writable layers live (the scratch disk, or a tmpfs).
-pub const SCRATCH: &str = "/run/airlock-agent/scratch";
+pub const SCRATCH: &str = airlock_protocol::GUEST_SCRATCH_DIR;
 
 /// Errors from sandbox operations, sorted by the status code they map to.
 #[derive(Debug, thiserror::Error)]
@@ -128,8 +128,27 @@ impl Sandbox {
             return Err(SandboxError::Invalid("rootfs.source is empty".into()));
         }
         let writable = Path::new(SCRATCH).join(id);
+        // A tar archive on the scratch disk (a container joining a running
+        // VM): unpacked next to the container's writable layer.
+        let (source, fstype) = if fstype == "tar" {
+            let archive = container::unpack::check_place(source, SCRATCH)
+                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+            let dest = writable.join("image");
+            let d = dest.clone();
+            tokio::task::spawn_blocking(move || container::unpack::unpack(&archive, &d))
+                .await
+                .map_err(|e| SandboxError::Invalid(format!("unpack task failed: {e}")))?
+                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+            (dest.to_string_lossy().into_owned(), String::new())
+        } else {
+            (source.to_string(), fstype.to_string())
+        };
         let c =
-            Container::create(&self.exits, id, spec, source, fstype, options, &writable).await?;
+            Container::create(&self.exits, id, spec, &source, &fstype, options, &writable).await;
+        if c.is_err() {
+            std::fs::remove_dir_all(&writable).ok();
+        }
+        let c = c?;
         containers.insert(id.to_string(), Arc::new(c));
         Ok(())
     }
@@ -155,6 +174,8 @@ impl Sandbox {
             .remove(id)
             .ok_or_else(|| SandboxError::NoContainer(id.into()))?;
         c.remove(&self.exits, grace).await;
+        // Its writable layer (and an unpacked image) on the scratch disk.
+        std::fs::remove_dir_all(Path::new(SCRATCH).join(id)).ok();
         Ok(())
     }
 

@@ -42,6 +42,11 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Guest vsock port the agent's ttrpc server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// Where the agent mounts the scratch disk in the guest. A container that
+/// joins a running VM sends its rootfs as a tar archive there (file API),
+/// named in `Rootfs { fstype: "tar" }`.
+pub const GUEST_SCRATCH_DIR: &str = "/run/airlock-agent/scratch";
+
 /// The peer speaks a different protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(

@@ -5,6 +5,7 @@
 mod options;
 mod pod;
 mod process;
+mod rootfs;
 mod shim;
 mod spec;
 mod stdio;

@@ -3,16 +3,15 @@
 //! driven without a ttrpc transport; `task/` only translates messages.
 //!
 //! A `ctr run` container gets a VM of its own. A CRI pod's sandbox
-//! container creates the VM; joining a running VM with a further
-//! container needs a block device added to a running VM and is not done
-//! yet (refused with a clear error, see ARCHITECTURE.md).
+//! container boots the VM; the pod's further containers join it (the shim
+//! is shared by pod, see `shim.rs`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use airlock_runtime::config::RuntimeConfig;
-use airlock_runtime::image::{self, ImageRef};
+use airlock_runtime::image::ImageRef;
 use airlock_runtime::sandbox::container::GuestRootfs;
 use airlock_runtime::sandbox::{io, Sandbox, SandboxOptions, IMAGE_DEVICE};
 use containerd_shim::protos::api::Mount;
@@ -20,7 +19,7 @@ use tokio::sync::Mutex;
 
 use crate::process::{Exited, Process, Status};
 use crate::stdio::{self, Stdio};
-use crate::{options, spec};
+use crate::{options, rootfs, spec};
 
 /// The image built from a container's rootfs, in its bundle.
 pub const IMAGE_FILE: &str = "airlock-rootfs.ext4";
@@ -171,19 +170,13 @@ impl Pod {
             return Err(PodError::Exists(format!("container {}", req.id)));
         }
         let oci = spec::load(&req.bundle).map_err(|e| PodError::Failed(e.to_string()))?;
-        if self.vm.lock().await.is_some() {
-            let what = match spec::pod_of(&oci) {
-                Some((pod, _)) => format!("container {} of pod {pod}", req.id),
-                None => format!("container {}", req.id),
-            };
-            return Err(PodError::Unsupported(format!(
-                "{what}: joining a running microVM is not supported yet; \
-                 each pod gets one container"
-            )));
+        let running = self.vm.lock().await.as_ref().map(|vm| vm.sandbox.clone());
+        if let Some(sandbox) = running {
+            return self.join(req, oci, sandbox).await;
         }
         let config = RuntimeConfig::load(req.options.config_path.as_deref())
             .map_err(|e| PodError::Failed(e.to_string()))?;
-        let image = build_image(&req.bundle, &req.rootfs).await?;
+        let image = rootfs::build_image(&req.bundle, &req.rootfs).await?;
         let opts = SandboxOptions {
             image: ImageRef::Ext4(image.clone()),
             ..SandboxOptions::from_config(&config)
@@ -197,6 +190,64 @@ impl Pod {
             }
         };
         std::fs::write(req.bundle.join(SANDBOX_FILE), sandbox.id.as_str()).ok();
+        let rootfs = GuestRootfs {
+            source: IMAGE_DEVICE.into(),
+            fstype: "ext4".into(),
+            read_only: true,
+        };
+        let (id, bundle) = (req.id.clone(), req.bundle.clone());
+        *self.vm.lock().await = Some(Vm {
+            sandbox: sandbox.clone(),
+            owner: id.clone(),
+        });
+        match self.add_container(req, oci, &sandbox, &rootfs).await {
+            Ok(pid) => Ok(pid),
+            Err(e) => {
+                *self.vm.lock().await = None;
+                sandbox.shutdown().await;
+                cleanup_bundle(&bundle);
+                Err(e)
+            }
+        }
+    }
+
+    /// A further container of the pod whose VM runs here: its rootfs goes
+    /// into the guest as a tar archive on the scratch disk (a running VM
+    /// takes no new block device), which the agent unpacks.
+    async fn join(
+        &self,
+        req: CreateRequest,
+        oci: oci_spec::runtime::Spec,
+        sandbox: Arc<Sandbox>,
+    ) -> Result<u32, PodError> {
+        if !matches!(spec::pod_of(&oci), Some((_, false))) {
+            return Err(PodError::Unsupported(format!(
+                "container {}: this shim's microVM belongs to another container; only \
+                 containers of the same Kubernetes pod share one",
+                req.id
+            )));
+        }
+        let archive = rootfs::build_archive(&req.bundle, &req.rootfs).await?;
+        let guest_archive = format!("{}/{}.tar", airlock_protocol::GUEST_SCRATCH_DIR, req.id);
+        let sent = sandbox.write_file_from("", &archive, &guest_archive).await;
+        std::fs::remove_file(&archive).ok();
+        sent?;
+        let rootfs = GuestRootfs {
+            source: guest_archive,
+            fstype: "tar".into(),
+            read_only: true,
+        };
+        self.add_container(req, oci, &sandbox, &rootfs).await
+    }
+
+    /// Creates the container in the guest and tracks it.
+    async fn add_container(
+        &self,
+        req: CreateRequest,
+        oci: oci_spec::runtime::Spec,
+        sandbox: &Sandbox,
+        rootfs: &GuestRootfs,
+    ) -> Result<u32, PodError> {
         let (guest_spec, dropped) = spec::for_guest(oci);
         if dropped.hooks {
             log::warn!("{}: OCI hooks are not run: they are host commands", req.id);
@@ -204,29 +255,15 @@ impl Pod {
         for m in &dropped.bind_mounts {
             log::warn!("{}: host bind mount at {m} left out of the microVM", req.id);
         }
-        let rootfs = GuestRootfs {
-            source: IMAGE_DEVICE.into(),
-            fstype: "ext4".into(),
-            read_only: true,
-        };
         let terminal = guest_spec
             .process()
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
-        if let Err(e) = sandbox
-            .create_container_on(&req.id, &guest_spec, &rootfs)
-            .await
-        {
-            sandbox.shutdown().await;
-            cleanup_bundle(&req.bundle);
-            return Err(e.into());
-        }
+        sandbox
+            .create_container_on(&req.id, &guest_spec, rootfs)
+            .await?;
         let pid = sandbox.record.vmm_pid;
-        *self.vm.lock().await = Some(Vm {
-            sandbox,
-            owner: req.id.clone(),
-        });
         let stdio = Stdio {
             terminal: terminal || req.stdio.terminal,
             ..req.stdio
@@ -501,50 +538,10 @@ impl Pod {
     }
 }
 
-/// Mounts the rootfs containerd gave at `<bundle>/rootfs`, converts it to
-/// `<bundle>/airlock-rootfs.ext4` and unmounts it again: the guest gets a
-/// block device, never a host directory.
-async fn build_image(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, PodError> {
-    let rootfs = bundle.join("rootfs");
-    std::fs::create_dir_all(&rootfs)
-        .map_err(|e| PodError::Failed(format!("cannot make {}: {e}", rootfs.display())))?;
-    for m in mounts {
-        containerd_shim::asynchronous::util::mount_rootfs(m, &rootfs)
-            .await
-            .map_err(|e| {
-                PodError::Failed(format!(
-                    "cannot mount the rootfs ({} {}) at {}: {e}",
-                    m.type_,
-                    m.source,
-                    rootfs.display()
-                ))
-            })?;
-    }
-    let out = bundle.join(IMAGE_FILE);
-    let (dir, file) = (rootfs.clone(), out.clone());
-    let built = tokio::task::spawn_blocking(move || {
-        image::build_from_dir(&dir, &file, &mut |m| log::info!("{m}"))
-    })
-    .await
-    .map_err(|e| PodError::Failed(format!("image build task failed: {e}")));
-    if !mounts.is_empty() {
-        unmount(&rootfs);
-    }
-    built?.map_err(|e| PodError::Failed(e.to_string()))?;
-    Ok(out)
-}
-
-fn unmount(path: &Path) {
-    if let Err(e) = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
-        if e != nix::errno::Errno::EINVAL {
-            log::warn!("cannot unmount {}: {e}", path.display());
-        }
-    }
-}
-
 /// Removes what the shim put in a bundle (containerd removes the rest).
 pub fn cleanup_bundle(bundle: &Path) {
-    unmount(&bundle.join("rootfs"));
+    rootfs::unmount(&bundle.join("rootfs"));
     std::fs::remove_file(bundle.join(IMAGE_FILE)).ok();
+    std::fs::remove_file(bundle.join(rootfs::ARCHIVE_FILE)).ok();
     std::fs::remove_file(bundle.join(SANDBOX_FILE)).ok();
 }

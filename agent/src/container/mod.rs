@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod rootfs;
 pub mod spec;
+pub mod unpack;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;

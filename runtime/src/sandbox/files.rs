@@ -32,6 +32,20 @@ impl Sandbox {
                 .unwrap_or_default();
             dst = format!("{}/{}", dst.trim_end_matches('/'), name);
         }
+        self.write_file_from(CONTAINER_ID, src, &dst).await
+    }
+
+    /// Copies the local file `src` to exactly `dst` inside container
+    /// `container_id` ("": the guest's own filesystem); returns the bytes
+    /// copied.
+    pub async fn write_file_from(
+        &self,
+        container_id: &str,
+        src: &Path,
+        dst: &str,
+    ) -> Result<u64, SandboxError> {
+        let meta = std::fs::metadata(src)
+            .map_err(|e| SandboxError::Io(format!("{}: {e}", src.display())))?;
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
         let mut file = std::fs::File::open(src)
             .map_err(|e| SandboxError::Io(format!("{}: {e}", src.display())))?;
@@ -45,8 +59,8 @@ impl Sandbox {
                 break;
             }
             let req = agent::WriteFileRequest {
-                container_id: CONTAINER_ID.into(),
-                path: dst.clone(),
+                container_id: container_id.into(),
+                path: dst.into(),
                 offset,
                 data: buf[..n].to_vec(),
                 create: first,

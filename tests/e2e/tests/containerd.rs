@@ -322,3 +322,88 @@ fn a_killed_vmm_and_a_containerd_restart() {
         assert_nothing_left(&c);
     });
 }
+
+/// The CRI annotations that put a container into a pod.
+fn in_pod(pod: &str, sandbox: bool) -> [String; 4] {
+    let kind = if sandbox { "sandbox" } else { "container" };
+    [
+        "--annotation".into(),
+        format!("io.kubernetes.cri.container-type={kind}"),
+        "--annotation".into(),
+        format!("io.kubernetes.cri.sandbox-id={pod}"),
+    ]
+}
+
+#[test]
+fn containers_of_one_pod_share_one_vm() {
+    on_real_kvm("containers_of_one_pod_share_one_vm", || {
+        let c = Containerd::start(false);
+        let img = c.import_test_image();
+        let run = |id: &str, sandbox: bool, detach: bool, cmd: &[&str]| {
+            let mut args: Vec<String> = vec!["run".into()];
+            args.push(if detach { "-d" } else { "--rm" }.into());
+            args.extend(["--runtime".into(), RUNTIME.into()]);
+            args.extend(in_pod("pod1", sandbox));
+            args.extend([img.to_string(), id.to_string()]);
+            args.extend(cmd.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            c.ctr(&args)
+        };
+        assert!(run("pod1", true, true, &["sleep", "1000"]).status.success());
+        assert!(run("c1", false, true, &["sleep", "1000"]).status.success());
+        assert_eq!(task_status(&c, "pod1").as_deref(), Some("RUNNING"));
+        assert_eq!(task_status(&c, "c1").as_deref(), Some("RUNNING"));
+        let vmms = processes_mentioning("airlock-vmm");
+        assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:?}");
+
+        // c1 is a container of its own in that VM: its own pid namespace
+        // and root, from its own image copy.
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "x",
+            "c1",
+            "cat",
+            "/proc/1/cmdline",
+        ]);
+        assert_eq!(text(&out.stdout), "sleep\x001000\x00");
+        let out = c.ctr(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "y",
+            "c1",
+            "sh",
+            "-c",
+            "echo mine > /work/f",
+        ]);
+        assert!(out.status.success());
+        let out = c.ctr(&["task", "exec", "--exec-id", "z", "pod1", "cat", "/work/f"]);
+        assert_ne!(
+            out.status.code(),
+            Some(0),
+            "the pod's containers have separate roots"
+        );
+
+        // One more, run to completion, with its exit code.
+        let out = run("c2", false, false, &["sh", "-c", "echo c2 here; exit 4"]);
+        assert_eq!(out.status.code(), Some(4));
+        assert_eq!(text(&out.stdout), "c2 here\n");
+        assert_eq!(processes_mentioning("airlock-vmm").len(), 1);
+
+        for id in ["c1", "pod1"] {
+            assert!(c
+                .ctr(&["task", "kill", "--signal", "SIGKILL", id])
+                .status
+                .success());
+            let until = Instant::now() + Duration::from_secs(30);
+            while task_status(&c, id).as_deref() != Some("STOPPED") && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            assert!(c.ctr(&["task", "rm", id]).status.success());
+            assert!(c.ctr(&["container", "rm", id]).status.success());
+        }
+        assert_nothing_left(&c);
+    });
+}
