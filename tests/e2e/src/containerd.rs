@@ -12,6 +12,9 @@ use crate::workspace_root;
 pub const NAMESPACE: &str = "airlock-test";
 /// The runtime under test.
 pub const RUNTIME: &str = "io.containerd.airlock.v2";
+/// The test image's name in the CRI plugin's namespace (`k8s.io`), also
+/// its sandbox (pause) image.
+pub const CRI_IMAGE: &str = "docker.io/library/airlock-test:1";
 
 pub struct Containerd {
     pub dir: PathBuf,
@@ -29,16 +32,27 @@ impl Containerd {
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).expect("containerd dir");
-        let disabled = if cri {
-            ""
+        let d = dir.display();
+        let plugins = if cri {
+            // The runtime handler `airlock`, as deploy/ configures it; the
+            // sandbox (pause) image is the test image (no registry here).
+            format!(
+                "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+                 \x20 sandbox_image = \"{CRI_IMAGE}\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+                 \x20 bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+                 \x20 runtime_type = \"io.containerd.runc.v2\"\n\
+                 [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.airlock]\n\
+                 \x20 runtime_type = \"{RUNTIME}\"\n"
+            )
         } else {
-            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
+            r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#.to_string()
         };
         let config = format!(
-            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n{disabled}\n\
+            "version = 2\nroot = \"{d}/root\"\nstate = \"{d}/state\"\n\
              [grpc]\n  address = \"{d}/containerd.sock\"\n\
-             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n",
-            d = dir.display()
+             [ttrpc]\n  address = \"{d}/containerd.sock.ttrpc\"\n{plugins}"
         );
         std::fs::write(dir.join("config.toml"), config).expect("containerd config");
         let mut c = Self { dir, child: None };
@@ -107,10 +121,15 @@ impl Containerd {
 
     /// `ctr` against this containerd, in the test namespace.
     pub fn ctr_command(&self, args: &[&str]) -> Command {
+        self.ctr_command_in(NAMESPACE, args)
+    }
+
+    /// `ctr` against this containerd, in namespace `ns`.
+    pub fn ctr_command_in(&self, ns: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new("ctr");
         cmd.arg("--address")
             .arg(self.socket())
-            .args(["--namespace", NAMESPACE])
+            .args(["--namespace", ns])
             .args(args)
             .stdin(Stdio::null());
         cmd
@@ -169,16 +188,30 @@ impl Containerd {
     /// layer, no registry) and imports it; returns its name.
     pub fn import_test_image(&self) -> &'static str {
         const NAME: &str = "airlock-test:1";
+        self.import_image_as(NAMESPACE, NAME);
+        NAME
+    }
+
+    /// Imports the test image into namespace `ns` as `name`. Its default
+    /// command sleeps, so that it serves as a pod's sandbox image too.
+    pub fn import_image_as(&self, ns: &str, name: &str) {
         let tar = self.dir.join("image.tar");
         let made = Command::new(workspace_root().join("tests/e2e/make-oci-image"))
             .arg(&tar)
+            .args(["sleep", "2147483647"])
             .status()
             .expect("make-oci-image");
         assert!(made.success());
         let tar = tar.display().to_string();
-        let out = self.ctr(&["images", "import", "--index-name", NAME, &tar]);
+        let args = ["images", "import", "--index-name", name, &tar];
+        let child = self
+            .ctr_command_in(ns, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr");
+        let out = self.finish(child, &args);
         assert!(out.status.success(), "ctr images import failed");
-        NAME
     }
 
     /// The tail of containerd's log (the shims' logs are in it too).

@@ -1,0 +1,247 @@
+//! Kubernetes' view: CRI calls to a real containerd's CRI plugin, exactly
+//! as the kubelet makes them (runtime handler `airlock`), with a pod of
+//! two containers that must share one microVM.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use airlock_e2e::containerd::{Containerd, CRI_IMAGE};
+use airlock_e2e::{on_real_kvm, processes_mentioning};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+async fn connect(c: &Containerd) -> RuntimeServiceClient<Channel> {
+    let socket = c.socket();
+    let channel = Endpoint::try_from("http://[::]")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to containerd's CRI socket");
+    RuntimeServiceClient::new(channel)
+}
+
+fn pod_config(log_dir: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "agent-pod".into(),
+            uid: "0f3c6a52-airlock-e2e".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: "agent-pod".into(),
+        log_directory: log_dir.into(),
+        labels: HashMap::from([("app".into(), "agent".into())]),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                // The node's network: there is no CNI plugin in the test.
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Node as i32,
+                    pid: NamespaceMode::Container as i32,
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: CRI_IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
+    on_real_kvm(
+        "a_pod_through_cri_runs_in_one_vm_and_leaves_nothing",
+        || {
+            let mut c = Containerd::start(true);
+            // Imported before the CRI plugin loads its image list.
+            c.import_image_as("k8s.io", CRI_IMAGE);
+            c.restart();
+            let log_dir = c.dir.join("pod-logs");
+            std::fs::create_dir_all(&log_dir).unwrap();
+            let log_dir = log_dir.display().to_string();
+
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut cri = connect(&c).await;
+                let version = cri
+                    .version(VersionRequest::default())
+                    .await
+                    .unwrap_or_else(|e| panic!("Version: {e}\n{}", c.log()));
+                println!("CRI: {:?}", version.get_ref());
+
+                let config = pod_config(&log_dir);
+                let pod = cri
+                    .run_pod_sandbox(RunPodSandboxRequest {
+                        config: Some(config.clone()),
+                        runtime_handler: "airlock".into(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", c.log()))
+                    .into_inner()
+                    .pod_sandbox_id;
+
+                let mut ids = Vec::new();
+                for (name, secs) in [("agent", 1001), ("sidecar", 1002)] {
+                    let id = cri
+                        .create_container(CreateContainerRequest {
+                            pod_sandbox_id: pod.clone(),
+                            config: Some(container_config(
+                                name,
+                                &[
+                                    "sh",
+                                    "-c",
+                                    &format!("echo {name} started; exec sleep {secs}"),
+                                ],
+                            )),
+                            sandbox_config: Some(config.clone()),
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", c.log()))
+                        .into_inner()
+                        .container_id;
+                    cri.start_container(StartContainerRequest {
+                        container_id: id.clone(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", c.log()));
+                    ids.push(id);
+                }
+
+                // One VM (one VMM process, one shim) for the whole pod.
+                let vmms = processes_mentioning("airlock-vmm");
+                assert_eq!(vmms.len(), 1, "{vmms:?}");
+                let shims: Vec<_> = processes_mentioning("containerd-shim-airlock-v2")
+                    .into_iter()
+                    .filter(|p| p.contains("-socket"))
+                    .collect();
+                assert_eq!(shims.len(), 1, "{shims:?}");
+
+                // ExecSync: output and exit code, in the right container.
+                let out = cri
+                    .exec_sync(ExecSyncRequest {
+                        container_id: ids[0].clone(),
+                        cmd: vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "echo out; echo err >&2; cat /proc/1/cmdline; exit 3".into(),
+                        ],
+                        timeout: 120,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(out.exit_code, 3);
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert_eq!(
+                    stdout, "out\nsleep\x001001\x00",
+                    "ExecSync runs in that container"
+                );
+                assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+                let status = cri
+                    .container_status(ContainerStatusRequest {
+                        container_id: ids[1].clone(),
+                        verbose: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+                    .unwrap();
+                assert_eq!(status.state, ContainerState::ContainerRunning as i32);
+
+                // The container's output reached its CRI log.
+                let log =
+                    std::fs::read_to_string(format!("{log_dir}/sidecar.log")).unwrap_or_default();
+                assert!(log.contains("sidecar started"), "{log:?}");
+
+                cri.stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log()));
+                let status = cri
+                    .container_status(ContainerStatusRequest {
+                        container_id: ids[0].clone(),
+                        verbose: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+                    .unwrap();
+                assert_eq!(status.state, ContainerState::ContainerExited as i32);
+                cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log()));
+                let left = cri
+                    .list_containers(ListContainersRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .containers;
+                assert!(left.is_empty(), "{left:?}");
+            });
+
+            // Nothing of the pod is left on the host.
+            let until = Instant::now() + Duration::from_secs(20);
+            while !(processes_mentioning("airlock-vmm").is_empty()
+                && processes_mentioning("containerd-shim-airlock-v2").is_empty())
+                && Instant::now() < until
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert_eq!(processes_mentioning("airlock-vmm"), Vec::<String>::new());
+            assert_eq!(
+                processes_mentioning("containerd-shim-airlock-v2"),
+                Vec::<String>::new()
+            );
+            let state: Vec<_> = std::fs::read_dir("/run/airlock")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(state.is_empty(), "sandbox state left: {state:?}");
+            assert_eq!(c.mounts(), Vec::<String>::new(), "mounts left");
+            let sockets: Vec<_> = std::fs::read_dir("/run/containerd/s")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            assert!(sockets.is_empty(), "shim sockets left: {sockets:?}");
+        },
+    );
+}
