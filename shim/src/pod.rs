@@ -177,8 +177,17 @@ impl Pod {
         let config = RuntimeConfig::load(req.options.config_path.as_deref())
             .map_err(|e| PodError::Failed(e.to_string()))?;
         let image = rootfs::build_image(&req.bundle, &req.rootfs).await?;
+        let (vcpus, memory_mib) = match spec::vm_size(&oci, config.vcpus, config.memory_mib) {
+            Ok(size) => size,
+            Err(e) => {
+                cleanup_bundle(&req.bundle);
+                return Err(PodError::Failed(format!("container {}: {e}", req.id)));
+            }
+        };
         let opts = SandboxOptions {
             image: ImageRef::Ext4(image.clone()),
+            vcpus,
+            memory_mib,
             ..SandboxOptions::from_config(&config)
         };
         let mut progress = |m: &str| log::info!("{}: {m}", req.id);

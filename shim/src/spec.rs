@@ -79,6 +79,49 @@ pub fn pod_of(spec: &Spec) -> Option<(String, bool)> {
     Some((id.clone(), kind == "sandbox"))
 }
 
+/// Pod annotations (passed through by containerd's `pod_annotations`)
+/// that size a pod's microVM.
+pub const VCPUS_ANNOTATION: &str = "io.airlock.vcpus";
+pub const MEMORY_ANNOTATION: &str = "io.airlock.memory-mib";
+/// The pod's resources as containerd 1.7+ hands them to VM runtimes.
+const CRI_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+const CRI_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+const CRI_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The VM's vCPUs and memory for the container that boots it: the Airlock
+/// annotations if set; else the pod's limits from the CRI annotations plus
+/// the configured memory as the guest's own overhead; else the config's.
+pub fn vm_size(spec: &Spec, vcpus: u8, memory_mib: u32) -> Result<(u8, u32), String> {
+    let empty = std::collections::HashMap::new();
+    let a = spec.annotations().as_ref().unwrap_or(&empty);
+    let num = |key: &str| -> Result<Option<u64>, String> {
+        a.get(key)
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| format!("annotation {key}={v:?} is not a whole number"))
+            })
+            .transpose()
+    };
+    let memory = match (num(MEMORY_ANNOTATION)?, num(CRI_MEMORY)?) {
+        (Some(m), _) => m,
+        (None, Some(bytes)) if bytes > 0 => u64::from(memory_mib) + bytes.div_ceil(1 << 20),
+        _ => u64::from(memory_mib),
+    };
+    let cpus = match (
+        num(VCPUS_ANNOTATION)?,
+        num(CRI_CPU_QUOTA)?,
+        num(CRI_CPU_PERIOD)?,
+    ) {
+        (Some(n), _, _) => n,
+        (None, Some(q), Some(p)) if q > 0 && p > 0 => q.div_ceil(p),
+        _ => u64::from(vcpus),
+    };
+    let cpus = u8::try_from(cpus).map_err(|_| format!("{cpus} vCPUs is too many"))?;
+    let memory = u32::try_from(memory).map_err(|_| format!("{memory} MiB is too much"))?;
+    Ok((cpus, memory))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +173,35 @@ mod tests {
         let plain: Spec =
             serde_json::from_str(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#).unwrap();
         assert_eq!(pod_of(&plain), None);
+    }
+
+    fn annotated(pairs: &[(&str, &str)]) -> Spec {
+        let mut spec = Spec::default();
+        spec.set_annotations(Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        ));
+        spec
+    }
+
+    #[test]
+    fn the_vm_is_sized_from_annotations_or_pod_limits() {
+        assert_eq!(vm_size(&Spec::default(), 1, 256), Ok((1, 256)));
+        let s = annotated(&[(VCPUS_ANNOTATION, "2"), (MEMORY_ANNOTATION, "512")]);
+        assert_eq!(vm_size(&s, 1, 256), Ok((2, 512)));
+        // containerd 1.7's pod limits: 1 GiB and 1.5 CPUs.
+        let s = annotated(&[
+            (CRI_MEMORY, "1073741824"),
+            (CRI_CPU_QUOTA, "150000"),
+            (CRI_CPU_PERIOD, "100000"),
+        ]);
+        assert_eq!(vm_size(&s, 1, 256), Ok((2, 256 + 1024)));
+        let bad = annotated(&[(MEMORY_ANNOTATION, "lots")]);
+        let err = vm_size(&bad, 1, 256).unwrap_err();
+        assert!(err.contains("io.airlock.memory-mib"), "{err}");
+        assert!(vm_size(&annotated(&[(VCPUS_ANNOTATION, "1000")]), 1, 256).is_err());
     }
 
     #[test]

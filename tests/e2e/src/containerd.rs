@@ -44,7 +44,8 @@ impl Containerd {
                  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
                  \x20 runtime_type = \"io.containerd.runc.v2\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.airlock]\n\
-                 \x20 runtime_type = \"{RUNTIME}\"\n"
+                 \x20 runtime_type = \"{RUNTIME}\"\n\
+                 \x20 pod_annotations = [\"io.airlock.*\"]\n"
             )
         } else {
             r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#.to_string()

@@ -40,6 +40,8 @@ fn pod_config(log_dir: &str) -> PodSandboxConfig {
         hostname: "agent-pod".into(),
         log_directory: log_dir.into(),
         labels: HashMap::from([("app".into(), "agent".into())]),
+        // Sizes the pod's VM (deploy/example-agent-pod.yaml does the same).
+        annotations: HashMap::from([("io.airlock.memory-mib".into(), "384".into())]),
         linux: Some(LinuxPodSandboxConfig {
             security_context: Some(LinuxSandboxSecurityContext {
                 // The node's network: there is no CNI plugin in the test.
@@ -166,6 +168,25 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
                     "ExecSync runs in that container"
                 );
                 assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+                // The pod's annotation sized the VM.
+                let out = cri
+                    .exec_sync(ExecSyncRequest {
+                        container_id: ids[1].clone(),
+                        cmd: vec!["cat".into(), "/proc/meminfo".into()],
+                        timeout: 120,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let meminfo = String::from_utf8_lossy(&out.stdout);
+                let kib: u64 = meminfo
+                    .lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{meminfo}"));
+                assert!(kib > 300 * 1024 && kib <= 384 * 1024, "MemTotal {kib} KiB");
 
                 let status = cri
                     .container_status(ContainerStatusRequest {
