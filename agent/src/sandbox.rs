@@ -179,6 +179,16 @@ impl Sandbox {
         Ok(())
     }
 
+    /// New cgroup limits for container `id` (OCI `LinuxResources` JSON).
+    pub async fn update_container(&self, id: &str, resources: &[u8]) -> Result<(), SandboxError> {
+        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources)
+            .map_err(|e| SandboxError::Invalid(format!("malformed resources: {e}")))?;
+        let c = self.container(id).await?;
+        c.cgroup().update(&r).map_err(|e| {
+            SandboxError::Invalid(format!("cannot apply the resources to container {id}: {e}"))
+        })
+    }
+
     pub async fn exec(
         &self,
         id: &str,

@@ -459,8 +459,17 @@ impl Pod {
     /// CloseIO: the process's stdin ends.
     pub async fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), PodError> {
         let p = self.process(id, exec_id).await?;
-        if let Some(pumps) = p.pumps.lock().await.as_mut() {
-            pumps.stop_stdin();
+        let copy = p.pumps.lock().await.as_mut().and_then(|p| p.take_stdin());
+        // containerd closes its end of the FIFO before CloseIO: let the
+        // copy take in what is still in the FIFO (it then closes the
+        // guest's stdin itself), rather than dropping it.
+        if let Some(mut copy) = copy {
+            match tokio::time::timeout(stdio::STDIN_DRAIN_TIMEOUT, &mut copy).await {
+                Ok(Ok(Ok(()))) => return Ok(()),
+                Ok(Ok(Err(e))) => log::warn!("{id}: stdin of {exec_id:?}: {e}"),
+                Ok(Err(e)) => log::warn!("{id}: stdin task of {exec_id:?}: {e}"),
+                Err(_) => copy.abort(),
+            }
         }
         let sandbox = self.sandbox().await?;
         io::close_stdin(sandbox.agent.raw(), id, exec_id).await?;
@@ -531,6 +540,30 @@ impl Pod {
             exit,
         });
         Ok((pid, exit))
+    }
+
+    /// Stats: the container's cgroup in the guest.
+    pub async fn stats(
+        &self,
+        id: &str,
+    ) -> Result<airlock_protocol::agent::StatsContainerResponse, PodError> {
+        self.process(id, "").await?;
+        Ok(self.sandbox().await?.container_stats(id).await?)
+    }
+
+    /// Update: new cgroup limits for the container in the guest (the VM's
+    /// own size stays).
+    pub async fn update(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), PodError> {
+        self.process(id, "").await?;
+        Ok(self
+            .sandbox()
+            .await?
+            .update_container(id, resources)
+            .await?)
     }
 
     /// Whether no container is left (Shutdown may end the shim).

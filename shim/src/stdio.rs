@@ -12,6 +12,8 @@ use tokio::task::JoinHandle;
 /// How long output may keep flowing after the process exited (a child it
 /// left behind may hold the pipe open).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long CloseIO waits for what is left in the stdin FIFO to go in.
+pub const STDIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The FIFO paths containerd gave; empty means not wanted.
 #[derive(Debug, Clone, Default)]
@@ -76,11 +78,16 @@ pub async fn connect(
 }
 
 impl Pumps {
-    /// Stops forwarding stdin (`CloseIO`); the caller closes it in the guest.
+    /// Stops forwarding stdin.
     pub fn stop_stdin(&mut self) {
         if let Some(t) = self.stdin.take() {
             t.abort();
         }
+    }
+
+    /// The stdin copy, for `CloseIO` to finish.
+    pub fn take_stdin(&mut self) -> Option<JoinHandle<Result<(), SandboxError>>> {
+        self.stdin.take()
     }
 
     /// Waits (bounded) for the output to end after the process exited.

@@ -52,6 +52,91 @@ impl Cgroup {
     }
 }
 
+/// A cgroup's counters and limits (0: no limit).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub memory_usage: u64,
+    pub memory_limit: u64,
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub pids_current: u64,
+    pub pids_limit: u64,
+    pub oom_kills: u64,
+}
+
+impl Cgroup {
+    fn read(&self, file: &str) -> String {
+        std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
+    }
+
+    /// Reads the counters (a missing controller reads as zeros).
+    pub fn stats(&self) -> Stats {
+        let one = |file: &str| parse_limit(&self.read(file));
+        let cpu = self.read("cpu.stat");
+        let key = |k: &str| {
+            cpu.lines()
+                .filter_map(|l| l.split_once(' '))
+                .find(|(name, _)| *name == k)
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Stats {
+            memory_usage: one("memory.current"),
+            memory_limit: one("memory.max"),
+            cpu_usage_usec: key("usage_usec"),
+            cpu_user_usec: key("user_usec"),
+            cpu_system_usec: key("system_usec"),
+            pids_current: one("pids.current"),
+            pids_limit: one("pids.max"),
+            oom_kills: self.oom_kills(),
+        }
+    }
+
+    /// Applies new limits: memory.limit, cpu quota/period and shares, and
+    /// pids.limit from an OCI `LinuxResources`; what it leaves out stays.
+    pub fn update(&self, r: &oci_spec::runtime::LinuxResources) -> std::io::Result<()> {
+        let write = |file: &str, value: String| std::fs::write(self.dir.join(file), value);
+        if let Some(limit) = r.memory().as_ref().and_then(|m| m.limit()) {
+            write("memory.max", limit_value(limit))?;
+        }
+        if let Some(cpu) = r.cpu() {
+            if let Some(quota) = cpu.quota() {
+                let period = cpu.period().unwrap_or(100_000);
+                write("cpu.max", format!("{} {period}", limit_value(quota)))?;
+            }
+            if let Some(shares) = cpu.shares().filter(|s| *s > 0) {
+                write("cpu.weight", shares_to_weight(shares).to_string())?;
+            }
+        }
+        if let Some(pids) = r.pids().as_ref().map(|p| p.limit()) {
+            write("pids.max", limit_value(pids))?;
+        }
+        Ok(())
+    }
+}
+
+/// A cgroup v2 value: "max" (or garbage) is 0, meaning no limit.
+fn parse_limit(text: &str) -> u64 {
+    text.trim().parse().unwrap_or(0)
+}
+
+/// An OCI limit for a cgroup v2 file: negative or zero means "max".
+fn limit_value(v: i64) -> String {
+    if v > 0 {
+        v.to_string()
+    } else {
+        "max".into()
+    }
+}
+
+/// cgroup v1 cpu.shares (2..262144) to v2 cpu.weight (1..10000), as runc
+/// and the kernel documentation map them.
+fn shares_to_weight(shares: u64) -> u64 {
+    let shares = shares.clamp(2, 262_144);
+    1 + ((shares - 2) * 9999) / 262_142
+}
+
 fn parse_oom_kills(events: &str) -> u64 {
     events
         .lines()
@@ -71,6 +156,50 @@ mod tests {
         assert_eq!(parse_oom_kills(text), 2);
         assert_eq!(parse_oom_kills("low 0\n"), 0);
         assert_eq!(parse_oom_kills("oom_kill garbage\n"), 0);
+    }
+
+    #[test]
+    fn stats_and_updates_through_the_cgroup_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cg = Cgroup {
+            dir: dir.path().to_path_buf(),
+        };
+        for (f, v) in [
+            ("memory.current", "1048576\n"),
+            ("memory.max", "max\n"),
+            (
+                "cpu.stat",
+                "usage_usec 500\nuser_usec 300\nsystem_usec 200\n",
+            ),
+            ("pids.current", "3\n"),
+            ("pids.max", "64\n"),
+            ("memory.events", "oom_kill 1\n"),
+        ] {
+            std::fs::write(dir.path().join(f), v).unwrap();
+        }
+        assert_eq!(
+            cg.stats(),
+            Stats {
+                memory_usage: 1 << 20,
+                memory_limit: 0,
+                cpu_usage_usec: 500,
+                cpu_user_usec: 300,
+                cpu_system_usec: 200,
+                pids_current: 3,
+                pids_limit: 64,
+                oom_kills: 1,
+            }
+        );
+        let r: oci_spec::runtime::LinuxResources = serde_json::from_str(
+            r#"{"memory":{"limit":268435456},"cpu":{"quota":50000,"period":100000,"shares":1024},"pids":{"limit":-1}}"#,
+        )
+        .unwrap();
+        cg.update(&r).unwrap();
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert_eq!(read("memory.max"), "268435456");
+        assert_eq!(read("cpu.max"), "50000 100000");
+        assert_eq!(read("cpu.weight"), "39");
+        assert_eq!(read("pids.max"), "max");
     }
 
     #[test]

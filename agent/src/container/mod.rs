@@ -261,6 +261,11 @@ impl Container {
         std::fs::remove_dir_all(&self.bundle).ok();
     }
 
+    /// The container's cgroup.
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
     /// The pid whose root is the container's root (for the file API).
     pub fn root_pid(&self) -> Option<i32> {
         (!self.init.exited()).then_some(self.init.pid)

@@ -153,6 +153,41 @@ impl AgentService for Service {
         Ok(Empty::new())
     }
 
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> Result<StatsContainerResponse> {
+        let s = self
+            .sandbox
+            .container(&req.container_id)
+            .await?
+            .cgroup()
+            .stats();
+        Ok(StatsContainerResponse {
+            memory_usage_bytes: s.memory_usage,
+            memory_limit_bytes: s.memory_limit,
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            oom_kills: s.oom_kills,
+            ..Default::default()
+        })
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> Result<Empty> {
+        self.sandbox
+            .update_container(&req.container_id, &req.resources)
+            .await?;
+        Ok(Empty::new())
+    }
+
     async fn exec_process(&self, _: &TtrpcContext, req: ExecProcessRequest) -> Result<Empty> {
         self.sandbox
             .exec(&req.container_id, &req.exec_id, &req.process_spec, req.tty)

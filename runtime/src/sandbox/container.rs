@@ -126,3 +126,41 @@ impl Sandbox {
         Ok(())
     }
 }
+
+impl Sandbox {
+    /// Container `id`'s cgroup counters and limits.
+    pub async fn container_stats(
+        &self,
+        id: &str,
+    ) -> Result<agent::StatsContainerResponse, SandboxError> {
+        let req = agent::StatsContainerRequest {
+            container_id: id.into(),
+            ..Default::default()
+        };
+        self.agent
+            .raw()
+            .stats_container(ctx(), &req)
+            .await
+            .map_err(agent_err("StatsContainer"))
+    }
+
+    /// Applies new cgroup limits to container `id`.
+    pub async fn update_container(
+        &self,
+        id: &str,
+        resources: &oci_spec::runtime::LinuxResources,
+    ) -> Result<(), SandboxError> {
+        let req = agent::UpdateContainerRequest {
+            container_id: id.into(),
+            resources: serde_json::to_vec(resources)
+                .map_err(|e| SandboxError::Io(e.to_string()))?,
+            ..Default::default()
+        };
+        self.agent
+            .raw()
+            .update_container(ctx(), &req)
+            .await
+            .map_err(agent_err("UpdateContainer"))?;
+        Ok(())
+    }
+}

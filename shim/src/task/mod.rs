@@ -14,6 +14,7 @@ use containerd_shim::protos::api::{
     PidsResponse, ResizePtyRequest, ShutdownRequest, StartRequest, StartResponse, StateRequest,
     StateResponse, StatsRequest, StatsResponse, UpdateTaskRequest, WaitRequest, WaitResponse,
 };
+use containerd_shim::protos::cgroups_v2::metrics::{CPUStat, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext, Code};
@@ -197,11 +198,14 @@ impl Task for TaskService {
     }
 
     async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        self.pod.state(&req.id, "").await?;
-        Err(status(
-            Code::UNIMPLEMENTED,
-            "airlock cannot change a running microVM's resources yet",
-        ))
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| status(Code::INVALID_ARGUMENT, "update without resources"))?;
+        let resources: oci_spec::runtime::LinuxResources = serde_json::from_slice(&any.value)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, format!("malformed resources: {e}")))?;
+        self.pod.update(&req.id, &resources).await?;
+        Ok(Empty::new())
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
@@ -214,11 +218,32 @@ impl Task for TaskService {
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        self.pod.state(&req.id, "").await?;
-        Err(status(
-            Code::UNIMPLEMENTED,
-            "airlock does not report container metrics yet",
-        ))
+        let s = self.pod.stats(&req.id).await?;
+        let metrics = Metrics {
+            memory: MessageField::some(MemoryStat {
+                usage: s.memory_usage_bytes,
+                usage_limit: s.memory_limit_bytes,
+                ..Default::default()
+            }),
+            cpu: MessageField::some(CPUStat {
+                usage_usec: s.cpu_usage_usec,
+                user_usec: s.cpu_user_usec,
+                system_usec: s.cpu_system_usec,
+                ..Default::default()
+            }),
+            pids: MessageField::some(PidsStat {
+                current: s.pids_current,
+                limit: s.pids_limit,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stats = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| status(Code::INTERNAL, e.to_string()))?;
+        Ok(StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
     }
 
     async fn connect(

@@ -141,6 +141,18 @@ fn ctr_run_exec_kill_tty_and_stdin() {
             "sleep\x001000\x00",
             "exec runs in the task's container"
         );
+        // Stats come from the container's cgroup in the guest.
+        let out = c.ctr(&["task", "metrics", "--format", "json", "t4"]);
+        assert_eq!(out.status.code(), Some(0), "{}", c.log());
+        let metrics: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            metrics["pids"]["current"].as_u64().unwrap_or(0) >= 1,
+            "{metrics}"
+        );
+        assert!(
+            metrics["memory"]["usage"].as_u64().unwrap_or(0) > 0,
+            "{metrics}"
+        );
         let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", "t4"]);
         assert_eq!(out.status.code(), Some(0));
         let until = Instant::now() + Duration::from_secs(30);

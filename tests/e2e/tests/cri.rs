@@ -169,6 +169,50 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
                 );
                 assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
 
+                // UpdateContainerResources and ContainerStats reach the container's
+                // cgroup inside the VM.
+                cri.update_container_resources(UpdateContainerResourcesRequest {
+                    container_id: ids[1].clone(),
+                    linux: Some(LinuxContainerResources {
+                        memory_limit_in_bytes: 200 << 20,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|e| panic!("UpdateContainerResources: {e}\n{}", c.log()));
+                let out = cri
+                    .exec_sync(ExecSyncRequest {
+                        container_id: ids[1].clone(),
+                        cmd: vec![
+                            "sh".into(),
+                            "-c".into(),
+                            "cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/memory.max".into(),
+                        ],
+                        timeout: 120,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    (200u64 << 20).to_string()
+                );
+                let stats = cri
+                    .container_stats(ContainerStatsRequest {
+                        container_id: ids[1].clone(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("ContainerStats: {e}\n{}", c.log()))
+                    .into_inner()
+                    .stats
+                    .unwrap();
+                let memory = stats
+                    .memory
+                    .and_then(|m| m.working_set_bytes)
+                    .map_or(0, |v| v.value);
+                assert!(memory > 0, "{memory}");
+
                 // The pod's annotation sized the VM.
                 let out = cri
                     .exec_sync(ExecSyncRequest {
