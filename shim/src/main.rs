@@ -14,8 +14,7 @@ mod task;
 /// The runtime name containerd knows us by.
 pub const RUNTIME_ID: &str = "io.containerd.airlock.v2";
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let config = containerd_shim::Config {
         // The shim waits for its own children (mkfs.ext4 through
         // std::process, the VMM through airlock-runtime); the crate's
@@ -24,5 +23,29 @@ async fn main() {
         no_sub_reaper: true,
         ..Default::default()
     };
-    containerd_shim::asynchronous::run::<shim::AirlockShim>(RUNTIME_ID, Some(config)).await;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{RUNTIME_ID}: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Some(id) = std::env::var_os(shim::CLEANUP_ENV) {
+        let id = id.to_string_lossy().into_owned();
+        if let Err(e) = rt.block_on(shim::cleanup(&id)) {
+            eprintln!("{RUNTIME_ID}: cleanup of {id}: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    rt.block_on(containerd_shim::asynchronous::run::<shim::AirlockShim>(
+        RUNTIME_ID,
+        Some(config),
+    ));
+    // A stdin copy may still sit in a blocking open() of a FIFO whose
+    // writer went away before connecting: do not wait for it, exit.
+    rt.shutdown_background();
 }

@@ -9,6 +9,9 @@ use std::sync::Arc;
 use airlock_runtime::config::RuntimeConfig;
 use airlock_runtime::sandbox::teardown_state;
 use airlock_runtime::state::{SandboxId, StateDir};
+
+/// Set to a sandbox id, this binary tears that sandbox down and exits.
+pub const CLEANUP_ENV: &str = "AIRLOCK_SHIM_CLEANUP";
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
@@ -65,16 +68,28 @@ impl Shim for AirlockShim {
             self.bundle.clone().into()
         };
         if let Ok(id) = std::fs::read_to_string(bundle.join(pod::SANDBOX_FILE)) {
-            let config = RuntimeConfig::load(None).unwrap_or_default();
-            if let Ok(id) = SandboxId::parse(id.trim()) {
-                if let Ok(state) = StateDir::open(&config.state_dir, &id) {
-                    let pid = state.read_record().ok().map(|r| r.vmm_pid);
-                    let report = teardown_state(&config, &state, pid).await;
-                    log::info!(
-                        "{}: cleaned up microVM {} after a dead shim",
-                        self.id,
-                        report.id
-                    );
+            // containerd gives `delete` a few seconds; stopping a VM (its
+            // memory wipe) and scrubbing its scratch disk may take longer,
+            // so a detached copy of this binary does it (see main.rs).
+            match spawn_cleanup(id.trim()) {
+                Ok(()) => log::info!(
+                    "{}: cleaning up microVM {} after a dead shim",
+                    self.id,
+                    id.trim()
+                ),
+                Err(e) => log::error!("{}: cannot clean up microVM {}: {e}", self.id, id.trim()),
+            }
+        }
+        // The dead shim's socket (runc's shim removes it here too); only
+        // when no shim serves it any more (it may be the pod's, still
+        // serving other containers).
+        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
+            let path = address.trim().trim_start_matches("unix://");
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+                        std::fs::remove_file(path).ok();
+                    }
                 }
             }
         }
@@ -96,4 +111,29 @@ impl Shim for AirlockShim {
         tokio::spawn(task::forward_events(publisher, self.namespace.clone(), rx));
         TaskService::new(Arc::new(Pod::new(tx)), self.exit.clone())
     }
+}
+
+/// Starts `containerd-shim-airlock-v2` detached (own session, no stdio)
+/// with [`CLEANUP_ENV`] set, to tear down sandbox `id`.
+fn spawn_cleanup(id: &str) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    SandboxId::parse(id).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.env(CLEANUP_ENV, id)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0);
+    cmd.spawn().map(drop)
+}
+
+/// The detached cleanup: stops the VM (the VMM wipes guest memory), scrubs
+/// and deletes the scratch disk, removes the state dir.
+pub async fn cleanup(id: &str) -> Result<(), String> {
+    let config = RuntimeConfig::load(None).map_err(|e| e.to_string())?;
+    let id = SandboxId::parse(id).map_err(|e| e.to_string())?;
+    let state = StateDir::open(&config.state_dir, &id).map_err(|e| e.to_string())?;
+    let pid = state.read_record().ok().map(|r| r.vmm_pid);
+    teardown_state(&config, &state, pid).await;
+    Ok(())
 }

@@ -222,6 +222,72 @@ impl Containerd {
         text.get(start..).unwrap_or(&text).to_string()
     }
 
+    /// A task's status in `ctr task ls` (`RUNNING`, `STOPPED`, ...).
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&id))
+            .and_then(|f| f.get(2).map(|s| s.to_string()))
+    }
+
+    /// Waits up to `secs` for task `id` to reach `status` (None: gone);
+    /// returns the last status seen.
+    pub fn wait_for_task(&self, id: &str, status: Option<&str>, secs: u64) -> Option<String> {
+        let until = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let now = self.task_status(id);
+            if now.as_deref() == status || Instant::now() > until {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Asserts that nothing of Airlock's is left on the host: no VMM or
+    /// shim process, no sandbox state, no mounts under containerd's dirs,
+    /// no shim sockets.
+    pub fn assert_nothing_left(&self) {
+        let gone = || {
+            crate::processes_mentioning("airlock-vmm").is_empty()
+                && crate::processes_mentioning("containerd-shim-airlock-v2").is_empty()
+                && std::fs::read_dir("/run/airlock").map_or(true, |mut d| d.next().is_none())
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while !gone() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            crate::processes_mentioning("airlock-vmm"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            crate::processes_mentioning("containerd-shim-airlock-v2"),
+            Vec::<String>::new()
+        );
+        let entries = |dir: &str| -> Vec<PathBuf> {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect()
+        };
+        assert_eq!(
+            entries("/run/airlock"),
+            Vec::<PathBuf>::new(),
+            "sandbox state left"
+        );
+        assert_eq!(
+            entries("/run/containerd/s"),
+            Vec::<PathBuf>::new(),
+            "shim sockets left"
+        );
+        assert_eq!(self.mounts(), Vec::<String>::new(), "mounts left");
+    }
+
     /// Mount points under this containerd's dirs.
     pub fn mounts(&self) -> Vec<String> {
         mounts_under(&self.dir)

@@ -4,42 +4,12 @@
 
 use std::io::Write;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use airlock_e2e::containerd::{Containerd, RUNTIME};
 use airlock_e2e::{on_real_kvm, processes_mentioning};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-/// Nothing of the shim's VMs is left: no VMM, no sandbox state, no mounts
-/// under containerd's dirs.
-fn assert_nothing_left(c: &Containerd) {
-    let until = Instant::now() + Duration::from_secs(20);
-    while !processes_mentioning("airlock-vmm").is_empty() && Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(processes_mentioning("airlock-vmm"), Vec::<String>::new());
-    let state: Vec<_> = std::fs::read_dir("/run/airlock")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(state.is_empty(), "sandbox state left: {state:?}");
-    assert_eq!(c.mounts(), Vec::<String>::new(), "mounts left");
-}
-
-/// The task list as `ID -> STATUS`.
-fn task_status(c: &Containerd, id: &str) -> Option<String> {
-    let out = c.ctr(&["task", "ls"]);
-    text(&out.stdout)
-        .lines()
-        .skip(1)
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&id))
-        .and_then(|f| f.get(2).map(|s| s.to_string()))
 }
 
 #[test]
@@ -113,7 +83,7 @@ fn ctr_run_exec_kill_tty_and_stdin() {
             "1000",
         ]);
         assert_eq!(out.status.code(), Some(0));
-        assert_eq!(task_status(&c, "t4").as_deref(), Some("RUNNING"));
+        assert_eq!(c.task_status("t4").as_deref(), Some("RUNNING"));
         let out = c.ctr(&[
             "task",
             "exec",
@@ -155,11 +125,10 @@ fn ctr_run_exec_kill_tty_and_stdin() {
         );
         let out = c.ctr(&["task", "kill", "--signal", "SIGKILL", "t4"]);
         assert_eq!(out.status.code(), Some(0));
-        let until = Instant::now() + Duration::from_secs(30);
-        while task_status(&c, "t4").as_deref() != Some("STOPPED") && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert_eq!(task_status(&c, "t4").as_deref(), Some("STOPPED"));
+        assert_eq!(
+            c.wait_for_task("t4", Some("STOPPED"), 30).as_deref(),
+            Some("STOPPED")
+        );
         assert!(c.ctr(&["task", "rm", "t4"]).status.success());
         assert!(c.ctr(&["container", "rm", "t4"]).status.success());
 
@@ -180,7 +149,7 @@ fn ctr_run_exec_kill_tty_and_stdin() {
         assert_eq!(out.status.code(), Some(0), "{}", c.log());
         assert!(tty.contains("/dev/pts/"), "{tty:?}");
 
-        assert_nothing_left(&c);
+        c.assert_nothing_left();
     });
 }
 
@@ -252,7 +221,7 @@ fn runtime_config_path_and_bad_input() {
             text(&out.stderr)
         );
         c.ctr(&["container", "rm", "m2", "m3"]);
-        assert_nothing_left(&c);
+        c.assert_nothing_left();
     });
 }
 
@@ -275,7 +244,7 @@ fn a_killed_vmm_and_a_containerd_restart() {
         ]);
         assert_eq!(out.status.code(), Some(0));
         c.restart();
-        assert_eq!(task_status(&c, "r1").as_deref(), Some("RUNNING"));
+        assert_eq!(c.task_status("r1").as_deref(), Some("RUNNING"));
         let out = c.ctr(&[
             "task",
             "exec",
@@ -291,10 +260,7 @@ fn a_killed_vmm_and_a_containerd_restart() {
             .ctr(&["task", "kill", "--signal", "SIGKILL", "r1"])
             .status
             .success());
-        let until = Instant::now() + Duration::from_secs(30);
-        while task_status(&c, "r1").as_deref() != Some("STOPPED") && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        c.wait_for_task("r1", Some("STOPPED"), 30);
         assert!(c.ctr(&["task", "rm", "r1"]).status.success());
         assert!(c.ctr(&["container", "rm", "r1"]).status.success());
 
@@ -315,10 +281,7 @@ fn a_killed_vmm_and_a_containerd_restart() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let until = Instant::now() + Duration::from_secs(120);
-        while task_status(&c, "r2").as_deref() != Some("RUNNING") && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        c.wait_for_task("r2", Some("RUNNING"), 120);
         let vmm = processes_mentioning("airlock-vmm");
         assert_eq!(vmm.len(), 1, "{vmm:?}");
         let pid: i32 = vmm[0].split(' ').next().unwrap().parse().unwrap();
@@ -330,8 +293,38 @@ fn a_killed_vmm_and_a_containerd_restart() {
             "exit status {:?}",
             out.status
         );
-        assert_eq!(task_status(&c, "r2"), None, "the task was deleted");
-        assert_nothing_left(&c);
+        assert_eq!(c.task_status("r2"), None, "the task was deleted");
+        c.assert_nothing_left();
+
+        // The shim is SIGKILLed: containerd runs `shim delete`, which
+        // stops the VM it left (with the wipe) and cleans up.
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            img,
+            "r3",
+            "sleep",
+            "1000",
+        ]);
+        assert_eq!(out.status.code(), Some(0));
+        let shims: Vec<_> = processes_mentioning("containerd-shim-airlock-v2")
+            .into_iter()
+            .filter(|p| p.contains("-socket"))
+            .collect();
+        assert_eq!(shims.len(), 1, "{shims:?}");
+        let pid: i32 = shims[0].split(' ').next().unwrap().parse().unwrap();
+        // SAFETY: kill only reads its arguments.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let status = c.wait_for_task("r3", Some("STOPPED"), 60);
+        assert!(
+            matches!(status.as_deref(), Some("STOPPED") | None),
+            "{status:?}"
+        );
+        c.ctr(&["task", "rm", "r3"]);
+        assert!(c.ctr(&["container", "rm", "r3"]).status.success());
+        c.assert_nothing_left();
     });
 }
 
@@ -363,8 +356,8 @@ fn containers_of_one_pod_share_one_vm() {
         };
         assert!(run("pod1", true, true, &["sleep", "1000"]).status.success());
         assert!(run("c1", false, true, &["sleep", "1000"]).status.success());
-        assert_eq!(task_status(&c, "pod1").as_deref(), Some("RUNNING"));
-        assert_eq!(task_status(&c, "c1").as_deref(), Some("RUNNING"));
+        assert_eq!(c.task_status("pod1").as_deref(), Some("RUNNING"));
+        assert_eq!(c.task_status("c1").as_deref(), Some("RUNNING"));
         let vmms = processes_mentioning("airlock-vmm");
         assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:?}");
 
@@ -409,13 +402,10 @@ fn containers_of_one_pod_share_one_vm() {
                 .ctr(&["task", "kill", "--signal", "SIGKILL", id])
                 .status
                 .success());
-            let until = Instant::now() + Duration::from_secs(30);
-            while task_status(&c, id).as_deref() != Some("STOPPED") && Instant::now() < until {
-                std::thread::sleep(Duration::from_millis(200));
-            }
+            c.wait_for_task(id, Some("STOPPED"), 30);
             assert!(c.ctr(&["task", "rm", id]).status.success());
             assert!(c.ctr(&["container", "rm", id]).status.success());
         }
-        assert_nothing_left(&c);
+        c.assert_nothing_left();
     });
 }

@@ -3,7 +3,6 @@
 //! two containers that must share one microVM.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use airlock_e2e::containerd::{Containerd, CRI_IMAGE};
 use airlock_e2e::{on_real_kvm, processes_mentioning};
@@ -27,6 +26,19 @@ async fn connect(c: &Containerd) -> RuntimeServiceClient<Channel> {
         .await
         .expect("connect to containerd's CRI socket");
     RuntimeServiceClient::new(channel)
+}
+
+async fn state_of(cri: &mut RuntimeServiceClient<Channel>, id: &str) -> i32 {
+    cri.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .status
+    .unwrap()
+    .state
 }
 
 fn pod_config(log_dir: &str) -> PodSandboxConfig {
@@ -232,17 +244,10 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
                     .unwrap_or_else(|| panic!("{meminfo}"));
                 assert!(kib > 300 * 1024 && kib <= 384 * 1024, "MemTotal {kib} KiB");
 
-                let status = cri
-                    .container_status(ContainerStatusRequest {
-                        container_id: ids[1].clone(),
-                        verbose: false,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .status
-                    .unwrap();
-                assert_eq!(status.state, ContainerState::ContainerRunning as i32);
+                assert_eq!(
+                    state_of(&mut cri, &ids[1]).await,
+                    ContainerState::ContainerRunning as i32
+                );
 
                 // The container's output reached its CRI log.
                 let log =
@@ -254,17 +259,10 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
                 })
                 .await
                 .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log()));
-                let status = cri
-                    .container_status(ContainerStatusRequest {
-                        container_id: ids[0].clone(),
-                        verbose: false,
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .status
-                    .unwrap();
-                assert_eq!(status.state, ContainerState::ContainerExited as i32);
+                assert_eq!(
+                    state_of(&mut cri, &ids[0]).await,
+                    ContainerState::ContainerExited as i32
+                );
                 cri.remove_pod_sandbox(RemovePodSandboxRequest {
                     pod_sandbox_id: pod.clone(),
                 })
@@ -280,33 +278,7 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
             });
 
             // Nothing of the pod is left on the host.
-            let until = Instant::now() + Duration::from_secs(20);
-            while !(processes_mentioning("airlock-vmm").is_empty()
-                && processes_mentioning("containerd-shim-airlock-v2").is_empty())
-                && Instant::now() < until
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            assert_eq!(processes_mentioning("airlock-vmm"), Vec::<String>::new());
-            assert_eq!(
-                processes_mentioning("containerd-shim-airlock-v2"),
-                Vec::<String>::new()
-            );
-            let state: Vec<_> = std::fs::read_dir("/run/airlock")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .collect();
-            assert!(state.is_empty(), "sandbox state left: {state:?}");
-            assert_eq!(c.mounts(), Vec::<String>::new(), "mounts left");
-            let sockets: Vec<_> = std::fs::read_dir("/run/containerd/s")
-                .into_iter()
-                .flatten()
-                .flatten()
-                .map(|e| e.path())
-                .collect();
-            assert!(sockets.is_empty(), "shim sockets left: {sockets:?}");
+            c.assert_nothing_left();
         },
     );
 }
