@@ -118,6 +118,8 @@ pub struct Pod {
     events: Events,
     vm: Mutex<Option<Vm>>,
     containers: Mutex<HashMap<String, Container>>,
+    /// Creates one at a time: two first containers must not both boot a VM.
+    creating: Mutex<()>,
 }
 
 impl Pod {
@@ -126,6 +128,7 @@ impl Pod {
             events,
             vm: Mutex::new(None),
             containers: Mutex::new(HashMap::new()),
+            creating: Mutex::new(()),
         }
     }
 
@@ -166,6 +169,7 @@ impl Pod {
     /// Create: the container's rootfs becomes an ext4 image, a VM boots on
     /// it, and the container is created in the guest (not started).
     pub async fn create(&self, req: CreateRequest) -> Result<u32, PodError> {
+        let _one_at_a_time = self.creating.lock().await;
         if self.containers.lock().await.contains_key(&req.id) {
             return Err(PodError::Exists(format!("container {}", req.id)));
         }

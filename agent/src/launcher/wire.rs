@@ -96,12 +96,11 @@ pub fn recv_raw(sock: RawFd, max_fds: usize) -> Result<(Vec<u8>, Vec<OwnedFd>), 
                 let mut fds = Vec::new();
                 for c in msg.cmsgs().map_err(WireError::Recv)? {
                     if let ControlMessageOwned::ScmRights(raw) = c {
-                        // SAFETY: SCM_RIGHTS just installed these fds in
-                        // this process; nothing else owns them.
-                        fds.extend(
-                            raw.into_iter()
-                                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                        );
+                        for fd in raw {
+                            // SAFETY: SCM_RIGHTS just installed these fds
+                            // in this process; nothing else owns them.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                        }
                     }
                 }
                 let truncated = msg

@@ -25,11 +25,11 @@ impl FdStream {
     pub fn new(fd: OwnedFd) -> std::io::Result<Self> {
         let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
         fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        let interest = Interest::READABLE | Interest::WRITABLE;
         // SAFETY: `fd` is an OwnedFd that moves into the AsyncFd, so it stays
         // open and refers to the same file until the AsyncFd drops it.
-        let fd =
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
-                .map_err(std::io::Error::from)?;
+        let fd = unsafe { AsyncFd::register_with_interest(fd, interest) };
+        let fd = fd.map_err(std::io::Error::from)?;
         Ok(Self { fd })
     }
 
