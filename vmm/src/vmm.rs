@@ -14,6 +14,9 @@ use crate::exit::{ExitSignal, VmExit};
 use crate::signal;
 use crate::vstate::memory::{self, WipeReport};
 
+/// The message logged once the VM is built and its vCPUs run.
+pub const VM_RUNNING: &str = "VM running";
+
 /// Errors from running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -91,6 +94,12 @@ impl Vmm {
     pub fn run(mut self) -> Result<RunReport, VmmError> {
         let term = signal::termination_event().map_err(VmmError::Signals)?;
         let running = build_and_start(&self.config, self.start)?;
+        // Whoever started the VMM may wait for this line (airlock-runtime
+        // does): past it, setup errors are behind us.
+        tracing::info!(
+            ms = self.start.elapsed().as_secs_f64() * 1e3,
+            "{VM_RUNNING}"
+        );
         let loop_result = wait_for_exit(&running.exit, term);
         let exit = match (&loop_result, running.exit.reason()) {
             (_, Some(reason)) => reason,

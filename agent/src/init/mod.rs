@@ -19,6 +19,14 @@ use shutdown::ShutdownError;
 /// The line that tells whoever watches the console that the agent is up.
 pub const READY_LINE: &str = "airlock-agent ready";
 
+/// The kernel argument that asks `/init` to print [`BOOT_MARKER_LINE`] the
+/// moment it starts. Without a dot or `=`, the kernel passes it to init as
+/// an argument. `airlock-bench` boots the peer VMMs (Firecracker, QEMU
+/// `microvm`) with it and times their boot to this line.
+pub const BOOT_MARKER_ARG: &str = "airlock_boot_marker";
+/// What `/init` prints when it gets [`BOOT_MARKER_ARG`].
+pub const BOOT_MARKER_LINE: &str = "airlock-agent: init started";
+
 /// Errors that stop init (and so panic the guest kernel).
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -56,6 +64,10 @@ pub fn run() -> Result<Infallible, InitError> {
     let switched = std::env::args().nth(1).as_deref() == Some(switch_root::REEXEC_ARG);
     if !switched {
         boot_timer::signal(BootEvent::InitEntered);
+        if std::env::args().any(|a| a == BOOT_MARKER_ARG) {
+            info(format_args!("{BOOT_MARKER_LINE}"));
+            console::flush();
+        }
         // Containers need pivot_root, which the initramfs root refuses.
         return Err(InitError::SwitchRoot(switch_root::switch_and_reexec()));
     }
