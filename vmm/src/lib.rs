@@ -26,3 +26,8 @@ pub use exit::VmExit;
 pub use vmm::{BootTimes, RunReport, Vmm, VmmError};
 #[cfg(feature = "test-hooks")]
 pub use vmm::{WipeHook, WipePhase};
+
+/// Stack size of the VMM's own threads (vCPUs, device workers). Their
+/// frames are shallow; Rust's default 2 MiB stack is a mapping the host may
+/// back with one transparent huge page, 2 MiB of RSS for a few KiB used.
+pub(crate) const THREAD_STACK: usize = 256 << 10;

@@ -112,6 +112,9 @@ impl Vcpu {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("query supported CPUID"))?;
         cpuid::filter_cpuid(&mut cpuid_entries, id, num_vcpus);
+        if vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            cpuid::set_tsc_deadline(&mut cpuid_entries);
+        }
         fd.set_cpuid2(&cpuid_entries)
             .map_err(kvm_err("set CPUID"))?;
         msr::setup_msrs(&fd).map_err(|source| VcpuError::Msrs { id, source })?;
@@ -139,6 +142,7 @@ impl Vcpu {
         let id = self.id;
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{id}"))
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || self.run(ctx, &thread_stop))
             .map_err(|source| VcpuError::Thread { id, source })?;
         Ok(VcpuHandle { thread, stop })

@@ -24,6 +24,7 @@ impl<T: Send + 'static> WorkerHandle<T> {
         let worker_kill = kill.try_clone()?;
         let thread = std::thread::Builder::new()
             .name(name.to_string())
+            .stack_size(crate::THREAD_STACK)
             .spawn(move || body(worker_kill))?;
         Ok(WorkerHandle { kill, thread })
     }
