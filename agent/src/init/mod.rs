@@ -61,16 +61,13 @@ pub enum InitError {
 
 /// Runs init. Returns only on a fatal error.
 pub fn run() -> Result<Infallible, InitError> {
-    let switched = std::env::args().nth(1).as_deref() == Some(switch_root::REEXEC_ARG);
-    if !switched {
-        boot_timer::signal(BootEvent::InitEntered);
-        if std::env::args().any(|a| a == BOOT_MARKER_ARG) {
-            info(format_args!("{BOOT_MARKER_LINE}"));
-            console::flush();
-        }
-        // Containers need pivot_root, which the initramfs root refuses.
-        return Err(InitError::SwitchRoot(switch_root::switch_and_reexec()));
+    boot_timer::signal(BootEvent::InitEntered);
+    if std::env::args().any(|a| a == BOOT_MARKER_ARG) {
+        info(format_args!("{BOOT_MARKER_LINE}"));
+        console::flush();
     }
+    // Containers need pivot_root, which the initramfs root refuses.
+    switch_root::switch().map_err(InitError::SwitchRoot)?;
     // First, before any child or thread exists: no signal may be lost or
     // kill us, and every thread inherits the mask.
     let mut signals = Signals::block().map_err(InitError::Signals)?;
@@ -84,12 +81,19 @@ pub fn run() -> Result<Infallible, InitError> {
     for w in warnings {
         warn(format_args!("airlock-agent: warning: {w}"));
     }
-    match SysInfo::gather() {
-        Ok(sys) => info(format_args!("airlock-agent: {sys}")),
-        Err(e) => warn(format_args!("airlock-agent: warning: {}", error_chain(&e))),
-    }
-    if cmdline.oneshot {
+    // Printed once the agent is ready: every console byte is a VM exit,
+    // which the boot should not wait for.
+    let sysinfo = match SysInfo::gather() {
+        Ok(sys) => format!("airlock-agent: {sys}"),
+        Err(e) => format!("airlock-agent: warning: {}", error_chain(&e)),
+    };
+    let announce = move || {
         announce_ready();
+        info(format_args!("{sysinfo}"));
+    };
+    if cmdline.oneshot {
+        announce();
+        console::flush();
         return shutdown::reboot_now().map_err(InitError::Shutdown);
     }
 
@@ -99,18 +103,18 @@ pub fn run() -> Result<Infallible, InitError> {
         .build()
         .map_err(InitError::Runtime)?;
     let stop = runtime
-        .block_on(crate::rpc::serve(&mut signals, announce_ready))
+        .block_on(crate::rpc::serve(&mut signals, announce))
         .map_err(InitError::Rpc)?;
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     info(format_args!("airlock-agent: {stop}: shutting down"));
     shutdown::stop_all_and_reboot(&mut signals).map_err(InitError::Shutdown)
 }
 
-/// Tells the console and the VMM's boot timer that the agent is up.
+/// Tells the VMM's boot timer and the console that the agent is up.
 fn announce_ready() {
+    boot_timer::signal(BootEvent::AgentReady);
     info(format_args!("{READY_LINE}"));
     console::flush();
-    boot_timer::signal(BootEvent::AgentReady);
 }
 
 /// Formats an error and its sources as `outer: inner: innermost`.

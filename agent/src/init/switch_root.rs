@@ -1,23 +1,22 @@
-//! Moves PID 1 off the initramfs onto a tmpfs root, like busybox's
-//! `switch_root`.
+//! Moves PID 1 off the initramfs onto a tmpfs root.
 //!
 //! `pivot_root(2)` fails with EINVAL while the caller's root is the
 //! initramfs (rootfs cannot be unmounted), and every container's root
 //! filesystem setup starts with a `pivot_root`. So before anything else,
-//! init copies the initramfs' files to a tmpfs, deletes the originals (which
-//! frees their memory), makes the tmpfs the root and re-executes itself from
-//! there with [`REEXEC_ARG`].
+//! init mounts a tmpfs, recreates the initramfs's directories and symlinks
+//! in it, bind-mounts its regular files (the agent itself, test programs)
+//! into place, moves the tmpfs onto `/` and chroots into it.
+//!
+//! Nothing is copied and init is not re-executed: the files stay where the
+//! kernel unpacked them, underneath. (Copying the agent, deleting the
+//! original and re-executing it cost a tenth of the guest's boot.)
 
-use std::ffi::CString;
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
-
-/// The argument the re-executed init gets.
-pub const REEXEC_ARG: &str = "--root-switched";
 
 const NEW_ROOT: &str = "/.airlock-root";
 
@@ -30,33 +29,31 @@ pub enum SwitchRootError {
     /// Cannot mount a tmpfs for the new root
     #[error("Cannot mount a tmpfs for the new root")]
     Mount(#[source] Errno),
-    /// Cannot copy {0} to the new root
-    #[error("Cannot copy {0} to the new root")]
-    Copy(String, #[source] std::io::Error),
+    /// Cannot read the initramfs at {0}
+    #[error("Cannot read the initramfs at {0}")]
+    Read(String, #[source] std::io::Error),
+    /// Cannot place {0} in the new root
+    #[error("Cannot place {0} in the new root")]
+    Place(String, #[source] std::io::Error),
     /// Cannot move the new root onto /
     #[error("Cannot move the new root onto /")]
     Move(#[source] Errno),
-    /// Cannot re-execute /init from the new root
-    #[error("Cannot re-execute /init from the new root")]
-    Exec(#[source] Errno),
 }
 
-/// Copies the initramfs to a tmpfs, makes it `/` and re-executes `/init`.
-/// Returns only on error.
-pub fn switch_and_reexec() -> SwitchRootError {
-    match switch() {
-        Ok(()) => {}
-        Err(e) => return e,
-    }
-    let init = CString::from(c"/init");
-    let arg = CString::new(REEXEC_ARG).unwrap_or_default();
-    match nix::unistd::execv(&init, &[init.clone(), arg]) {
-        Ok(never) => match never {},
-        Err(e) => SwitchRootError::Exec(e),
-    }
+/// What recreating one initramfs entry in the new root takes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    /// A directory with this mode.
+    Dir { to: PathBuf, mode: u32 },
+    /// A symlink to `target`.
+    Symlink { to: PathBuf, target: PathBuf },
+    /// A regular file, bind-mounted from `from`.
+    Bind { from: PathBuf, to: PathBuf },
 }
 
-fn switch() -> Result<(), SwitchRootError> {
+/// Makes a tmpfs holding the initramfs's files the root. Returns once init
+/// runs in it.
+pub fn switch() -> Result<(), SwitchRootError> {
     fs::create_dir_all(NEW_ROOT).map_err(SwitchRootError::Create)?;
     mount(
         Some("tmpfs"),
@@ -67,7 +64,11 @@ fn switch() -> Result<(), SwitchRootError> {
     )
     .map_err(SwitchRootError::Mount)?;
     let root_dev = fs::metadata("/").map(|m| m.dev()).ok();
-    move_tree(Path::new("/"), Path::new(NEW_ROOT), root_dev)?;
+    let mut steps = Vec::new();
+    plan(Path::new("/"), Path::new(NEW_ROOT), root_dev, &mut steps)?;
+    for step in &steps {
+        apply(step)?;
+    }
     std::env::set_current_dir(NEW_ROOT).map_err(SwitchRootError::Create)?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
         .map_err(SwitchRootError::Move)?;
@@ -76,37 +77,74 @@ fn switch() -> Result<(), SwitchRootError> {
     Ok(())
 }
 
-/// Copies `src`'s regular files, directories and symlinks into `dst` and
-/// deletes them from `src`. Device nodes stay (devtmpfs replaces /dev), and
-/// so does anything on another filesystem (such as the new root itself).
-fn move_tree(src: &Path, dst: &Path, dev: Option<u64>) -> Result<(), SwitchRootError> {
-    let entries =
-        fs::read_dir(src).map_err(|e| SwitchRootError::Copy(src.display().to_string(), e))?;
-    for entry in entries.flatten() {
-        let from = entry.path();
-        let to = dst.join(entry.file_name());
-        let copy_err = |e| SwitchRootError::Copy(from.display().to_string(), e);
-        let meta = fs::symlink_metadata(&from).map_err(copy_err)?;
+/// The steps that recreate `src`'s directories, symlinks and regular files
+/// under `dst`, parents first. Device nodes are left out (devtmpfs replaces
+/// /dev), and so is anything on another filesystem than `dev` (such as the
+/// new root itself).
+fn plan(
+    src: &Path,
+    dst: &Path,
+    dev: Option<u64>,
+    steps: &mut Vec<Step>,
+) -> Result<(), SwitchRootError> {
+    let read_err = |e| SwitchRootError::Read(src.display().to_string(), e);
+    let mut entries: Vec<_> = fs::read_dir(src)
+        .map_err(read_err)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for from in entries {
+        let Some(name) = from.file_name() else {
+            continue;
+        };
+        let to = dst.join(name);
+        let meta = fs::symlink_metadata(&from)
+            .map_err(|e| SwitchRootError::Read(from.display().to_string(), e))?;
         if Some(meta.dev()) != dev || from == Path::new(NEW_ROOT) {
             continue;
         }
         let ft = meta.file_type();
         if ft.is_dir() {
-            fs::create_dir_all(&to).map_err(copy_err)?;
-            fs::set_permissions(&to, fs::Permissions::from_mode(meta.mode() & 0o7777))
-                .map_err(copy_err)?;
-            move_tree(&from, &to, dev)?;
-            fs::remove_dir(&from).ok();
+            steps.push(Step::Dir {
+                to: to.clone(),
+                mode: meta.mode() & 0o7777,
+            });
+            plan(&from, &to, dev, steps)?;
         } else if ft.is_symlink() {
-            let target = fs::read_link(&from).map_err(copy_err)?;
-            symlink(target, &to).map_err(copy_err)?;
-            fs::remove_file(&from).ok();
+            let target = fs::read_link(&from)
+                .map_err(|e| SwitchRootError::Read(from.display().to_string(), e))?;
+            steps.push(Step::Symlink { to, target });
         } else if ft.is_file() {
-            fs::copy(&from, &to).map_err(copy_err)?;
-            fs::remove_file(&from).ok();
+            steps.push(Step::Bind { from, to });
         }
     }
     Ok(())
+}
+
+fn apply(step: &Step) -> Result<(), SwitchRootError> {
+    let place_err = |p: &Path| {
+        let p = p.display().to_string();
+        move |e| SwitchRootError::Place(p, e)
+    };
+    match step {
+        Step::Dir { to, mode } => {
+            fs::create_dir_all(to).map_err(place_err(to))?;
+            fs::set_permissions(to, fs::Permissions::from_mode(*mode)).map_err(place_err(to))
+        }
+        Step::Symlink { to, target } => symlink(target, to).map_err(place_err(to)),
+        Step::Bind { from, to } => {
+            fs::File::create(to).map_err(place_err(to))?;
+            mount(
+                Some(from.as_path()),
+                to.as_path(),
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| SwitchRootError::Place(to.display().to_string(), e.into()))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -114,28 +152,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn move_tree_moves_files_dirs_and_links() {
+    fn plan_recreates_dirs_and_links_and_binds_files() {
         let src = tempfile::tempdir().unwrap();
-        let dst = tempfile::tempdir().unwrap();
         fs::create_dir(src.path().join("d")).unwrap();
+        fs::set_permissions(src.path().join("d"), fs::Permissions::from_mode(0o750)).unwrap();
         fs::write(src.path().join("d/f"), b"data").unwrap();
-        fs::set_permissions(src.path().join("d/f"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(src.path().join("init"), b"agent").unwrap();
         symlink("d/f", src.path().join("l")).unwrap();
         let dev = fs::metadata(src.path()).unwrap().dev();
+        let dst = Path::new("/new");
 
-        move_tree(src.path(), dst.path(), Some(dev)).unwrap();
+        let mut steps = Vec::new();
+        plan(src.path(), dst, Some(dev), &mut steps).unwrap();
 
-        assert_eq!(fs::read(dst.path().join("d/f")).unwrap(), b"data");
-        let mode = fs::metadata(dst.path().join("d/f")).unwrap().mode();
-        assert_eq!(mode & 0o777, 0o755);
+        let s = src.path();
         assert_eq!(
-            fs::read_link(dst.path().join("l")).unwrap(),
-            Path::new("d/f")
+            steps,
+            vec![
+                Step::Dir {
+                    to: dst.join("d"),
+                    mode: 0o750
+                },
+                Step::Bind {
+                    from: s.join("d/f"),
+                    to: dst.join("d/f")
+                },
+                Step::Bind {
+                    from: s.join("init"),
+                    to: dst.join("init")
+                },
+                Step::Symlink {
+                    to: dst.join("l"),
+                    target: "d/f".into()
+                },
+            ]
         );
         assert_eq!(
-            fs::read_dir(src.path()).unwrap().count(),
-            0,
-            "originals are deleted"
+            fs::read(s.join("init")).unwrap(),
+            b"agent",
+            "nothing is moved"
         );
+    }
+
+    #[test]
+    fn plan_skips_other_filesystems() {
+        let src = tempfile::tempdir().unwrap();
+        fs::write(src.path().join("f"), b"x").unwrap();
+        let mut steps = Vec::new();
+        plan(src.path(), Path::new("/new"), Some(u64::MAX), &mut steps).unwrap();
+        assert!(steps.is_empty());
     }
 }
