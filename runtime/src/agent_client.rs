@@ -14,8 +14,14 @@ use airlock_protocol::{check_compatible, VersionError, AGENT_VSOCK_PORT, PROTOCO
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-/// Pause between attempts while the guest boots.
-const RETRY: Duration = Duration::from_millis(25);
+/// Pause between attempts once the agent should be listening.
+const RETRY: Duration = Duration::from_millis(10);
+/// How often the VMM log is checked for the agent's readiness.
+const READY_POLL: Duration = Duration::from_millis(2);
+/// Attempts while the log says nothing yet are this far apart.
+const FALLBACK_RETRY: Duration = Duration::from_millis(250);
+/// What `airlock-vmm` logs when the agent writes "ready" to its boot timer.
+const READY_MESSAGE: &str = "process start to agent ready";
 /// Longest a handshake line may be.
 const LINE_MAX: usize = 64;
 
@@ -84,6 +90,74 @@ pub async fn connect_while(
         }
         tokio::time::sleep(RETRY).await;
     };
+    check(stream).await
+}
+
+/// Connects within `deadline` once the VMM's log at `log` says the agent
+/// listens (its boot-timer line), giving up early once `alive` says the VM
+/// is gone. Until then the guest is left alone: an attempt before the agent
+/// listens costs the booting guest a vsock round trip (request, reset) on
+/// its one vCPU. An attempt every 250 ms covers an agent that never writes
+/// to the boot timer.
+pub async fn connect_when_ready(
+    uds: &Path,
+    log: &Path,
+    deadline: Duration,
+    alive: impl Fn() -> bool,
+) -> Result<AgentClient, ConnectError> {
+    let until = Instant::now() + deadline;
+    let mut watch = LogWatch::new(log);
+    let mut last_try: Option<Instant> = None;
+    let stream = loop {
+        let ready = watch.contains(READY_MESSAGE);
+        if ready || last_try.is_none_or(|t| t.elapsed() >= FALLBACK_RETRY) {
+            last_try = Some(Instant::now());
+            if let Some(stream) = handshake(uds).await? {
+                break stream;
+            }
+        }
+        if !alive() {
+            return Err(ConnectError::VmGone);
+        }
+        if Instant::now() >= until {
+            return Err(ConnectError::Timeout(uds.to_path_buf(), deadline));
+        }
+        tokio::time::sleep(if ready { RETRY } else { READY_POLL }).await;
+    };
+    check(stream).await
+}
+
+/// Watches a growing log file for a line, re-reading it only when it grew.
+struct LogWatch<'a> {
+    path: &'a Path,
+    len: u64,
+    found: bool,
+}
+
+impl<'a> LogWatch<'a> {
+    fn new(path: &'a Path) -> Self {
+        LogWatch {
+            path,
+            len: 0,
+            found: false,
+        }
+    }
+
+    fn contains(&mut self, needle: &str) -> bool {
+        if self.found {
+            return true;
+        }
+        let len = std::fs::metadata(self.path).map_or(0, |m| m.len());
+        if len != self.len {
+            self.len = len;
+            self.found = std::fs::read_to_string(self.path).is_ok_and(|t| t.contains(needle));
+        }
+        self.found
+    }
+}
+
+/// ttrpc over `stream` and the version check.
+async fn check(stream: UnixStream) -> Result<AgentClient, ConnectError> {
     let client = AgentServiceClient::new(Client::new(Socket::new(stream)));
     let req = CheckRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -171,6 +245,17 @@ mod tests {
     /// connections are hung up on (no listener in the guest yet), later
     /// ones get `OK` and are spliced to a real ttrpc server.
     async fn fake_vmm(dir: &Path, refuse: usize, version: u32) -> PathBuf {
+        fake_vmm_counting(dir, refuse, version).await.0
+    }
+
+    /// [`fake_vmm`], with the number of `CONNECT`s it got.
+    async fn fake_vmm_counting(
+        dir: &Path,
+        refuse: usize,
+        version: u32,
+    ) -> (PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = count.clone();
         let agent_sock = dir.join("agent.sock");
         let mut server = Server::new()
             .bind(&format!("unix://{}", agent_sock.display()))
@@ -188,6 +273,7 @@ mod tests {
                 host.read_exact(&mut buf).await.unwrap();
                 assert_eq!(&buf, b"CONNECT 1024\n");
                 n += 1;
+                counter.store(n, std::sync::atomic::Ordering::SeqCst);
                 if n <= refuse {
                     continue; // dropped: hung up
                 }
@@ -198,7 +284,7 @@ mod tests {
                 );
             }
         });
-        uds
+        (uds, count)
     }
 
     #[tokio::test]
@@ -228,6 +314,27 @@ mod tests {
             err.contains("upgrade the guest image or the runtime"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_ready_line_before_trying_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (uds, count) = fake_vmm_counting(dir.path(), 1, PROTOCOL_VERSION).await;
+        let log = dir.path().join("vmm.log");
+        std::fs::write(&log, "{\"fields\":{\"message\":\"VM running\"}}\n").unwrap();
+        let (u, l) = (uds.clone(), log.clone());
+        let task = tokio::spawn(async move {
+            connect_when_ready(&u, &l, Duration::from_secs(30), || true).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // One attempt at once (refused); polling every 10 ms would have
+        // made ten by now.
+        let before = count.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((1..=2).contains(&before), "{before} attempts before ready");
+        let line = "{\"fields\":{\"message\":\"boot timing: process start to agent ready\"}}\n";
+        std::fs::write(&log, format!("{{}}\n{line}")).unwrap();
+        let client = task.await.unwrap().unwrap();
+        assert_eq!(client.agent_version(), "9.9.9");
     }
 
     #[tokio::test]

@@ -190,7 +190,13 @@ impl Sandbox {
             let alive = move || {
                 std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !is_zombie(pid)
             };
-            let agent = agent_client::connect_while(&state.vsock_uds(), deadline, alive).await?;
+            let agent = agent_client::connect_when_ready(
+                &state.vsock_uds(),
+                &state.log_path(),
+                deadline,
+                alive,
+            )
+            .await?;
             let sandbox = Sandbox {
                 id: id.clone(),
                 state: state.clone(),
