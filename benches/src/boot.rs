@@ -1,265 +1,325 @@
-//! Boot time: VMM process start to the guest agent's `airlock-agent ready`
-//! line on the serial console, for every VMM booting the same kernel and
-//! initramfs with the same vCPUs and memory. Runs are interleaved across the
-//! VMMs so that drift on a shared machine hits them all alike.
+//! Cold boot to ready, every VMM on the same kernel and initramfs:
+//! * Airlock: `airlock-vmm` started exactly as the runtime starts it, until
+//!   the guest agent answers the runtime's `Check` call over vsock;
+//! * Firecracker and QEMU `microvm`: until the guest's `/init` (the same
+//!   agent binary) prints its boot marker on the serial console, which it
+//!   does first thing.
+//!
+//! Runs are interleaved across the VMMs so that drift on a shared machine
+//! hits them all alike.
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use serde::Serialize;
+use serde_json::json;
 
+use crate::peers::{Guest, Peers, Running, Scratch, Shape, Vmm, BOOT_MARKER_ARG, BOOT_MARKER_LINE};
+use crate::report::{ms, ratio_to_best, times, Section};
 use crate::stats::{summarize, Summary};
 
-const READY: &str = "airlock-agent ready";
-/// The guest arguments every VMM gets (Airlock's own base line).
-const GUEST_ARGS: &str =
-    "console=ttyS0 reboot=k,panic_warm panic=-1 pci=off nomodule quiet airlock.oneshot";
+const DEADLINE: Duration = Duration::from_secs(120);
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct BootArgs {
-    /// Runs per VMM
+    /// Runs per VMM and shape
     #[arg(long, default_value_t = 10)]
-    runs: usize,
-    /// vCPUs per guest
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Guest memory in MiB
-    #[arg(long, default_value_t = 128)]
-    memory: u64,
-    /// airlock-vmm binary [default: target/release/airlock-vmm]
-    #[arg(long)]
-    airlock: Option<PathBuf>,
-    /// Guest kernel [default: the cached default guest image]
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Guest initramfs [default: the cached default guest image]
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Write the results as JSON to this file too
-    #[arg(long)]
-    json: Option<PathBuf>,
+    pub runs: usize,
+    /// Guest shapes as VCPUS:MIB (repeatable)
+    #[arg(long = "shape", value_parser = parse_shape, default_values = ["1:128", "2:512"])]
+    pub shapes: Vec<Shape>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-enum Vmm {
-    Airlock,
-    QemuMicrovm,
-    Firecracker,
+pub fn parse_shape(s: &str) -> Result<Shape, String> {
+    let (v, m) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected VCPUS:MIB, e.g. 1:128"))?;
+    let vcpus = v.parse().map_err(|e| format!("{s:?}: vCPUs: {e}"))?;
+    let memory_mib = m.parse().map_err(|e| format!("{s:?}: MiB: {e}"))?;
+    Ok(Shape { vcpus, memory_mib })
 }
 
-struct Setup {
-    airlock: PathBuf,
-    kernel: PathBuf,
-    initrd: PathBuf,
-    vcpus: u32,
-    memory: u64,
-    firecracker: Option<PathBuf>,
-    scratch: PathBuf,
+/// Where Airlock's boot went, from its boot-timer device (ms since the VMM
+/// process started).
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct Phases {
+    pub kernel_entry_ms: f64,
+    pub init_ms: f64,
+    pub agent_ready_ms: f64,
 }
 
-impl Setup {
-    fn command(&self, vmm: Vmm, run: usize) -> anyhow::Result<Command> {
-        let (kernel, initrd) = (self.kernel.display(), self.initrd.display());
-        let cmd = match vmm {
-            Vmm::Airlock => {
-                let mut c = Command::new(&self.airlock);
-                c.args([
-                    "--kernel",
-                    &kernel.to_string(),
-                    "--initrd",
-                    &initrd.to_string(),
-                ])
-                .args([
-                    "--vcpus",
-                    &self.vcpus.to_string(),
-                    "--memory",
-                    &self.memory.to_string(),
-                ])
-                .args(["--log-level", "warn"]);
-                c
-            }
-            Vmm::QemuMicrovm => {
-                let mut c = Command::new("qemu-system-x86_64");
-                c.args([
-                    "-M",
-                    "microvm,x-option-roms=off,rtc=off",
-                    "-enable-kvm",
-                    "-cpu",
-                    "host",
-                ])
-                .args([
-                    "-smp",
-                    &self.vcpus.to_string(),
-                    "-m",
-                    &self.memory.to_string(),
-                ])
-                .args([
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-display",
-                    "none",
-                    "-no-reboot",
-                ])
-                .args(["-serial", "stdio", "-kernel", &kernel.to_string()])
-                .args(["-initrd", &initrd.to_string(), "-append", GUEST_ARGS]);
-                c
-            }
-            Vmm::Firecracker => {
-                let bin = self
-                    .firecracker
-                    .as_ref()
-                    .context("FIRECRACKER_BIN not set")?;
-                let config = self.scratch.join(format!("fc-{run}.json"));
-                let json = serde_json::json!({
-                    "boot-source": {
-                        "kernel_image_path": self.kernel, "initrd_path": self.initrd,
-                        "boot_args": GUEST_ARGS.replace("reboot=k,panic_warm panic=-1", "reboot=k panic=1"),
-                    },
-                    "machine-config": { "vcpu_count": self.vcpus, "mem_size_mib": self.memory },
-                    "drives": [],
-                });
-                std::fs::write(&config, json.to_string())?;
-                let mut c = Command::new(bin);
-                c.args(["--no-api", "--level", "Error", "--config-file"])
-                    .arg(&config);
-                c
-            }
+impl Phases {
+    /// From the VMM's JSON log.
+    pub fn from_log(log: &str) -> Self {
+        let mut p = Phases {
+            kernel_entry_ms: f64::NAN,
+            init_ms: f64::NAN,
+            agent_ready_ms: f64::NAN,
         };
-        Ok(cmd)
+        for line in log.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            // tracing's JSON nests the fields; the VMM's own lines are flat.
+            let f = if v["fields"].is_object() {
+                &v["fields"]
+            } else {
+                &v
+            };
+            let get = |k: &str| f[k].as_f64();
+            if let Some(x) = get("kernel_entry_ms") {
+                p.kernel_entry_ms = x;
+            }
+            if let Some(x) = get("init_ms") {
+                p.init_ms = x;
+            }
+            if let Some(x) = get("ready_ms") {
+                p.agent_ready_ms = x;
+            }
+        }
+        p
     }
 }
 
-/// Milliseconds from spawning `cmd` to the ready line, or an error with the
-/// output tail.
-fn time_to_ready(mut cmd: Command) -> anyhow::Result<f64> {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.trim_end() == READY {
-                let _ = tx.send(start.elapsed());
-            }
-        }
-    });
-    let ready = rx.recv_timeout(Duration::from_secs(120));
-    // Boot is what is measured: once the guest is ready (or never got
-    // there), the VMM is stopped at once rather than left to shut down.
-    let status = wait_or_kill(&mut child, Duration::ZERO);
-    match ready {
-        Ok(d) => Ok(d.as_secs_f64() * 1000.0),
-        Err(_) => {
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                let _ = e.read_to_string(&mut err);
-            }
-            bail!(
-                "no '{READY}' line (exit {status:?}); stderr: {}",
-                err.trim()
-            )
+/// An `airlock-vmm` started the way the runtime starts a sandbox's
+/// (`VmmProcess::spawn`, then `connect_when_ready`), with no drives.
+pub struct AirlockVm {
+    pub pid: u32,
+    pub started: Instant,
+    pub spec: airlock_runtime::vmm::VmmSpec,
+    _dir: Scratch,
+}
+
+impl AirlockVm {
+    pub fn start(peers: &Peers, guest: &Guest, shape: Shape) -> anyhow::Result<Self> {
+        let dir = Scratch::new("airlock")?;
+        let spec = airlock_spec(guest, shape, dir.path());
+        let started = Instant::now();
+        let vmm = airlock_runtime::vmm::VmmProcess::spawn(&peers.airlock_vmm, &spec)?;
+        Ok(AirlockVm {
+            pid: vmm.pid(),
+            started,
+            spec,
+            _dir: dir,
+        })
+    }
+
+    /// Waits for the agent to answer `Check`; returns when it did.
+    pub fn connect(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<Instant> {
+        let pid = self.pid;
+        let alive = move || std::path::Path::new(&format!("/proc/{pid}")).exists();
+        rt.block_on(airlock_runtime::agent_client::connect_when_ready(
+            &self.spec.vsock_uds,
+            &self.spec.log_path,
+            DEADLINE,
+            alive,
+        ))
+        .with_context(|| format!("Airlock's agent never answered; VMM log:\n{}", self.log()))?;
+        Ok(Instant::now())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.spec.log_path).unwrap_or_default()
+    }
+}
+
+impl Drop for AirlockVm {
+    fn drop(&mut self) {
+        // SAFETY: kill and waitpid only read their arguments; the VMM is
+        // our child (VmmProcess::spawn forgets its handle, not the process).
+        unsafe {
+            libc::kill(self.pid as i32, libc::SIGKILL);
+            libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
         }
     }
 }
 
-fn wait_or_kill(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if let Ok(Some(s)) = child.try_wait() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(20));
+/// One Airlock boot: milliseconds to `Check`, and its phases.
+pub fn airlock_boot(
+    peers: &Peers,
+    guest: &Guest,
+    shape: Shape,
+    rt: &tokio::runtime::Runtime,
+) -> anyhow::Result<(f64, Phases)> {
+    let vm = AirlockVm::start(peers, guest, shape)?;
+    let answered = vm.connect(rt)?;
+    let ms = answered.duration_since(vm.started).as_secs_f64() * 1000.0;
+    Ok((ms, Phases::from_log(&vm.log())))
+}
+
+/// The VMM as the runtime starts it for a sandbox (`airlock-runtime`'s
+/// `VmmSpec`), without the workload drives.
+pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime::vmm::VmmSpec {
+    airlock_runtime::vmm::VmmSpec {
+        kernel: guest.kernel.clone(),
+        initrd: guest.initrd.clone(),
+        vcpus: shape.vcpus as u8,
+        memory_mib: shape.memory_mib as u32,
+        vsock_uds: dir.join("vsock.sock"),
+        guest_cid: 3,
+        drives: vec![],
+        log_path: dir.join("vmm.log"),
+        console_path: Some(dir.join("console.log")),
+        extra_args: vec![],
+        die_with_parent: true,
     }
-    let _ = child.kill();
-    child.wait().ok()
+}
+
+/// One peer boot: milliseconds to the boot marker.
+fn peer_boot(peers: &Peers, vmm: Vmm, guest: &Guest, shape: Shape) -> anyhow::Result<f64> {
+    let scratch = Scratch::new("boot")?;
+    let cmd = peers.peer_command(vmm, guest, shape, BOOT_MARKER_ARG, None, scratch.path())?;
+    let mut running = Running::spawn(cmd)?;
+    let at = running.wait_for_line(BOOT_MARKER_LINE, DEADLINE);
+    let started = running.started;
+    running.kill();
+    Ok(at?.duration_since(started).as_secs_f64() * 1000.0)
 }
 
 #[derive(Serialize)]
 struct Row {
     vmm: Vmm,
+    measured_to: &'static str,
     #[serde(flatten)]
     summary: Summary,
-    /// Airlock's median divided by this VMM's median.
+    ratio_to_best: f64,
     airlock_ratio: f64,
 }
 
-pub fn run(args: &BootArgs) -> anyhow::Result<()> {
-    let guest = airlock_vmm::config::default_guest_dir();
-    let setup = Setup {
-        airlock: args
-            .airlock
-            .clone()
-            .unwrap_or_else(|| "target/release/airlock-vmm".into()),
-        kernel: args.kernel.clone().unwrap_or_else(|| guest.join("vmlinux")),
-        initrd: args
-            .initrd
-            .clone()
-            .unwrap_or_else(|| guest.join("initramfs.cpio")),
-        vcpus: args.vcpus,
-        memory: args.memory,
-        firecracker: std::env::var_os("FIRECRACKER_BIN").map(PathBuf::from),
-        scratch: std::env::temp_dir(),
-    };
-    let mut vmms = vec![Vmm::Airlock, Vmm::QemuMicrovm];
-    if setup.firecracker.is_some() {
-        vmms.push(Vmm::Firecracker);
-    }
-    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); vmms.len()];
-    for run in 0..args.runs {
-        for (i, vmm) in vmms.iter().enumerate() {
-            let ms = time_to_ready(setup.command(*vmm, run)?)
-                .with_context(|| format!("{vmm:?}, run {}", run + 1))?;
-            eprintln!("boot: run {}/{} {vmm:?}: {ms:.0} ms", run + 1, args.runs);
-            samples[i].push(ms);
+pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
+    let guest = peers.guest.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let vmms = peers.vmms();
+    let mut section = Section::new(json!([]));
+    section.para(&format!(
+        "Boot to ready, same kernel and initramfs for every VMM, {} runs each, \
+         interleaved. Airlock: VMM start until the agent answers `Check` over \
+         vsock. Peers: VMM start until `/init` prints its marker. {}.",
+        args.runs,
+        peers.note()
+    ));
+    let mut results = Vec::new();
+    for &shape in &args.shapes {
+        let mut samples = vec![Vec::new(); vmms.len()];
+        let mut phases = Vec::new();
+        for run in 0..args.runs {
+            for (i, &vmm) in vmms.iter().enumerate() {
+                let ms = if vmm == Vmm::Airlock {
+                    let (ms, p) = airlock_boot(peers, &guest, shape, &rt)?;
+                    phases.push(p);
+                    ms
+                } else {
+                    peer_boot(peers, vmm, &guest, shape)?
+                };
+                eprintln!(
+                    "boot: {shape}, run {}/{}: {}: {ms:.0} ms",
+                    run + 1,
+                    args.runs,
+                    vmm.name()
+                );
+                samples[i].push(ms);
+            }
         }
+        let summaries: Vec<Summary> = samples
+            .iter()
+            .map(|s| summarize(s).context("no samples"))
+            .collect::<Result<_, _>>()?;
+        let medians: Vec<f64> = summaries.iter().map(|s| s.median_ms).collect();
+        let airlock = medians[0];
+        let rows: Vec<Row> = vmms
+            .iter()
+            .zip(summaries)
+            .map(|(&vmm, summary)| Row {
+                vmm,
+                measured_to: if vmm == Vmm::Airlock {
+                    "agent answers Check"
+                } else {
+                    "/init marker"
+                },
+                ratio_to_best: ratio_to_best(summary.median_ms, &medians, false),
+                airlock_ratio: airlock / summary.median_ms,
+                summary,
+            })
+            .collect();
+        let phase = |f: fn(&Phases) -> f64| {
+            let v: Vec<f64> = phases.iter().map(f).collect();
+            summarize(&v).map_or(f64::NAN, |s| s.median_ms)
+        };
+        let median_phases = Phases {
+            kernel_entry_ms: phase(|p| p.kernel_entry_ms),
+            init_ms: phase(|p| p.init_ms),
+            agent_ready_ms: phase(|p| p.agent_ready_ms),
+        };
+        section.para(&format!("**Boot to ready, {shape}** (ms)"));
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.vmm.name().into(),
+                    r.measured_to.into(),
+                    ms(r.summary.median_ms),
+                    format!("{}–{}", ms(r.summary.min_ms), ms(r.summary.max_ms)),
+                    times(r.ratio_to_best),
+                    times(r.airlock_ratio),
+                ]
+            })
+            .collect();
+        section.table(
+            &[
+                "VMM",
+                "until",
+                "median",
+                "min–max",
+                "÷ best",
+                "Airlock ÷ this",
+            ],
+            &table,
+        );
+        section.para(&format!(
+            "Airlock's phases (medians, ms from VMM start, its boot-timer \
+             device): guest kernel entry {}, `/init` {}, agent ready {}, \
+             `Check` answered {}.",
+            ms(median_phases.kernel_entry_ms),
+            ms(median_phases.init_ms),
+            ms(median_phases.agent_ready_ms),
+            ms(airlock)
+        ));
+        results.push(json!({
+            "vcpus": shape.vcpus, "memory_mib": shape.memory_mib,
+            "results": rows, "airlock_phases_median": median_phases,
+        }));
     }
-    let summaries: Vec<Summary> = samples
-        .iter()
-        .map(|s| summarize(s).context("no samples"))
-        .collect::<Result<_, _>>()?;
-    let airlock = summaries[0].median_ms;
-    let rows: Vec<Row> = vmms
-        .iter()
-        .zip(summaries)
-        .map(|(vmm, summary)| Row {
-            vmm: *vmm,
-            airlock_ratio: airlock / summary.median_ms,
-            summary,
-        })
-        .collect();
-    print_table(args, &rows);
-    let json = serde_json::json!({
-        "benchmark": "boot_to_ready", "vcpus": args.vcpus, "memory_mib": args.memory, "results": rows,
-    });
-    println!("{json}");
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
-    }
-    Ok(())
+    section.json = json!({ "benchmark": "boot_to_ready", "runs": args.runs, "shapes": results });
+    Ok(section)
 }
 
-fn print_table(args: &BootArgs, rows: &[Row]) {
-    println!(
-        "Boot to `{READY}` ({} vCPU, {} MiB, {} runs each)\n",
-        args.vcpus, args.memory, args.runs
-    );
-    println!("| VMM | median ms | min–max ms | Airlock ÷ this |");
-    println!("|---|---:|---:|---:|");
-    for r in rows {
-        let s = &r.summary;
-        println!(
-            "| {:?} | {:.0} | {:.0}–{:.0} | {:.2}× |",
-            r.vmm, s.median_ms, s.min_ms, s.max_ms, r.airlock_ratio
-        );
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_parse() {
+        let s = parse_shape("2:512").unwrap();
+        assert_eq!((s.vcpus, s.memory_mib), (2, 512));
+        assert!(parse_shape("2").is_err());
+        assert!(parse_shape("x:1").is_err());
     }
-    println!();
+
+    #[test]
+    fn phases_come_from_the_boot_timer_lines() {
+        let log = concat!(
+            r#"{"fields":{"message":"boot timing","kernel_entry_ms":12.5,"init_ms":80.0}}"#,
+            "\nnot json\n",
+            r#"{"fields":{"message":"boot timing","ready_ms":95.25}}"#
+        );
+        let p = Phases::from_log(log);
+        assert_eq!(
+            (p.kernel_entry_ms, p.init_ms, p.agent_ready_ms),
+            (12.5, 80.0, 95.25)
+        );
+        assert!(Phases::from_log("").init_ms.is_nan());
+    }
 }

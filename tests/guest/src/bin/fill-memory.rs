@@ -4,6 +4,9 @@
 //! still holding that memory*, so that the marker is in guest RAM when the
 //! VMM wipes it.
 //!
+//! `airlock.test.fill_percent=P` (default 70) or `airlock.test.fill_mib=N`
+//! set how much it fills.
+//!
 //! The marker is computed at run time so that it appears nowhere in the
 //! initramfs or on the command line: finding it in memory means this program
 //! wrote it.
@@ -21,7 +24,13 @@ fn main() {
         .unwrap_or(70)
         .min(95);
     let available = mem_available_bytes().unwrap_or(64 << 20);
-    let bytes = (available / 100 * percent) as usize & !0xfff;
+    // `airlock.test.fill_mib=N` asks for a fixed amount instead (capped at
+    // 95% of what is available): airlock-bench's teardown benchmark.
+    let bytes = match param(&cmdline, "airlock.test.fill_mib") {
+        Some(mib) => (mib << 20).min(available / 100 * 95),
+        None => available / 100 * percent,
+    } as usize
+        & !0xfff;
     let marker = airlock_test_guest::marker_word(seed);
 
     let mut buf: Vec<u64> = Vec::new();
