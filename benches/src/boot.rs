@@ -24,7 +24,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 #[derive(clap::Args, Clone)]
 pub struct BootArgs {
     /// Runs per VMM and shape
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 7)]
     pub runs: usize,
     /// Guest shapes as VCPUS:MIB (repeatable)
     #[arg(long = "shape", value_parser = parse_shape, default_values = ["1:128", "2:512"])]

@@ -19,7 +19,7 @@ use crate::stats::{summarize, Summary};
 #[derive(clap::Args, Clone)]
 pub struct ExecArgs {
     /// Execs per path
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 10)]
     pub runs: usize,
 }
 

@@ -19,7 +19,7 @@ use crate::stats::summarize;
 #[derive(clap::Args, Clone)]
 pub struct LifecycleArgs {
     /// Sandboxes per measurement
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     pub jobs: usize,
     /// Concurrency levels (repeatable)
     #[arg(long = "parallel", default_values_t = [1, 4])]

@@ -355,18 +355,35 @@ impl Running {
         }
     }
 
-    /// Waits for the process to exit; returns when it did.
+    /// Waits for the process to exit; returns when it did. Blocks in
+    /// waitpid rather than polling, which would take CPU time from the VMM
+    /// being timed; a watchdog kills it after `timeout`.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<(Instant, ExitStatus)> {
-        let until = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok((Instant::now(), status));
-            }
-            if Instant::now() >= until {
-                bail!("did not exit within {timeout:?}{}", self.context());
-            }
-            std::thread::sleep(Duration::from_micros(500));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pid = self.child.id();
+        let watchdog = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + timeout;
+                while !done.load(std::sync::atomic::Ordering::Acquire) {
+                    if Instant::now() >= until {
+                        // SAFETY: kill only reads its arguments; the child is
+                        // not reaped yet, so the pid is still ours.
+                        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                false
+            })
+        };
+        let status = self.child.wait();
+        let at = Instant::now();
+        done.store(true, std::sync::atomic::Ordering::Release);
+        if watchdog.join().unwrap_or(false) {
+            bail!("did not exit within {timeout:?}{}", self.context());
         }
+        Ok((at, status?))
     }
 
     /// The process ID.

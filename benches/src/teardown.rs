@@ -19,7 +19,7 @@ const WROTE: &str = "fill-memory: wrote";
 #[derive(clap::Args, Clone)]
 pub struct TeardownArgs {
     /// Runs per VMM and point
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub runs: usize,
     /// Guest memory sizes in MiB (repeatable)
     #[arg(long = "memory", default_values_t = [128, 512, 2048])]

@@ -20,10 +20,10 @@ use crate::stats::summarize;
 #[derive(clap::Args, Clone)]
 pub struct VsockArgs {
     /// MiB per transfer
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 32)]
     pub mib: u64,
     /// Runs per VMM and direction
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub runs: usize,
 }
 

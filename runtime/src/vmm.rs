@@ -140,7 +140,7 @@ impl VmmProcess {
                 });
                 return Err(VmmError::Failed(reason));
             }
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(10));
         }
         // It keeps running without us: whoever stops it reaps it, or init
         // does once we exit. Forget the handle (no wait on drop in std).

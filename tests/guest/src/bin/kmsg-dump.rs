@@ -11,10 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 fn main() {
     airlock_test_guest::init();
-    let mut out: Box<dyn Write> = match std::fs::OpenOptions::new().write(true).open("/dev/ttyS0") {
-        Ok(f) if std::env::args().any(|a| a == "tty") => Box::new(f),
-        _ => Box::new(std::io::stdout().lock()),
-    };
+    let mut out = std::io::stdout().lock();
     match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
