@@ -255,7 +255,9 @@ impl Containerd {
                 && crate::processes_mentioning("containerd-shim-airlock-v2").is_empty()
                 && std::fs::read_dir("/run/airlock").map_or(true, |mut d| d.next().is_none())
         };
-        let until = Instant::now() + Duration::from_secs(20);
+        // Teardown wipes guest memory and scrubs the scratch disk: seconds
+        // in the software-emulated test host, more when the machine is busy.
+        let until = Instant::now() + Duration::from_secs(60);
         while !gone() && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(100));
         }
