@@ -163,9 +163,8 @@ impl LogWaker {
             .ok()
             .and_then(|i| {
                 i.add_watch(log, AddWatchFlags::IN_MODIFY).ok()?;
-                // SAFETY: the fd is the inotify instance's own, open until
-                // `InotifyFd` (owned by the AsyncFd) is dropped, and
-                // `as_raw_fd` always returns that same fd.
+                // SAFETY: the inotify fd stays open until the AsyncFd drops
+                // `InotifyFd`, and `as_raw_fd` always returns that same fd.
                 unsafe {
                     AsyncFd::register_with_interest(InotifyFd(i), tokio::io::Interest::READABLE)
                 }
