@@ -140,6 +140,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let config = config_from(&cli);
+    // Every VMM thread runs under its seccomp filter; nothing turns this off.
+    airlock_vmm::seccomp::enable();
     match Vmm::new(config, start).run() {
         Ok(report) if report.exit.is_clean() => {
             tracing::info!("VM stopped: {}", report.exit);

@@ -11,6 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{build_and_start, BuildError, RunningVm};
 use crate::config::VmConfig;
 use crate::exit::{ExitSignal, VmExit};
+use crate::seccomp::{self, ThreadKind};
 use crate::signal;
 use crate::vstate::memory::{self, WipeReport};
 
@@ -94,6 +95,10 @@ impl Vmm {
     pub fn run(mut self) -> Result<RunReport, VmmError> {
         let term = signal::termination_event().map_err(VmmError::Signals)?;
         let running = build_and_start(&self.config, self.start)?;
+        if let Err(e) = seccomp::apply(ThreadKind::Main) {
+            // Never run unfiltered in a process that asked for filters.
+            running.exit.signal(VmExit::Error(e.to_string()));
+        }
         // Whoever started the VMM may wait for this line (airlock-runtime
         // does): past it, setup errors are behind us.
         tracing::info!(

@@ -78,6 +78,18 @@ pub fn vmm_binary() -> PathBuf {
     p
 }
 
+/// The `airlock-vmm` built with the test-only `seccomp-probe` feature,
+/// which `tests/run` builds into its own target directory.
+pub fn seccomp_probe_vmm_binary() -> PathBuf {
+    let p = workspace_root().join("target/seccomp-probe/debug/airlock-vmm");
+    assert!(
+        p.exists(),
+        "{} is missing: tests/run builds it (cargo build -p airlock-vmm --features seccomp-probe --target-dir target/seccomp-probe)",
+        p.display()
+    );
+    p
+}
+
 /// The release `airlock` CLI that `scripts/setup` builds.
 pub fn airlock_binary() -> PathBuf {
     let p = workspace_root().join("target/release/airlock");

@@ -12,7 +12,9 @@ use crate::boot::{self, BootError};
 use crate::config::{ConfigError, VmConfig};
 use crate::devices::bus::BusError;
 use crate::devices::pseudo::boot_timer::BootClock;
+use crate::devices::virtio::worker::{self, PoolError};
 use crate::exit::ExitSignal;
+use crate::seccomp;
 use crate::vstate::memory::{self, GuestRam, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
@@ -31,6 +33,8 @@ pub enum BuildError {
     Boot(#[from] BootError),
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Workers(#[from] PoolError),
     /// The MP table could not be written.
     #[error("cannot write the MP table")]
     Mptable(#[source] MptableError),
@@ -78,6 +82,11 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
     // Devices open their backends (images, sockets) before KVM is touched,
     // so a bad path is reported as such on any host.
     let devices = virtio::devices_from_config(config)?;
+    if seccomp::enabled() {
+        // One pooled thread per device, under the device filter, before
+        // any guest code runs (see devices::virtio::worker).
+        worker::start_pool(devices.len())?;
+    }
     phase("start");
     let vm = Vm::new()?;
     phase("KVM VM created");

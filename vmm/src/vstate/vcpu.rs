@@ -15,6 +15,7 @@ use crate::arch::x86_64::{cpuid, interrupts, msr, regs};
 use crate::devices::bus::Bus;
 use crate::devices::pseudo::boot_timer::BootClock;
 use crate::exit::{ExitSignal, VmExit};
+use crate::seccomp::{self, ThreadKind};
 use crate::vstate::vm::Vm;
 
 /// Errors from creating or configuring a vCPU.
@@ -149,6 +150,13 @@ impl Vcpu {
     }
 
     fn run(mut self, ctx: VcpuContext, stop: &AtomicBool) {
+        if let Err(e) = seccomp::apply(ThreadKind::Vcpu) {
+            // Never run guest code unfiltered in a process that asked for
+            // filters.
+            ctx.exit
+                .signal(VmExit::Error(format!("vCPU {}: {e}", self.id)));
+            return;
+        }
         if self.id == 0 {
             // The boot vCPU's first KVM_RUN enters the guest kernel.
             ctx.clock.mark_kernel_entry();

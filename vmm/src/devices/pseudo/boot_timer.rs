@@ -18,6 +18,11 @@ pub const BOOT_TIMER_PORT: u64 = 0x3f0;
 pub const INIT_STARTED: u8 = 1;
 /// The agent is ready.
 pub const AGENT_READY: u8 = 2;
+/// Test builds only (feature `seccomp-probe`): the vCPU thread that handles
+/// this write makes a syscall outside its seccomp filter, which must kill
+/// the VMM with SIGSYS.
+#[cfg(feature = "seccomp-probe")]
+pub const SECCOMP_PROBE: u8 = 0xee;
 
 /// Timestamps of the boot phases, shared by the vCPUs and the device.
 #[derive(Debug)]
@@ -92,6 +97,12 @@ impl BusDevice for BootTimer {
                     init_ms = millis(Some(now)),
                     "boot timing: process start to guest kernel entry and to /init"
                 );
+            }
+            #[cfg(feature = "seccomp-probe")]
+            (0, [SECCOMP_PROBE]) => {
+                tracing::warn!("seccomp probe: calling getppid(2), outside the vCPU filter");
+                // SAFETY: getppid takes no arguments and changes nothing.
+                unsafe { libc::syscall(libc::SYS_getppid) };
             }
             (0, [AGENT_READY]) if self.clock.ready.set(now).is_ok() => {
                 tracing::info!(
