@@ -132,6 +132,9 @@ impl Drop for AirlockVm {
             libc::kill(self.pid as i32, libc::SIGKILL);
             libc::waitpid(self.pid as i32, std::ptr::null_mut(), 0);
         }
+        if let Some(jail) = &self.spec.jail {
+            let _ = airlock_runtime::jail::remove_cgroup(&jail.cgroup);
+        }
     }
 }
 
@@ -149,14 +152,28 @@ pub fn airlock_boot(
 }
 
 /// The VMM as the runtime starts it for a sandbox (`airlock-runtime`'s
-/// `VmmSpec`), without the workload drives.
+/// `VmmSpec`, jail included), without the workload drives.
 pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime::vmm::VmmSpec {
+    let root = dir.join("root");
+    let name = dir
+        .file_name()
+        .map_or_else(|| "bench".into(), |n| n.to_string_lossy().into_owned());
+    let settings = airlock_runtime::config::JailSettings {
+        cgroup_parent: "/sys/fs/cgroup/airlock-bench".into(),
+        ..Default::default()
+    };
     airlock_runtime::vmm::VmmSpec {
+        jail: Some(airlock_runtime::jail::JailSpec::new(
+            &settings,
+            &name,
+            &root,
+            shape.memory_mib as u32,
+        )),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),
         vcpus: shape.vcpus as u8,
         memory_mib: shape.memory_mib as u32,
-        vsock_uds: dir.join("vsock.sock"),
+        vsock_uds: root.join("vsock.sock"),
         guest_cid: 3,
         drives: vec![],
         log_path: dir.join("vmm.log"),

@@ -6,6 +6,9 @@
 //! memory_mib = 512
 //! [timeouts]
 //! agent_connect_secs = 60
+//! [jail]
+//! uid = 990
+//! gid = 990
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -54,6 +57,39 @@ impl Default for Timeouts {
     }
 }
 
+/// How each VMM is jailed (see `jail.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailSettings {
+    /// Jail every VMM: new pid/mount/net/ipc/uts namespaces, a root of its
+    /// own, no capabilities, `no_new_privs`, an unprivileged user, a cgroup
+    /// and rlimits. Needs root. `false` leaves only the VMM's seccomp
+    /// filters between a guest that escapes KVM and the host.
+    pub enabled: bool,
+    /// The user and group each VMM runs as.
+    pub uid: u32,
+    pub gid: u32,
+    /// The cgroup v2 directory under which each VMM gets `<sandbox id>/`.
+    pub cgroup_parent: PathBuf,
+    /// The VMM's memory.max: guest memory plus this much.
+    pub memory_overhead_mib: u64,
+    /// The VMM's pids.max (its threads: main, vCPUs, device workers).
+    pub pids_max: u32,
+}
+
+impl Default for JailSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            uid: 65534,
+            gid: 65534,
+            cgroup_parent: PathBuf::from("/sys/fs/cgroup/airlock"),
+            memory_overhead_mib: 64,
+            pids_max: 64,
+        }
+    }
+}
+
 /// The runtime's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -74,6 +110,7 @@ pub struct RuntimeConfig {
     pub image_dir: PathBuf,
     pub default_image: String,
     pub timeouts: Timeouts,
+    pub jail: JailSettings,
 }
 
 /// `${AIRLOCK_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/airlock}`, as the
@@ -116,6 +153,7 @@ impl Default for RuntimeConfig {
             image_dir: cache.join("images"),
             default_image: "default".into(),
             timeouts: Timeouts::default(),
+            jail: JailSettings::default(),
         }
     }
 }
@@ -172,6 +210,12 @@ impl RuntimeConfig {
             return Err(ConfigError::Invalid(format!(
                 "scratch_mib = {}: use 16 to 1048576",
                 self.scratch_mib
+            )));
+        }
+        if self.jail.enabled && self.jail.pids_max < 8 {
+            return Err(ConfigError::Invalid(format!(
+                "jail.pids_max = {}: the VMM needs at least 8 (main, vCPUs, device workers)",
+                self.jail.pids_max
             )));
         }
         if self.timeouts.agent_connect_secs == 0 {

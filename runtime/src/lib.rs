@@ -7,6 +7,7 @@
 //! * [`image`]: workload images (named, or converted from a directory);
 //! * [`scratch`]: the per-sandbox scratch disk, scrubbed at teardown;
 //! * [`vmm`]: the `airlock-vmm` child process;
+//! * [`jail`]: its namespaces and cgroup (the VMM finishes its own jail);
 //! * [`agent_client`]: hybrid-vsock handshake, ttrpc, version check;
 //! * [`sandbox`]: the lifecycle that ties them together.
 //!
@@ -28,6 +29,7 @@
 pub mod agent_client;
 pub mod config;
 pub mod image;
+pub mod jail;
 pub mod sandbox;
 pub mod scratch;
 pub mod state;

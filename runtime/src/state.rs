@@ -128,6 +128,11 @@ impl StateDir {
         // The umask may have narrowed it; make it exactly 0700.
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| StateError::Create(dir.clone(), e))?;
+        let root = dir.join("root");
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&root)
+            .map_err(|e| StateError::Create(root, e))?;
         Ok(Self {
             id: id.clone(),
             dir,
@@ -154,9 +159,16 @@ impl StateDir {
         &self.dir
     }
 
-    /// The host end of the guest's vsock (hybrid vsock's Unix socket).
+    /// The VMM's jail root: what the VMM sees as `/` (bind mounts of its
+    /// files, and its vsock socket).
+    pub fn jail_root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// The host end of the guest's vsock (hybrid vsock's Unix socket),
+    /// inside the jail root so that the jailed VMM can create it.
     pub fn vsock_uds(&self) -> PathBuf {
-        self.dir.join("vsock.sock")
+        self.jail_root().join("vsock.sock")
     }
 
     pub fn scratch_path(&self) -> PathBuf {

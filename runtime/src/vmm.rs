@@ -24,6 +24,8 @@ pub enum VmmError {
     /// Cannot signal the VMM (pid {0}): {1}
     #[error("Cannot signal the VMM (pid {0}): {1}")]
     Signal(u32, std::io::Error),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
 }
 
 /// A drive of the VM.
@@ -50,6 +52,8 @@ pub struct VmmSpec {
     /// Stop the VM (SIGTERM: it wipes and exits) if the process that
     /// started it dies; for sandboxes that must not outlive one command.
     pub die_with_parent: bool,
+    /// Jail the VMM (namespaces, cgroup, root of its own, no privileges).
+    pub jail: Option<crate::jail::JailSpec>,
 }
 
 impl VmmSpec {
@@ -83,6 +87,9 @@ impl VmmSpec {
         for a in &self.extra_args {
             cmd.arg("--append").arg(a);
         }
+        if let Some(jail) = &self.jail {
+            cmd.args(jail.vmm_args());
+        }
         cmd
     }
 }
@@ -105,36 +112,34 @@ impl VmmProcess {
         let log2 = log
             .try_clone()
             .map_err(|e| VmmError::Log(spec.log_path.clone(), e))?;
-        let mut cmd = spec.command(binary);
-        cmd.stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0);
-        if spec.die_with_parent {
-            // SAFETY: the closure runs in the child between fork and exec and
-            // only calls prctl, which is async-signal-safe.
-            unsafe {
-                cmd.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
+        let pid = match &spec.jail {
+            Some(jail) => {
+                let procs = crate::jail::create_cgroup(jail)?;
+                let cmd = spec.command(binary);
+                let mut argv = vec![binary.as_os_str().to_os_string()];
+                argv.extend(cmd.get_args().map(|a| a.to_os_string()));
+                let spawned = crate::jail::spawn(&argv, log, log2, &procs, spec.die_with_parent);
+                if spawned.is_err() {
+                    let _ = crate::jail::remove_cgroup(&jail.cgroup);
+                }
+                spawned?
             }
-        }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| VmmError::Spawn(binary.to_path_buf(), e))?;
-        let pid = child.id();
+            None => spawn_plain(binary, spec, log, log2)?,
+        };
         // A setup error (no KVM, bad kernel) ends it within milliseconds;
         // its one-line reason is the best error there is. Once it logs that
         // the VM runs, setup is over: no need to wait out the deadline.
         let deadline = Instant::now() + Duration::from_millis(300);
         while Instant::now() < deadline && !logged_running(&spec.log_path) {
-            if let Ok(Some(status)) = child.try_wait() {
+            let mut status = 0;
+            // SAFETY: waitpid writes one int, which lives across the call.
+            if unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) } == pid as i32 {
+                if let Some(jail) = &spec.jail {
+                    let _ = crate::jail::remove_cgroup(&jail.cgroup);
+                }
                 let reason = error_line(&spec.log_path).unwrap_or_else(|| {
                     format!(
-                        "airlock-vmm exited at once ({status}); see {}",
+                        "airlock-vmm exited at once (wait status {status:#x}); see {}",
                         spec.log_path.display()
                     )
                 });
@@ -143,14 +148,44 @@ impl VmmProcess {
             std::thread::sleep(Duration::from_millis(10));
         }
         // It keeps running without us: whoever stops it reaps it, or init
-        // does once we exit. Forget the handle (no wait on drop in std).
-        drop(child);
+        // does once we exit.
         Ok(Self { pid })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid
     }
+}
+
+/// Starts the VMM unjailed (`[jail] enabled = false`); returns its pid.
+fn spawn_plain(
+    binary: &Path,
+    spec: &VmmSpec,
+    log: std::fs::File,
+    log2: std::fs::File,
+) -> Result<u32, VmmError> {
+    let mut cmd = spec.command(binary);
+    cmd.stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0);
+    if spec.die_with_parent {
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    // std does not wait for a dropped Child: the pid is all we keep.
+    let child = cmd
+        .spawn()
+        .map_err(|e| VmmError::Spawn(binary.to_path_buf(), e))?;
+    Ok(child.id())
 }
 
 /// The wipe the VMM logged as it stopped.
@@ -257,12 +292,12 @@ pub fn wipe_from_log(log: &Path) -> Option<WipeLine> {
 
 /// Whether the VMM has logged that its VM runs (`airlock-vmm`'s
 /// `VM_RUNNING` line; this crate does not link the VMM).
-fn logged_running(log: &Path) -> bool {
+pub(crate) fn logged_running(log: &Path) -> bool {
     std::fs::read_to_string(log).is_ok_and(|t| t.contains("\"VM running\""))
 }
 
 /// The VMM's `airlock-vmm: error: ...` line, if it wrote one.
-fn error_line(log: &Path) -> Option<String> {
+pub(crate) fn error_line(log: &Path) -> Option<String> {
     let text = std::fs::read_to_string(log).ok()?;
     text.lines()
         .rev()
@@ -299,7 +334,37 @@ mod tests {
             console_path: None,
             extra_args: vec![],
             die_with_parent: false,
+            jail: None,
         }
+    }
+
+    #[test]
+    fn a_jail_adds_its_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(dir.path());
+        let settings = crate::config::JailSettings::default();
+        spec.jail = Some(crate::jail::JailSpec::new(
+            &settings,
+            "abc",
+            &dir.path().join("root"),
+            128,
+        ));
+        let jail = spec.jail.as_ref().unwrap();
+        assert_eq!(jail.cgroup, Path::new("/sys/fs/cgroup/airlock/abc"));
+        assert_eq!(jail.memory_max, (128 + 64) << 20);
+        let args: Vec<String> = spec
+            .command(Path::new("/bin/airlock-vmm"))
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let joined = args.join(" ");
+        assert!(
+            joined.ends_with(&format!(
+                "--jail-root {}/root --jail-uid 65534 --jail-gid 65534",
+                dir.path().display()
+            )),
+            "{joined}"
+        );
     }
 
     #[test]

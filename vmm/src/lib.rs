@@ -17,6 +17,7 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod jail;
 pub mod seccomp;
 pub mod signal;
 pub mod vmm;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use airlock_vmm::config::default_guest_dir;
 use airlock_vmm::config::{DriveConfig, VsockConfig};
+use airlock_vmm::jail::JailConfig;
 use airlock_vmm::{ConsoleOutput, VmConfig, Vmm};
 use clap::{Parser, ValueEnum};
 
@@ -63,6 +64,31 @@ struct Cli {
     /// Where the serial console goes: `stdout`, `off`, or a file path
     #[arg(long, default_value = "stdout", value_name = "stdout|off|PATH")]
     console: String,
+    /// Jail the VMM in this directory before it builds the VM: a private
+    /// mount namespace, the directory as its root (holding bind mounts of
+    /// only the kernel, initrd, drives, console and /dev/kvm; the vsock
+    /// socket must be inside it), no capabilities, `no_new_privs`, and
+    /// the `--jail-uid`/`--jail-gid` user. Needs root. airlock-runtime
+    /// passes it, after starting the VMM in new pid/net/ipc/uts/mount
+    /// namespaces and a cgroup.
+    #[arg(long, value_name = "DIR")]
+    jail_root: Option<PathBuf>,
+    /// The user the jailed VMM runs as
+    #[arg(
+        long,
+        value_name = "UID",
+        default_value_t = 65534,
+        requires = "jail_root"
+    )]
+    jail_uid: u32,
+    /// The group the jailed VMM runs as
+    #[arg(
+        long,
+        value_name = "GID",
+        default_value_t = 65534,
+        requires = "jail_root"
+    )]
+    jail_gid: u32,
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -137,9 +163,40 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 
 fn main() -> ExitCode {
     let start = Instant::now();
+    // One malloc arena for every thread. glibc gives threads arenas of
+    // their own and, when one shrinks, reads /proc/sys/vm/overcommit_memory:
+    // an openat(2) that the device and vCPU seccomp filters rightly refuse.
+    // SAFETY: mallopt only sets an allocator parameter; no thread runs yet.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     init_logging(&cli);
-    let config = config_from(&cli);
+    let mut config = config_from(&cli);
+    let mut jailed_as: Option<airlock_vmm::jail::Jailed> = None;
+    if let Some(root) = &cli.jail_root {
+        let jail = JailConfig {
+            root: root.clone(),
+            uid: cli.jail_uid,
+            gid: cli.jail_gid,
+        };
+        match airlock_vmm::jail::enter(&jail, &mut config) {
+            Ok(jailed) => {
+                if let Some(why) = &jailed.kept_root {
+                    tracing::warn!("{why}");
+                }
+                tracing::info!(
+                    root = %root.display(),
+                    uid = jailed.uid,
+                    gid = jailed.gid,
+                    "jailed"
+                );
+                jailed_as = Some(jailed);
+            }
+            Err(e) => {
+                eprintln!("airlock-vmm: error: {}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        }
+    }
     // Every VMM thread runs under its seccomp filter; nothing turns this off.
     airlock_vmm::seccomp::enable();
     match Vmm::new(config, start).run() {
@@ -152,7 +209,12 @@ fn main() -> ExitCode {
             ExitCode::from(report.exit.exit_code() as u8)
         }
         Err(e) => {
-            eprintln!("airlock-vmm: error: {}", error_chain(&e));
+            let msg = error_chain(&e);
+            let msg = match &jailed_as {
+                Some(jailed) => jailed.explain(&msg),
+                None => msg,
+            };
+            eprintln!("airlock-vmm: error: {msg}");
             ExitCode::from(2)
         }
     }

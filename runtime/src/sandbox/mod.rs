@@ -169,7 +169,18 @@ impl Sandbox {
                 console_path: Some(state.console_path()),
                 extra_args: vec![],
                 die_with_parent: opts.ephemeral,
+                jail: config.jail.enabled.then(|| {
+                    crate::jail::JailSpec::new(
+                        &config.jail,
+                        id.as_str(),
+                        &state.jail_root(),
+                        opts.memory_mib,
+                    )
+                }),
             };
+            if !config.jail.enabled {
+                tracing::warn!(id = %id, "[jail] enabled = false: the VMM runs unjailed, with its seccomp filters only");
+            }
             progress("booting the microVM");
             let process = vmm::VmmProcess::spawn(&vmm_binary, &spec)?;
             let record = SandboxRecord {
@@ -213,6 +224,14 @@ impl Sandbox {
             Ok((sandbox, _)) => Ok(sandbox),
             Err(e) => {
                 tracing::debug!(id = %id, "sandbox creation failed; tearing down: {e}");
+                // A VMM that died on its own said why in its log, which the
+                // teardown deletes: that line is the error to report.
+                let e = match (&e, vmm::error_line(&state.log_path())) {
+                    (SandboxError::Connect(agent_client::ConnectError::VmGone), Some(line)) => {
+                        vmm::VmmError::Failed(line).into()
+                    }
+                    _ => e,
+                };
                 teardown_state(config, &state, None).await;
                 Err(e)
             }
@@ -366,6 +385,14 @@ pub async fn teardown_state(
             Err(e) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
         }
     }
+    let cgroup = crate::jail::cgroup_dir(&config.jail, state.id().as_str());
+    if let Err(e) = crate::jail::remove_cgroup(&cgroup) {
+        tracing::warn!(
+            "removing the cgroup {} of {}: {e}",
+            cgroup.display(),
+            state.id()
+        );
+    }
     if report.wiped_mib.is_none() {
         if let Some(w) = vmm::wipe_from_log(&state.log_path()) {
             report.wiped_mib = Some(w.wiped_mib);
@@ -379,8 +406,9 @@ pub async fn teardown_state(
             guest_mib = report.guest_mib.unwrap_or(0),
             "guest memory wiped"
         ),
-        // No VMM ever ran (its setup failed): there was no guest memory.
-        None if pid.is_none() => {}
+        // No VMM ever ran a guest (its setup failed): there was no guest
+        // memory to wipe.
+        None if pid.is_none() || !vmm::logged_running(&state.log_path()) => {}
         None => tracing::warn!(id = %state.id(), "the VMM logged no memory wipe"),
     }
     let scratch = state.scratch_path();

@@ -189,13 +189,33 @@ const PM_SWAPPED: u64 = 1 << 62;
 /// Pagemap entries read per syscall (512 KiB of entries, 1 GiB of memory).
 const PAGEMAP_BATCH: usize = 1 << 16;
 
+/// `/proc/self/pagemap`, opened before the VMM left the host's `/proc`
+/// behind (see `jail`).
+static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+
+/// Opens `/proc/self/pagemap` now and keeps it for the wipe, for a VMM
+/// that is about to lose sight of `/proc` (its jail has none). The file
+/// reads this process's memory map for as long as the process lives.
+pub fn keep_pagemap() -> std::io::Result<()> {
+    let file = File::open("/proc/self/pagemap")?;
+    let _ = PAGEMAP.set(file);
+    Ok(())
+}
+
 /// Overwrites with zeros every page of `mem` that the guest touched.
 ///
 /// All vCPUs must be stopped. The mapping stays valid; dropping `mem`
 /// afterwards unmaps it.
 pub fn wipe(mem: &GuestMemoryMmap) -> WipeReport {
     let start = Instant::now();
-    let pagemap = File::open("/proc/self/pagemap").ok();
+    let opened;
+    let pagemap = match PAGEMAP.get() {
+        Some(kept) => Some(kept),
+        None => {
+            opened = File::open("/proc/self/pagemap").ok();
+            opened.as_ref()
+        }
+    };
     let mut method = if pagemap.is_some() {
         WipeMethod::Pagemap
     } else {
@@ -206,7 +226,7 @@ pub fn wipe(mem: &GuestMemoryMmap) -> WipeReport {
         let base = region.as_ptr();
         let pages = region.len() as usize / PAGE_SIZE;
         total += pages as u64;
-        let result = match &pagemap {
+        let result = match pagemap {
             Some(pm) => wipe_touched(pm, base, pages),
             None => Err(std::io::ErrorKind::NotFound.into()),
         };

@@ -1,0 +1,182 @@
+//! The VMM jail on real KVM: a sandbox's VMM runs in namespaces of its
+//! own, pivot_rooted into a root holding only its sandbox's files, with no
+//! capabilities, `no_new_privs`, a seccomp filter, an unprivileged user
+//! (the test host gives /dev/kvm a kvm group, as udev does), rlimits and a
+//! cgroup with memory and pids limits; `airlock rm` removes the cgroup.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use airlock_e2e::{airlock_binary, on_real_kvm};
+
+fn airlock(args: &[&str]) -> Output {
+    let out = Command::new(airlock_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run airlock");
+    println!(
+        "$ airlock {}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn status_field(pid: u64, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+fn names(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn ns(pid: &str, kind: &str) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/{kind}"))
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+#[test]
+fn a_sandbox_vmm_runs_jailed() {
+    on_real_kvm("a_sandbox_vmm_runs_jailed", || {
+        let out = airlock(&["create"]);
+        assert_eq!(out.status.code(), Some(0));
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let out = airlock(&["ls", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let me = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == id.as_str())
+            .expect("the sandbox is listed")
+            .clone();
+        let pid = me["vmm_pid"].as_u64().unwrap();
+
+        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+        assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+        assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        let kvm_group = std::fs::read_to_string("/etc/group")
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("kvm:"));
+        if kvm_group {
+            // The default jail user, since /dev/kvm is root:kvm 0660.
+            assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
+            assert!(status_field(pid, "Gid").starts_with("65534\t65534"));
+        }
+
+        let root = Path::new("/proc").join(pid.to_string()).join("root");
+        let expected: BTreeSet<String> = [
+            "console",
+            "dev",
+            "drive0",
+            "drive1",
+            "initrd",
+            "vmlinux",
+            "vsock.sock",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(names(&root), expected, "the jail root holds only these");
+        assert_eq!(
+            names(&root.join("dev")),
+            BTreeSet::from(["kvm".to_string()])
+        );
+
+        let pid_s = pid.to_string();
+        for kind in ["pid", "mnt", "net", "ipc", "uts"] {
+            assert_ne!(
+                ns(&pid_s, kind),
+                ns("self", kind),
+                "{kind} namespace shared"
+            );
+        }
+
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        assert_eq!(cgroup.trim(), format!("0::/airlock/{id}"));
+        let cg = Path::new("/sys/fs/cgroup/airlock").join(&id);
+        let memory_max: u64 = std::fs::read_to_string(cg.join("memory.max"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_eq!(memory_max, (256 + 64) << 20, "guest memory + overhead");
+        assert_eq!(
+            std::fs::read_to_string(cg.join("pids.max")).unwrap().trim(),
+            "64"
+        );
+
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let core = limits
+            .lines()
+            .find(|l| l.starts_with("Max core file size"))
+            .unwrap();
+        assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+
+        let out = airlock(&["exec", &id, "--", "echo", "from the jailed VM"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "from the jailed VM\n");
+        let out = airlock(&["rm", &id]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(!cg.exists(), "the cgroup {} is left", cg.display());
+    });
+}
+
+#[test]
+fn a_jailed_vmm_that_fails_setup_reports_why_and_leaves_nothing() {
+    on_real_kvm(
+        "a_jailed_vmm_that_fails_setup_reports_why_and_leaves_nothing",
+        || {
+            let work = tempfile::tempdir().unwrap();
+            let not_a_kernel = work.path().join("vmlinux");
+            std::fs::write(&not_a_kernel, b"this is not a kernel").unwrap();
+            let config = work.path().join("config.toml");
+            std::fs::write(
+                &config,
+                format!("kernel = \"{}\"\n", not_a_kernel.display()),
+            )
+            .unwrap();
+            // The sandboxes' cgroups: the subdirectories of airlock/.
+            let cgroups = || -> BTreeSet<String> {
+                std::fs::read_dir("/sys/fs/cgroup/airlock")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            };
+            let cgroups_before = cgroups();
+            let out = airlock(&["--config", config.to_str().unwrap(), "run", "--", "true"]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(125));
+            assert!(
+                stderr.contains("airlock-vmm: ") && stderr.contains("kernel"),
+                "the VMM's own reason: {stderr}"
+            );
+            assert_eq!(cgroups(), cgroups_before, "a cgroup is left");
+            let state = Path::new("/run/airlock");
+            assert!(
+                !state.exists() || std::fs::read_dir(state).unwrap().next().is_none(),
+                "a state dir is left"
+            );
+        },
+    );
+}
