@@ -212,6 +212,15 @@ impl RuntimeConfig {
                 self.scratch_mib
             )));
         }
+        // A sandbox's vsock socket is <state_dir>/<12-hex id>/root/vsock.sock,
+        // and a Unix socket's path holds at most 107 bytes.
+        let socket_len = self.state_dir.as_os_str().len() + "/0123456789ab/root/vsock.sock".len();
+        if socket_len > 107 {
+            return Err(ConfigError::Invalid(format!(
+                "state_dir = {:?} is too long: a sandbox's vsock socket under it would be a                  {socket_len}-byte path, and Unix socket paths hold at most 107; use a shorter state_dir",
+                self.state_dir
+            )));
+        }
         if self.jail.enabled && self.jail.pids_max < 8 {
             return Err(ConfigError::Invalid(format!(
                 "jail.pids_max = {}: the VMM needs at least 8 (main, vCPUs, device workers)",
@@ -317,6 +326,35 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("missing.toml"));
+    }
+
+    #[test]
+    fn a_state_dir_too_long_for_the_vsock_socket_is_refused() {
+        let long = format!("/run/{}", "x".repeat(80));
+        let c = RuntimeConfig {
+            state_dir: long.clone().into(),
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains(&long) && err.contains("at most 107"), "{err}");
+        let fits = RuntimeConfig {
+            state_dir: format!("/run/{}", "x".repeat(70)).into(),
+            ..Default::default()
+        };
+        fits.validate().unwrap();
+    }
+
+    #[test]
+    fn the_jail_needs_a_few_pids() {
+        let mut c = RuntimeConfig::default();
+        c.jail.pids_max = 4;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("jail.pids_max = 4"));
+        c.jail.enabled = false;
+        c.validate().unwrap();
     }
 
     #[test]

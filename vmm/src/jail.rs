@@ -51,6 +51,8 @@ pub enum JailError {
     /// jail: the vsock socket {0} must be inside the jail root {1}
     #[error("jail: the vsock socket {0} must be inside the jail root {1}")]
     VsockOutsideRoot(PathBuf, PathBuf),
+    #[error(transparent)]
+    Kvm(#[from] crate::vstate::vm::VmError),
     /// jail: cannot drop capabilities: {0}
     #[error("jail: cannot drop capabilities: {0}")]
     Caps(String),
@@ -123,6 +125,8 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailErr
     if !Uid::effective().is_root() {
         return Err(JailError::NotRoot);
     }
+    // Inside, /sys is out of sight: check the host's KVM while it is not.
+    crate::vstate::vm::check_kvm_host(Path::new("/"))?;
     let root = &jail.root;
     let (uid, gid) = (Uid::from_raw(jail.uid), Gid::from_raw(jail.gid));
     let vsock_inside = match &config.vsock {

@@ -171,6 +171,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli);
     let mut config = config_from(&cli);
+    // Checked here too, with the host's /proc/meminfo still in sight.
+    if let Err(e) = config.validate() {
+        eprintln!("airlock-vmm: error: {}", error_chain(&e));
+        return ExitCode::from(2);
+    }
     let mut jailed_as: Option<airlock_vmm::jail::Jailed> = None;
     if let Some(root) = &cli.jail_root {
         let jail = JailConfig {

@@ -83,13 +83,13 @@ pub fn run() -> Result<Infallible, InitError> {
     }
     // Printed once the agent is ready: every console byte is a VM exit,
     // which the boot should not wait for.
-    let sysinfo = match SysInfo::gather() {
-        Ok(sys) => format!("airlock-agent: {sys}"),
-        Err(e) => format!("airlock-agent: warning: {}", error_chain(&e)),
-    };
+    let sysinfo = SysInfo::gather().map_err(|e| error_chain(&e));
     let announce = move || {
         announce_ready();
-        info(format_args!("{sysinfo}"));
+        match &sysinfo {
+            Ok(sys) => info(format_args!("airlock-agent: {sys}")),
+            Err(e) => warn(format_args!("airlock-agent: warning: {e}")),
+        }
     };
     if cmdline.oneshot {
         announce();

@@ -138,6 +138,10 @@ impl Sandbox {
         opts: &SandboxOptions,
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Self, SandboxError> {
+        // SAFETY: geteuid has no preconditions.
+        if config.jail.enabled && unsafe { libc::geteuid() } != 0 {
+            return Err(vmm::VmmError::from(crate::jail::JailError::NotRoot).into());
+        }
         config.check_artifacts()?;
         let vmm_binary = config.vmm_binary_path()?;
         let resolved = image::resolve(&opts.image, config, progress)?;

@@ -67,38 +67,48 @@ pub fn on_real_kvm(name: &str, body: impl FnOnce()) {
     );
 }
 
+/// `rel` under the workspace root, which `how` builds; a clear failure if
+/// it is missing.
+fn built(rel: &str, how: &str) -> PathBuf {
+    let p = workspace_root().join(rel);
+    assert!(p.exists(), "{} is missing: {how}", p.display());
+    p
+}
+
 /// The release `airlock-vmm` binary that `tests/run` builds.
 pub fn vmm_binary() -> PathBuf {
-    let p = workspace_root().join("target/release/airlock-vmm");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with `cargo build --release -p airlock-vmm`",
-        p.display()
-    );
-    p
+    built(
+        "target/release/airlock-vmm",
+        "build it with `cargo build --release -p airlock-vmm`",
+    )
 }
 
 /// The `airlock-vmm` built with the test-only `seccomp-probe` feature,
 /// which `tests/run` builds into its own target directory.
 pub fn seccomp_probe_vmm_binary() -> PathBuf {
-    let p = workspace_root().join("target/seccomp-probe/debug/airlock-vmm");
-    assert!(
-        p.exists(),
-        "{} is missing: tests/run builds it (cargo build -p airlock-vmm --features seccomp-probe --target-dir target/seccomp-probe)",
-        p.display()
-    );
-    p
+    built(
+        "target/seccomp-probe/debug/airlock-vmm",
+        "tests/run builds it (cargo build -p airlock-vmm --features seccomp-probe --target-dir target/seccomp-probe)",
+    )
 }
 
 /// The release `airlock` CLI that `scripts/setup` builds.
 pub fn airlock_binary() -> PathBuf {
-    let p = workspace_root().join("target/release/airlock");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with scripts/setup (or `cargo build --release -p airlock-runtime`)",
-        p.display()
-    );
-    p
+    built(
+        "target/release/airlock",
+        "build it with scripts/setup (or `cargo build --release -p airlock-runtime`)",
+    )
+}
+
+/// Asserts that `out` failed with `code` and exactly one stderr line,
+/// `airlock: ...` containing `needle`: how every bad input must end.
+pub fn assert_one_line_error(out: &std::process::Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line: {err}");
+    assert!(lines[0].starts_with("airlock: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
 }
 
 /// `PID cmdline` of every process whose command line mentions `needle`

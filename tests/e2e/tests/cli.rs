@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use airlock_e2e::{airlock_binary, on_real_kvm, processes_mentioning, real_kvm};
+use airlock_e2e::{
+    airlock_binary, assert_one_line_error, on_real_kvm, processes_mentioning, real_kvm,
+};
 
 fn airlock(args: &[&str]) -> Command {
     let mut cmd = Command::new(airlock_binary());
@@ -102,15 +104,6 @@ fn stderr(out: &Output) -> String {
 }
 
 /// Asserts a failure with one `airlock: ...` line on stderr.
-fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
-    let err = stderr(out);
-    assert_eq!(out.status.code(), Some(code), "{err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one line: {err}");
-    assert!(lines[0].starts_with("airlock: "), "{err}");
-    assert!(lines[0].contains(needle), "{needle:?} not in {err}");
-}
-
 #[test]
 fn run_output_exit_codes_and_stdin() {
     on_real_kvm("run_output_exit_codes_and_stdin", || {
@@ -457,6 +450,38 @@ fn bad_input_gets_one_clear_line() {
     assert_eq!(out.status.code(), Some(125));
     let out = run(&["run", "-e", "NOEQUALS", "--", "true"]);
     assert_one_line_error(&out, 125, "-e NOEQUALS");
+
+    for (args, needle) in [
+        (
+            &["run", "--cpus", "0", "--", "true"][..],
+            "--cpus 0: use 1 to 32",
+        ),
+        (
+            &["run", "--cpus", "1000", "--", "true"],
+            "--cpus 1000: use 1 to 32",
+        ),
+        (
+            &["run", "--memory", "0", "--", "true"],
+            "--memory 0: use at least 64",
+        ),
+        (
+            &["run", "--memory", "4000000000", "--", "true"],
+            "--memory 4000000000: more than this host's",
+        ),
+    ] {
+        let out = run(args);
+        assert_one_line_error(&out, 125, needle);
+    }
+
+    // The vsock socket path would not fit a Unix socket address.
+    let long = format!("/tmp/{}", "d".repeat(100));
+    std::fs::write(&config, format!("state_dir = \"{long}\"\n")).unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "run", "--", "true"]);
+    assert_one_line_error(&out, 125, "Unix socket paths hold at most 107");
+    assert!(
+        !Path::new(&long).exists(),
+        "nothing is made for a bad config"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
-use airlock_e2e::{airlock_binary, on_real_kvm};
+use airlock_e2e::{airlock_binary, assert_one_line_error, on_real_kvm};
 
 fn airlock(args: &[&str]) -> Output {
     let out = Command::new(airlock_binary())
@@ -165,12 +165,13 @@ fn a_jailed_vmm_that_fails_setup_reports_why_and_leaves_nothing() {
             };
             let cgroups_before = cgroups();
             let out = airlock(&["--config", config.to_str().unwrap(), "run", "--", "true"]);
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(125));
-            assert!(
-                stderr.contains("airlock-vmm: ") && stderr.contains("kernel"),
-                "the VMM's own reason: {stderr}"
+            // The VMM's own reason, with the user's path for the jail's.
+            assert_one_line_error(
+                &out,
+                125,
+                &format!("/vmlinux is {}", not_a_kernel.display()),
             );
+            assert!(String::from_utf8_lossy(&out.stderr).contains("not a bootable x86_64 kernel"));
             assert_eq!(cgroups(), cgroups_before, "a cgroup is left");
             let state = Path::new("/run/airlock");
             assert!(

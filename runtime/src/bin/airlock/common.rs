@@ -110,12 +110,20 @@ pub fn progress() -> impl FnMut(&str) {
     }
 }
 
+/// The host's memory in MiB (`MemTotal` of /proc/meminfo).
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
 /// Sandbox sizing and image flags of `run` and `create`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SandboxFlags {
     /// vCPUs of the microVM (default from the config: 1)
     #[arg(long, value_name = "N")]
-    pub cpus: Option<u8>,
+    pub cpus: Option<u32>,
     /// Memory of the microVM in MiB (default from the config: 256)
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u32>,
@@ -136,7 +144,8 @@ impl SandboxFlags {
     pub fn options(&self, config: &RuntimeConfig) -> SandboxOptions {
         let mut opts = SandboxOptions::from_config(config);
         if let Some(c) = self.cpus {
-            opts.vcpus = c;
+            // validate() has bounded it by 32.
+            opts.vcpus = u8::try_from(c).unwrap_or(u8::MAX);
         }
         if let Some(m) = self.memory {
             opts.memory_mib = m;
@@ -159,6 +168,13 @@ impl SandboxFlags {
         if let Some(m) = self.memory {
             if m < 64 {
                 return Err(format!("--memory {m}: use at least 64 (MiB)"));
+            }
+            if let Some(host) = host_memory_mib() {
+                if u64::from(m) > host {
+                    return Err(format!(
+                        "--memory {m}: more than this host's {host} MiB of memory"
+                    ));
+                }
             }
         }
         if let Some(dir) = &self.rootfs {

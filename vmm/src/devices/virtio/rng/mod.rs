@@ -222,8 +222,9 @@ impl RngQueue {
 }
 
 /// Fills the device-writable buffers of `chain` with up to `limit` random
-/// bytes; returns how many were written.
-fn fill_chain<M: std::ops::Deref<Target = GuestMemoryMmap>>(
+/// bytes; returns how many were written. Public for the fuzz targets
+/// (`tests/fuzz`).
+pub fn fill_chain<M: std::ops::Deref<Target = GuestMemoryMmap>>(
     mem: &GuestMemoryMmap,
     chain: virtio_queue::DescriptorChain<M>,
     buf: &mut [u8],
