@@ -70,3 +70,98 @@ fn phdr(kind: u32, flags: u32, offset: u64, addr: u64, size: u64, align: u64) ->
     }
     p
 }
+
+/// A few 32-bit x86 instructions, encoded by hand for the guests above:
+/// enough for loops that write to memory and MMIO (EDI the pointer, ESI a
+/// linear congruential generator, EAX scratch, ECX a counter).
+#[derive(Debug, Default)]
+pub struct Asm {
+    pub code: Vec<u8>,
+}
+
+impl Asm {
+    fn op(&mut self, bytes: &[u8]) -> &mut Self {
+        self.code.extend_from_slice(bytes);
+        self
+    }
+
+    fn op_imm(&mut self, bytes: &[u8], imm: u32) -> &mut Self {
+        self.op(bytes).op(&imm.to_le_bytes())
+    }
+
+    /// Where the next instruction goes: a jump target.
+    pub fn here(&self) -> usize {
+        self.code.len()
+    }
+
+    pub fn mov_esi(&mut self, imm: u32) -> &mut Self {
+        self.op_imm(&[0xbe], imm)
+    }
+
+    pub fn mov_edi(&mut self, imm: u32) -> &mut Self {
+        self.op_imm(&[0xbf], imm)
+    }
+
+    pub fn mov_ecx(&mut self, imm: u32) -> &mut Self {
+        self.op_imm(&[0xb9], imm)
+    }
+
+    /// ESI = ESI * 1103515245 + 12345: the next pseudo-random value.
+    pub fn next_random(&mut self) -> &mut Self {
+        self.op_imm(&[0x69, 0xf6], 1_103_515_245)
+            .op_imm(&[0x81, 0xc6], 12_345)
+    }
+
+    /// EAX = ESI & mask.
+    pub fn random_eax(&mut self, mask: u32) -> &mut Self {
+        self.op(&[0x89, 0xf0]).op_imm(&[0x25], mask)
+    }
+
+    /// EAX += imm.
+    pub fn add_eax(&mut self, imm: u32) -> &mut Self {
+        self.op_imm(&[0x05], imm)
+    }
+
+    /// [EDI + disp] = ESI.
+    pub fn store_esi(&mut self, disp: u32) -> &mut Self {
+        self.op_imm(&[0x89, 0xb7], disp)
+    }
+
+    /// [EDI + disp] = EAX.
+    pub fn store_eax(&mut self, disp: u32) -> &mut Self {
+        self.op_imm(&[0x89, 0x87], disp)
+    }
+
+    /// dword [EDI + disp] = imm.
+    pub fn store_imm(&mut self, disp: u32, imm: u32) -> &mut Self {
+        self.op_imm(&[0xc7, 0x87], disp).op(&imm.to_le_bytes())
+    }
+
+    pub fn add_edi(&mut self, imm: u32) -> &mut Self {
+        self.op_imm(&[0x81, 0xc7], imm)
+    }
+
+    /// Jumps back to `target` while EDI < `limit` (unsigned).
+    pub fn loop_while_edi_below(&mut self, limit: u32, target: usize) -> &mut Self {
+        self.op_imm(&[0x81, 0xff], limit);
+        self.jump(&[0x0f, 0x82], target)
+    }
+
+    /// ECX -= 1; jumps back to `target` unless it reached 0.
+    pub fn loop_ecx(&mut self, target: usize) -> &mut Self {
+        self.op(&[0x49]);
+        self.jump(&[0x0f, 0x85], target)
+    }
+
+    fn jump(&mut self, opcode: &[u8], target: usize) -> &mut Self {
+        let end = self.code.len() + opcode.len() + 4;
+        let rel = target as i64 - end as i64;
+        self.op_imm(opcode, rel as i32 as u32)
+    }
+
+    /// Resets the machine through the i8042 (the VMM's clean exit), then
+    /// halts for good.
+    pub fn reset(&mut self) -> &mut Self {
+        self.op(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfe])
+    }
+}

@@ -1,0 +1,319 @@
+//! Hostile guests on real KVM: each case must end the sandbox with a clear,
+//! documented status or stay contained in it, with the VMM intact (no
+//! panic, no crash, no hang), guest memory wiped and nothing left on the
+//! host.
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use airlock_e2e::on_real_kvm;
+use airlock_e2e::tiny_guest::{pvh_elf, Asm};
+
+/// The virtio-mmio window and each device's slot (vmm/src/arch/x86_64/layout.rs).
+const MMIO_START: u32 = 0xd000_0000;
+const SLOT: u32 = 0x1000;
+const SLOTS: u32 = 8;
+
+/// A guest that (1) fills 4 MiB of its RAM with junk, (2) drives every
+/// virtio device through the driver protocol to DRIVER_OK with all three
+/// queues' rings at random addresses in that junk and kicks them, then
+/// (3) writes random values to every register of every slot, three times
+/// over, and resets.
+fn garbage_guest() -> Vec<u8> {
+    let mut a = Asm::default();
+    a.mov_esi(0x1234_5678);
+    // (1) Junk where the rings will point.
+    a.mov_edi(0x20_0000);
+    let junk = a.here();
+    a.next_random().store_esi(0).add_edi(4);
+    a.loop_while_edi_below(0x60_0000, junk);
+    // (2) The protocol with garbage rings, device by device.
+    a.mov_edi(MMIO_START);
+    let device = a.here();
+    for (reg, value) in [
+        (0x70, 0),
+        (0x70, 1),
+        (0x70, 3),
+        (0x24, 1),
+        (0x20, 1),
+        (0x70, 0xb),
+    ] {
+        a.store_imm(reg, value);
+    }
+    for q in 0..3 {
+        a.store_imm(0x30, q).store_imm(0x38, 256);
+        for (lo, hi) in [(0x80, 0x84), (0x90, 0x94), (0xa0, 0xa4)] {
+            a.next_random()
+                .random_eax(0x3f_fff0)
+                .add_eax(0x20_0000)
+                .store_eax(lo);
+            a.store_imm(hi, 0);
+        }
+        a.store_imm(0x44, 1);
+    }
+    a.store_imm(0x70, 0xf);
+    a.mov_ecx(64);
+    let kick = a.here();
+    for q in 0..3 {
+        a.store_imm(0x50, q);
+    }
+    a.loop_ecx(kick);
+    a.add_edi(SLOT);
+    a.loop_while_edi_below(MMIO_START + SLOTS * SLOT, device);
+    // (3) Random values to every register, three rounds.
+    a.mov_ecx(3);
+    let round = a.here();
+    a.mov_edi(MMIO_START);
+    let reg = a.here();
+    a.next_random().store_esi(0).add_edi(4);
+    a.loop_while_edi_below(MMIO_START + SLOTS * SLOT, reg);
+    a.loop_ecx(round);
+    a.reset();
+    pvh_elf(&a.code)
+}
+
+#[test]
+fn garbage_in_every_virtio_register_and_ring_leaves_the_vmm_intact() {
+    on_real_kvm(
+        "garbage_in_every_virtio_register_and_ring_leaves_the_vmm_intact",
+        || {
+            let dir = tempfile::tempdir().unwrap();
+            let kernel = dir.path().join("garbage.elf");
+            std::fs::write(&kernel, garbage_guest()).unwrap();
+            let disk = dir.path().join("disk.img");
+            std::fs::File::create(&disk)
+                .unwrap()
+                .set_len(1 << 20)
+                .unwrap();
+            let started = Instant::now();
+            let mut child = Command::new(airlock_e2e::vmm_binary())
+                .arg("--kernel")
+                .arg(&kernel)
+                .args(["--no-initrd", "--memory", "128", "--console", "off"])
+                .arg("--vsock-uds")
+                .arg(dir.path().join("v.sock"))
+                .arg("--drive")
+                .arg(format!("path={}", disk.display()))
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            let status = child.wait().unwrap();
+            println!(
+                "--- stderr\n{stderr}\n--- {status} after {:?}",
+                started.elapsed()
+            );
+            assert_eq!(status.signal(), None, "the VMM crashed: {status}");
+            assert_eq!(status.code(), Some(0), "the guest's reset is a clean stop");
+            assert!(stderr.contains("guest rebooted"), "{stderr}");
+            assert!(stderr.contains("guest memory wiped"), "{stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+            assert!(
+                started.elapsed() < Duration::from_secs(240),
+                "too slow: a device spun"
+            );
+        },
+    );
+}
+
+/// Runs `airlock` with `args`; fails the test if it takes over `secs`.
+fn airlock(args: &[&str], secs: u64) -> std::process::Output {
+    let mut child = Command::new(airlock_e2e::airlock_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("airlock {args:?} took over {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    println!(
+        "$ airlock {}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
+        args.join(" "),
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// No sandbox, cgroup or VMM is left on the host.
+fn assert_nothing_left() {
+    let dirs = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.path().display().to_string())
+            .collect()
+    };
+    assert_eq!(
+        dirs("/run/airlock"),
+        Vec::<String>::new(),
+        "state dirs left"
+    );
+    assert_eq!(
+        dirs("/sys/fs/cgroup/airlock"),
+        Vec::<String>::new(),
+        "cgroups left"
+    );
+    assert_eq!(
+        airlock_e2e::processes_mentioning("airlock-vmm"),
+        Vec::<String>::new()
+    );
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_fork_bomb_stays_in_its_sandbox() {
+    on_real_kvm("a_fork_bomb_stays_in_its_sandbox", || {
+        let out = airlock(
+            &[
+                "run",
+                "--timeout",
+                "20",
+                "--",
+                "sh",
+                "-c",
+                "f() { f | f & }; f; sleep 100",
+            ],
+            240,
+        );
+        assert_eq!(out.status.code(), Some(124), "stopped by --timeout");
+        assert_nothing_left();
+        // The host still runs sandboxes.
+        let out = airlock(&["run", "--", "echo", "after"], 120);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
+    });
+}
+
+#[test]
+fn allocating_all_guest_memory_kills_only_the_process() {
+    on_real_kvm("allocating_all_guest_memory_kills_only_the_process", || {
+        // sort holds its whole input: 400 MiB in a 128 MiB guest.
+        let out = airlock(
+            &[
+                "run",
+                "--memory",
+                "128",
+                "--",
+                "sh",
+                "-c",
+                "head -c 400m /dev/zero | sort > /dev/null; echo status $?",
+            ],
+            300,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("status 137"),
+            "the OOM killer took sort: {stdout}"
+        );
+        assert_nothing_left();
+    });
+}
+
+#[test]
+fn filling_the_scratch_disk_is_contained() {
+    on_real_kvm("filling_the_scratch_disk_is_contained", || {
+        let work = tempfile::tempdir().unwrap();
+        let config = work.path().join("config.toml");
+        std::fs::write(&config, "scratch_mib = 64\n").unwrap();
+        let out = airlock(
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "run",
+                "--",
+                "sh",
+                "-c",
+                "dd if=/dev/zero of=/fill bs=1M 2>&1 | grep -o 'No space left on device'; \
+                 rm /fill; echo still writable > /after; cat /after",
+            ],
+            300,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("No space left on device"), "{stdout}");
+        assert!(stdout.contains("still writable"), "{stdout}");
+        assert_nothing_left();
+    });
+}
+
+#[test]
+fn a_vsock_connection_flood_is_contained() {
+    on_real_kvm("a_vsock_connection_flood_is_contained", || {
+        // 3000 connections to host ports nobody serves, up to 900 kept
+        // open at once (the container's open-file limit is 1024): the VMM
+        // answers each with a reset.
+        let flood = [
+            "import socket",
+            "socks = []",
+            "for i in range(3000):",
+            "    s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)",
+            "    s.setblocking(False)",
+            "    s.connect_ex((2, 20000 + i))",
+            "    socks.append(s)",
+            "    if len(socks) > 900:",
+            "        socks.pop(0).close()",
+            "print('flooded', i + 1)",
+        ]
+        .join("\n");
+        let out = airlock(
+            &["run", "--image", "python", "--", "python3", "-c", &flood],
+            300,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "flooded 3000\n");
+        assert_nothing_left();
+    });
+}
+
+#[test]
+fn a_guest_that_never_answers_the_agent_handshake_is_given_up_on() {
+    on_real_kvm(
+        "a_guest_that_never_answers_the_agent_handshake_is_given_up_on",
+        || {
+            let work = tempfile::tempdir().unwrap();
+            let initrd = airlock_e2e::guest::initramfs_with_init("silent", work.path());
+            let config = work.path().join("config.toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "initrd = \"{}\"\n[timeouts]\nagent_connect_secs = 10\n",
+                    initrd.display()
+                ),
+            )
+            .unwrap();
+            let out = airlock(
+                &["--config", config.to_str().unwrap(), "run", "--", "true"],
+                180,
+            );
+            airlock_e2e::assert_one_line_error(
+                &out,
+                125,
+                "the agent did not answer on vsock port 1024 within 10s",
+            );
+            assert_nothing_left();
+        },
+    );
+}
