@@ -208,7 +208,16 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailErr
     setrlimit(Resource::RLIMIT_NOFILE, MAX_FILES, MAX_FILES)
         .map_err(step("setrlimit NOFILE", root))?;
 
+    // A user or group change clears the parent-death signal that the
+    // runtime asked for (`airlock run`: the VM must not outlive it).
+    let mut pdeathsig: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one int, which lives across the call.
+    unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeathsig as *mut libc::c_int) };
     drop_privileges(run_uid, run_gid, &groups)?;
+    if pdeathsig != 0 {
+        // SAFETY: prctl with integer arguments only.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, pdeathsig as libc::c_ulong) };
+    }
     Ok(Jailed {
         uid: run_uid.as_raw(),
         gid: run_gid.as_raw(),
