@@ -46,7 +46,7 @@ pub fn on_real_kvm(name: &str, body: impl FnOnce()) {
     let exe = std::env::current_exe().expect("test binary path");
     let runner = workspace_root().join("tests/testhost/run");
     let out = Command::new(&runner)
-        .args(["--timeout", "900", "--"])
+        .args(["--timeout", &testhost_timeout(), "--"])
         .arg(exe)
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .output()
@@ -65,6 +65,15 @@ pub fn on_real_kvm(name: &str, body: impl FnOnce()) {
         inner.contains("1 passed"),
         "test {name} did not run inside the test host"
     );
+}
+
+/// The test host's time limit for one test: 900 s, or
+/// `$AIRLOCK_E2E_TESTHOST_TIMEOUT` (the 200-cycle leak test needs more).
+fn testhost_timeout() -> String {
+    std::env::var("AIRLOCK_E2E_TESTHOST_TIMEOUT")
+        .ok()
+        .filter(|t| t.parse::<u64>().is_ok())
+        .unwrap_or_else(|| "900".into())
 }
 
 /// `rel` under the workspace root, which `how` builds; a clear failure if
@@ -109,6 +118,45 @@ pub fn assert_one_line_error(out: &std::process::Output, code: i32, needle: &str
     assert_eq!(lines.len(), 1, "expected one line: {err}");
     assert!(lines[0].starts_with("airlock: "), "{err}");
     assert!(lines[0].contains(needle), "{needle:?} not in {err}");
+}
+
+/// Prints a command's outcome (the test harness shows it on failure).
+pub fn show(label: &str, out: &std::process::Output) {
+    println!(
+        "$ {label}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that no sandbox is left on the host: no state dir under
+/// /run/airlock, no cgroup under /sys/fs/cgroup/airlock, no VMM process.
+pub fn assert_no_sandbox_left() {
+    let dirs = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.path().display().to_string())
+            .collect()
+    };
+    assert_eq!(
+        dirs("/run/airlock"),
+        Vec::<String>::new(),
+        "state dirs left"
+    );
+    assert_eq!(
+        dirs("/sys/fs/cgroup/airlock"),
+        Vec::<String>::new(),
+        "cgroups left"
+    );
+    assert_eq!(
+        processes_mentioning("airlock-vmm"),
+        Vec::<String>::new(),
+        "VMMs left"
+    );
 }
 
 /// `PID cmdline` of every process whose command line mentions `needle`

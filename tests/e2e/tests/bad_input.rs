@@ -9,15 +9,6 @@ use std::process::{Command, Output, Stdio};
 
 use airlock_e2e::{airlock_binary, assert_one_line_error, guest, on_real_kvm, vmm_binary};
 
-fn show(out: &Output) {
-    println!(
-        "--- status {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn sh(script: &str) -> Output {
     let out = Command::new("sh")
         .args(["-c", script])
@@ -26,23 +17,8 @@ fn sh(script: &str) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run sh");
-    show(&out);
+    airlock_e2e::show(script, &out);
     out
-}
-
-/// Nothing of a failed sandbox is left.
-fn assert_nothing_left() {
-    let empty = |dir: &str| {
-        std::fs::read_dir(dir)
-            .map(|d| d.flatten().filter(|e| e.path().is_dir()).count() == 0)
-            .unwrap_or(true)
-    };
-    assert!(empty("/run/airlock"), "a state dir is left");
-    assert!(empty("/sys/fs/cgroup/airlock"), "a cgroup is left");
-    assert_eq!(
-        airlock_e2e::processes_mentioning("airlock-vmm"),
-        Vec::<String>::new()
-    );
 }
 
 #[test]
@@ -54,7 +30,7 @@ fn no_dev_kvm_is_named_with_the_fix() {
                       && exec \"$AIRLOCK\" run -- true'",
         );
         assert_one_line_error(&out, 125, "no /dev/kvm: this host has no KVM");
-        assert_nothing_left();
+        airlock_e2e::assert_no_sandbox_left();
     });
 }
 
@@ -113,13 +89,13 @@ fn an_initrd_too_big_for_guest_memory_is_named() {
             .stdin(Stdio::null())
             .output()
             .unwrap();
-        show(&out);
+        airlock_e2e::show("airlock run (big initrd)", &out);
         assert_one_line_error(
             &out,
             125,
             "the initrd (200 MiB) does not fit in guest memory above the kernel; give the guest more memory",
         );
         assert!(Path::new(&big).exists(), "the user's file is untouched");
-        assert_nothing_left();
+        airlock_e2e::assert_no_sandbox_left();
     });
 }

@@ -142,41 +142,8 @@ fn airlock(args: &[&str], secs: u64) -> std::process::Output {
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = child.wait_with_output().unwrap();
-    println!(
-        "$ airlock {}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    airlock_e2e::show(&format!("airlock {}", args.join(" ")), &out);
     out
-}
-
-/// No sandbox, cgroup or VMM is left on the host.
-fn assert_nothing_left() {
-    let dirs = |dir: &str| -> Vec<String> {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.path().display().to_string())
-            .collect()
-    };
-    assert_eq!(
-        dirs("/run/airlock"),
-        Vec::<String>::new(),
-        "state dirs left"
-    );
-    assert_eq!(
-        dirs("/sys/fs/cgroup/airlock"),
-        Vec::<String>::new(),
-        "cgroups left"
-    );
-    assert_eq!(
-        airlock_e2e::processes_mentioning("airlock-vmm"),
-        Vec::<String>::new()
-    );
 }
 
 fn stderr(out: &std::process::Output) -> String {
@@ -199,7 +166,7 @@ fn a_fork_bomb_stays_in_its_sandbox() {
             240,
         );
         assert_eq!(out.status.code(), Some(124), "stopped by --timeout");
-        assert_nothing_left();
+        airlock_e2e::assert_no_sandbox_left();
         // The host still runs sandboxes.
         let out = airlock(&["run", "--", "echo", "after"], 120);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "after\n");
@@ -228,7 +195,7 @@ fn allocating_all_guest_memory_kills_only_the_process() {
             stdout.contains("status 137"),
             "the OOM killer took sort: {stdout}"
         );
-        assert_nothing_left();
+        airlock_e2e::assert_no_sandbox_left();
     });
 }
 
@@ -255,7 +222,7 @@ fn filling_the_scratch_disk_is_contained() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("No space left on device"), "{stdout}");
         assert!(stdout.contains("still writable"), "{stdout}");
-        assert_nothing_left();
+        airlock_e2e::assert_no_sandbox_left();
     });
 }
 
@@ -284,7 +251,7 @@ fn a_vsock_connection_flood_is_contained() {
         );
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "flooded 3000\n");
-        assert_nothing_left();
+        airlock_e2e::assert_no_sandbox_left();
     });
 }
 
@@ -313,7 +280,7 @@ fn a_guest_that_never_answers_the_agent_handshake_is_given_up_on() {
                 125,
                 "the agent did not answer on vsock port 1024 within 10s",
             );
-            assert_nothing_left();
+            airlock_e2e::assert_no_sandbox_left();
         },
     );
 }

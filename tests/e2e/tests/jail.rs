@@ -16,13 +16,7 @@ fn airlock(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("run airlock");
-    println!(
-        "$ airlock {}\n--- status {:?}\n--- stdout\n{}--- stderr\n{}",
-        args.join(" "),
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    airlock_e2e::show(&format!("airlock {}", args.join(" ")), &out);
     out
 }
 
