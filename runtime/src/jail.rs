@@ -217,10 +217,10 @@ pub fn spawn(
         | CloneFlags::CLONE_NEWNET
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS;
-    // SAFETY: the child runs `child_main` on its own copy of the address
-    // space (no CLONE_VM), on `stack`, and only makes async-signal-safe
-    // system calls on data prepared above, which outlives the call in the
-    // parent and exists unchanged in the child's copy.
+    // The child has its own copy of the address space (no CLONE_VM) and
+    // runs on `stack`; the data above outlives the call in the parent.
+    // SAFETY: `child_main` makes only async-signal-safe system calls on
+    // that prepared data, unchanged in the child's copy.
     let pid = unsafe {
         nix::sched::clone(
             Box::new(move || child_main(&fds, argv_p, envp_p, die_with_parent)),

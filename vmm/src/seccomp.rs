@@ -233,9 +233,10 @@ mod tests {
     /// `kind`; returns the child's wait status.
     fn in_filtered_child(kind: ThreadKind, body: fn()) -> i32 {
         let program = filter(kind).unwrap();
+        // The child allocates nothing, so the test process's other threads
+        // do not matter.
         // SAFETY: the child only installs the prepared filter, makes raw
-        // syscalls and leaves with _exit; it allocates nothing, so the
-        // other threads of the test process do not matter.
+        // syscalls and leaves with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {

@@ -147,17 +147,6 @@ fn a_jailed_vmm_that_fails_setup_reports_why_and_leaves_nothing() {
                 format!("kernel = \"{}\"\n", not_a_kernel.display()),
             )
             .unwrap();
-            // The sandboxes' cgroups: the subdirectories of airlock/.
-            let cgroups = || -> BTreeSet<String> {
-                std::fs::read_dir("/sys/fs/cgroup/airlock")
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter(|e| e.path().is_dir())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            };
-            let cgroups_before = cgroups();
             let out = airlock(&["--config", config.to_str().unwrap(), "run", "--", "true"]);
             // The VMM's own reason, with the user's path for the jail's.
             assert_one_line_error(
@@ -166,12 +155,7 @@ fn a_jailed_vmm_that_fails_setup_reports_why_and_leaves_nothing() {
                 &format!("/vmlinux is {}", not_a_kernel.display()),
             );
             assert!(String::from_utf8_lossy(&out.stderr).contains("not a bootable x86_64 kernel"));
-            assert_eq!(cgroups(), cgroups_before, "a cgroup is left");
-            let state = Path::new("/run/airlock");
-            assert!(
-                !state.exists() || std::fs::read_dir(state).unwrap().next().is_none(),
-                "a state dir is left"
-            );
+            airlock_e2e::assert_no_sandbox_left();
         },
     );
 }
