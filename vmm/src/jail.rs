@@ -125,8 +125,6 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailErr
     if !Uid::effective().is_root() {
         return Err(JailError::NotRoot);
     }
-    // Inside, /sys is out of sight: check the host's KVM while it is not.
-    crate::vstate::vm::check_kvm_host(Path::new("/"))?;
     let root = &jail.root;
     let (uid, gid) = (Uid::from_raw(jail.uid), Gid::from_raw(jail.gid));
     let vsock_inside = match &config.vsock {
@@ -138,6 +136,10 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailErr
         ),
         None => None,
     };
+    // Inside, /sys is out of sight: check the host's KVM while it is not.
+    // After the checks of the configuration alone, so those report the
+    // same on any host.
+    crate::vstate::vm::check_kvm_host(Path::new("/"))?;
     let (run_uid, run_gid, groups, kept_root) = jail_user(uid, gid)?;
 
     unshare(CloneFlags::CLONE_NEWNS).map_err(step("unshare the mount namespace", root))?;
