@@ -15,9 +15,9 @@ pub enum SysinfoError {
     /// Invalid CPU list {0:?}
     #[error("Invalid CPU list {0:?}")]
     CpuList(String),
-    /// No valid MemTotal line in /proc/meminfo
-    #[error("No valid MemTotal line in /proc/meminfo")]
-    MemTotal,
+    /// No valid {0} line in /proc/meminfo
+    #[error("No valid {0} line in /proc/meminfo")]
+    Meminfo(&'static str),
     /// uname failed
     #[error("uname failed")]
     Uname(#[source] io::Error),
@@ -44,7 +44,7 @@ impl SysInfo {
         Ok(Self {
             cpus: count_cpus(&cpu_list)?,
             cpu_list,
-            mem_kib: parse_mem_total(&read(MEMINFO)?)?,
+            mem_kib: meminfo_kib(&read(MEMINFO)?, "MemTotal")?,
             kernel: kernel_release()?,
         })
     }
@@ -90,17 +90,23 @@ pub fn count_cpus(list: &str) -> Result<u32, SysinfoError> {
     Ok(count)
 }
 
-/// The MemTotal figure of /proc/meminfo, in KiB.
-pub fn parse_mem_total(meminfo: &str) -> Result<u64, SysinfoError> {
+/// The memory available now (MemAvailable: free plus reclaimable), in KiB.
+pub fn mem_available_kib() -> Result<u64, SysinfoError> {
+    let text = std::fs::read_to_string(MEMINFO).map_err(|e| SysinfoError::Read(MEMINFO, e))?;
+    meminfo_kib(&text, "MemAvailable")
+}
+
+/// One figure of /proc/meminfo (`MemTotal`, `MemAvailable`...), in KiB.
+pub fn meminfo_kib(meminfo: &str, field: &'static str) -> Result<u64, SysinfoError> {
     meminfo
         .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| {
             let mut words = rest.split_whitespace();
             let kib = words.next()?.parse().ok()?;
             matches!(words.next(), Some("kB") | None).then_some(kib)
         })
-        .ok_or(SysinfoError::MemTotal)
+        .ok_or(SysinfoError::Meminfo(field))
 }
 
 fn kernel_release() -> Result<String, SysinfoError> {
@@ -143,16 +149,19 @@ mod tests {
     #[test]
     fn meminfo() {
         let text = "MemTotal:         248932 kB\nMemFree:          230000 kB\n";
-        assert_eq!(parse_mem_total(text).unwrap(), 248932);
+        assert_eq!(meminfo_kib(text, "MemTotal").unwrap(), 248932);
+        assert_eq!(meminfo_kib(text, "MemFree").unwrap(), 230000);
         let later = "MemFree: 1 kB\nMemTotal:\t1024 kB\n";
-        assert_eq!(parse_mem_total(later).unwrap(), 1024);
+        assert_eq!(meminfo_kib(later, "MemTotal").unwrap(), 1024);
+        // A field is matched whole: "Mem" is not "MemTotal".
+        assert!(meminfo_kib(later, "Mem").is_err());
         for bad in [
             "",
             "MemFree: 1 kB\n",
             "MemTotal: lots kB\n",
             "MemTotal: 5 MB\n",
         ] {
-            assert!(parse_mem_total(bad).is_err(), "{bad:?}");
+            assert!(meminfo_kib(bad, "MemTotal").is_err(), "{bad:?}");
         }
     }
 
@@ -174,5 +183,6 @@ mod tests {
     fn gathers_on_this_machine() {
         let info = SysInfo::gather().unwrap();
         assert!(info.cpus >= 1 && info.mem_kib > 0 && !info.kernel.is_empty());
+        assert!(mem_available_kib().unwrap() <= info.mem_kib);
     }
 }

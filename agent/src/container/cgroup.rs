@@ -1,6 +1,8 @@
 //! The container's cgroup v2 directory, as the agent reads it: its
 //! processes, its OOM kill count and `cgroup.kill`. libcontainer creates
 //! it (from `linux.cgroupsPath`, which the agent sets) and removes it.
+//! Their common parent caps the memory of all containers together, below
+//! the guest's ([`limit_containers`]).
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +10,38 @@ use std::path::{Path, PathBuf};
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every container's cgroup.
 pub const PARENT: &str = "airlock";
+
+/// The least memory the agent keeps out of the containers' reach: its own
+/// heap, a launcher per operation, kernel buffers of the vsock streams.
+const AGENT_RESERVE_MIN_KIB: u64 = 24 << 10;
+
+/// What all containers together may use, in bytes, when the guest has
+/// `available_kib` available: all of it less the agent's reserve (the
+/// larger of 24 MiB and 1/16). `None` if nothing would be left.
+pub fn containers_limit(available_kib: u64) -> Option<u64> {
+    let reserve = AGENT_RESERVE_MIN_KIB.max(available_kib / 16);
+    available_kib
+        .checked_sub(reserve)
+        .filter(|kib| *kib > 0)
+        .and_then(|kib| kib.checked_mul(1024))
+}
+
+/// Caps the memory of all containers together (their parent's
+/// `memory.max`, under the cgroup2 mount `root`) at `limit` bytes.
+///
+/// Without it, a container that allocates without bound drives the whole
+/// guest into reclaim: the kernel evicts every file page, the agent's
+/// included, and re-reads them for minutes before its global OOM killer
+/// acts. Within the parent's limit the memory-cgroup OOM killer takes a
+/// container process at once, and the agent keeps answering. A container's
+/// own `linux.resources.memory.limit` applies below this one.
+pub fn limit_containers(root: &Path, limit: u64) -> std::io::Result<()> {
+    // A child has a controller's files only once its parent enables it.
+    std::fs::write(root.join("cgroup.subtree_control"), "+memory +pids")?;
+    let parent = root.join(PARENT);
+    std::fs::create_dir_all(&parent)?;
+    std::fs::write(parent.join("memory.max"), limit.to_string())
+}
 
 /// One container's cgroup.
 #[derive(Debug, Clone)]
@@ -200,6 +234,29 @@ mod tests {
         assert_eq!(read("cpu.max"), "50000 100000");
         assert_eq!(read("cpu.weight"), "39");
         assert_eq!(read("pids.max"), "max");
+    }
+
+    #[test]
+    fn containers_get_all_available_memory_but_the_agents_reserve() {
+        // 128 MiB guest: about 100 MiB available, 24 MiB kept.
+        assert_eq!(containers_limit(100 << 10), Some(76 << 20));
+        // 4 GiB available: a sixteenth kept.
+        assert_eq!(containers_limit(4 << 20), Some((4 << 30) - (256 << 20)));
+        assert_eq!(containers_limit(24 << 10), None);
+        assert_eq!(containers_limit(0), None);
+        assert_eq!(containers_limit(u64::MAX), None);
+    }
+
+    #[test]
+    fn the_parent_cgroup_gets_the_limit() {
+        let root = tempfile::tempdir().unwrap();
+        limit_containers(root.path(), 76 << 20).unwrap();
+        let read = |f: &str| std::fs::read_to_string(root.path().join(f)).unwrap();
+        assert_eq!(read("cgroup.subtree_control"), "+memory +pids");
+        assert_eq!(read("airlock/memory.max"), (76u64 << 20).to_string());
+        // Again (the files exist): the same.
+        limit_containers(root.path(), 1 << 20).unwrap();
+        assert_eq!(read("airlock/memory.max"), "1048576");
     }
 
     #[test]

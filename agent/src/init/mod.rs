@@ -97,6 +97,22 @@ pub fn run() -> Result<Infallible, InitError> {
         return shutdown::reboot_now().map_err(InitError::Shutdown);
     }
 
+    // Before any container exists (the launcher's children join it).
+    let containers = limit_containers();
+    let announce = move || {
+        announce();
+        match containers {
+            Ok(limit) => info(format_args!(
+                "airlock-agent: containers together may use {} MiB",
+                limit >> 20
+            )),
+            Err(e) => warn(format_args!(
+                "airlock-agent: warning: containers have no memory limit below the guest's, \
+                 so one that allocates without bound can stall the guest: {e}"
+            )),
+        }
+    };
+
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -108,6 +124,17 @@ pub fn run() -> Result<Infallible, InitError> {
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     info(format_args!("airlock-agent: {stop}: shutting down"));
     shutdown::stop_all_and_reboot(&mut signals).map_err(InitError::Shutdown)
+}
+
+/// Caps all containers' memory below the guest's, leaving the agent room.
+fn limit_containers() -> Result<u64, String> {
+    use crate::container::cgroup;
+    let available = crate::sysinfo::mem_available_kib().map_err(|e| error_chain(&e))?;
+    let limit = cgroup::containers_limit(available)
+        .ok_or_else(|| format!("only {} KiB available, all kept for the agent", available))?;
+    cgroup::limit_containers(std::path::Path::new(cgroup::CGROUP_ROOT), limit)
+        .map_err(|e| format!("cannot write {}: {e}", cgroup::CGROUP_ROOT))?;
+    Ok(limit)
 }
 
 /// Tells the VMM's boot timer and the console that the agent is up.
