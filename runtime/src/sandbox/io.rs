@@ -120,6 +120,12 @@ pub async fn copy_output(
                 .await
                 .map_err(agent_err("ReadStdout"))?,
         };
+        tracing::trace!(
+            ?which,
+            bytes = resp.data.len(),
+            eof = resp.eof,
+            "output read"
+        );
         if !resp.data.is_empty() {
             if let Err(e) = async {
                 out.write_all(&resp.data).await?;

@@ -174,6 +174,118 @@ fn a_fork_bomb_stays_in_its_sandbox() {
 }
 
 #[test]
+fn allocating_all_guest_memory_kills_only_the_process() {
+    on_real_kvm("allocating_all_guest_memory_kills_only_the_process", || {
+        // dd reads 96 MiB at a time into one buffer in a 128 MiB guest
+        // (a larger buffer than the guest has fails to allocate). The
+        // containers' memory limit, below the guest's, has the memory
+        // cgroup's OOM killer take dd at once; the agent goes on.
+        let out = airlock(
+            &[
+                "run",
+                "--memory",
+                "128",
+                "--",
+                "sh",
+                "-c",
+                "dd if=/dev/zero of=/dev/null bs=96M count=4; echo status $?; \
+                 echo after; cat /sys/fs/cgroup/memory.events 2>/dev/null",
+            ],
+            300,
+        );
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("status 137\nafter\n"),
+            "the OOM killer took dd, and the shell went on: {stdout}"
+        );
+        airlock_e2e::assert_no_sandbox_left();
+    });
+}
+
+#[test]
+fn a_gibibyte_of_stdout_arrives_whole_in_bounded_memory() {
+    on_real_kvm(
+        "a_gibibyte_of_stdout_arrives_whole_in_bounded_memory",
+        || {
+            const GIB: u64 = 1 << 30;
+            let mut child = Command::new(airlock_e2e::airlock_binary())
+                // One zeroed MiB written 1024 times: the guest's CPU goes to
+                // the stream, not to making its bytes (the test host emulates
+                // it, and reading /dev/zero costs a fifth of the stream).
+                .args([
+                    "run",
+                    "--image",
+                    "python",
+                    "--",
+                    "python3",
+                    "-c",
+                    "import os\nb = bytes(1 << 20)\nfor _ in range(1024):\n    \
+                 v = memoryview(b)\n    while v:\n        v = v[os.write(1, v):]",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut stdout = child.stdout.take().unwrap();
+            let counter = std::thread::spawn(move || {
+                let (mut buf, mut total, mut nonzero) = (vec![0u8; 1 << 20], 0u64, false);
+                loop {
+                    match stdout.read(&mut buf) {
+                        Ok(0) => return (total, nonzero),
+                        Ok(n) => {
+                            // Spot checks: every byte would cost the test host
+                            // (one emulated CPU) more than the stream itself.
+                            nonzero |= buf[0] != 0 || buf[n - 1] != 0;
+                            total += n as u64;
+                        }
+                        Err(e) => panic!("reading airlock's stdout: {e}"),
+                    }
+                }
+            });
+            let mut stderr_pipe = child.stderr.take().unwrap();
+            let errors = std::thread::spawn(move || {
+                let mut text = String::new();
+                stderr_pipe.read_to_string(&mut text).ok();
+                text
+            });
+            // The runtime relays the stream in bounded chunks, never holding it:
+            // its peak resident memory stays small.
+            let (started, mut peak_kib) = (Instant::now(), 0u64);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+                    let hwm = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("VmHWM:"))
+                        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+                    peak_kib = peak_kib.max(hwm.unwrap_or(0));
+                }
+                if started.elapsed() > Duration::from_secs(900) {
+                    let _ = child.kill();
+                    panic!("1 GiB of stdout took over 900 s");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            };
+            let (total, nonzero) = counter.join().unwrap();
+            let errors = errors.join().unwrap();
+            println!(
+                "1 GiB of stdout in {:?}, airlock peak RSS {peak_kib} KiB",
+                started.elapsed()
+            );
+            assert_eq!(status.code(), Some(0), "{errors}");
+            assert_eq!(total, GIB, "every byte arrived: {errors}");
+            assert!(!nonzero, "the stream's bytes are the guest's zeros");
+            assert!(peak_kib < 64 << 10, "airlock's peak RSS {peak_kib} KiB");
+            airlock_e2e::assert_no_sandbox_left();
+        },
+    );
+}
+
+#[test]
 fn filling_the_scratch_disk_is_contained() {
     on_real_kvm("filling_the_scratch_disk_is_contained", || {
         let work = tempfile::tempdir().unwrap();
