@@ -121,6 +121,22 @@ impl Guest {
     }
 }
 
+/// Copies a VMM binary into `stage`, beside the staged guest image, and
+/// returns the copy's path. Every VMM then starts from the page cache of a
+/// local filesystem, as an installed one does: in the test host the
+/// checkout (where `airlock-vmm` and usually Firecracker are built) is on
+/// 9p without caching, so each start read the binary's pages over 9p,
+/// while QEMU came from the cached system share.
+fn stage_binary(binary: &Path, stage: &Path) -> anyhow::Result<PathBuf> {
+    let name = binary
+        .file_name()
+        .with_context(|| format!("{} has no file name", binary.display()))?;
+    let to = stage.join(name);
+    std::fs::copy(binary, &to)
+        .with_context(|| format!("cannot copy {} to {}", binary.display(), to.display()))?;
+    Ok(to)
+}
+
 /// The binaries to compare, and the guest they boot.
 #[derive(Debug, Clone)]
 pub struct Peers {
@@ -149,8 +165,8 @@ impl Peers {
             _ => None,
         };
         Ok(Peers {
-            airlock_vmm: airlock_vmm.canonicalize()?,
-            firecracker,
+            airlock_vmm: stage_binary(&airlock_vmm, stage)?,
+            firecracker: firecracker.map(|p| stage_binary(&p, stage)).transpose()?,
             guest: Guest::default_image()?.staged(stage)?,
         })
     }

@@ -119,7 +119,11 @@ pub async fn connect_when_ready(
         if ready || first || last_try.elapsed() >= FALLBACK_RETRY {
             first = false;
             last_try = Instant::now();
+            if ready {
+                tracing::debug!("agent ready (VMM log): connecting");
+            }
             if let Some(stream) = handshake(uds).await? {
+                tracing::debug!("vsock handshake done: checking the agent's version");
                 break stream;
             }
         }
@@ -230,6 +234,7 @@ async fn check(stream: UnixStream) -> Result<AgentClient, ConnectError> {
         .await
         .map_err(|e| ConnectError::Check(e.to_string()))?;
     check_compatible(resp.protocol_version)?;
+    tracing::debug!(agent = %resp.agent_version, "the agent answered Check");
     Ok(AgentClient {
         client,
         agent_version: resp.agent_version,

@@ -81,28 +81,34 @@ pub fn run() -> Result<Infallible, InitError> {
     for w in warnings {
         warn(format_args!("airlock-agent: warning: {w}"));
     }
-    // Printed once the agent is ready: every console byte is a VM exit,
-    // which the boot should not wait for.
+    // Said once the agent is ready: every console byte is a VM exit, which
+    // the boot should not wait for.
     let sysinfo = SysInfo::gather().map_err(|e| error_chain(&e));
-    let announce = move || {
+    if cmdline.oneshot {
+        // A boot that only proves the guest comes up: its console is its
+        // whole output.
         announce_ready();
         match &sysinfo {
             Ok(sys) => info(format_args!("airlock-agent: {sys}")),
             Err(e) => warn(format_args!("airlock-agent: warning: {e}")),
         }
-    };
-    if cmdline.oneshot {
-        announce();
         console::flush();
         return shutdown::reboot_now().map_err(InitError::Shutdown);
     }
 
     // Before any container exists (the launcher's children join it).
     let containers = limit_containers();
+    // A serving guest's host is waiting to connect: only the ready line
+    // goes to the console, the rest to the kernel log (`dmesg`); warnings
+    // still go to the console.
     let announce = move || {
-        announce();
+        announce_ready();
+        match &sysinfo {
+            Ok(sys) => console::log(format_args!("airlock-agent: {sys}")),
+            Err(e) => warn(format_args!("airlock-agent: warning: {e}")),
+        }
         match containers {
-            Ok(limit) => info(format_args!(
+            Ok(limit) => console::log(format_args!(
                 "airlock-agent: containers together may use {} MiB",
                 limit >> 20
             )),

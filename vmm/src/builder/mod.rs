@@ -82,12 +82,13 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
     // Devices open their backends (images, sockets) before KVM is touched,
     // so a bad path is reported as such on any host.
     let devices = virtio::devices_from_config(config)?;
+    phase("device backends opened");
     if seccomp::enabled() {
         // One pooled thread per device, under the device filter, before
         // any guest code runs (see devices::virtio::worker).
         worker::start_pool(devices.len())?;
     }
-    phase("start");
+    phase("device workers started");
     let vm = Vm::new()?;
     phase("KVM VM created");
     let max = vm.kvm().get_max_vcpus();
