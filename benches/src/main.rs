@@ -18,6 +18,7 @@ mod report;
 mod stats;
 mod teardown;
 mod vsock;
+mod wipe;
 
 use std::path::PathBuf;
 

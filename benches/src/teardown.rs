@@ -151,9 +151,55 @@ pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
         times(fixed),
         args.fixed_mib
     ));
+    let (wipe_rows, wipe_json) = crate::wipe::rows(&args.memory, args.fixed_mib, args.runs)?;
+    section.para(&format!(
+        "**The wipe alone**, without a VM: guest RAM mapped as `airlock-vmm` \
+         maps it, touched by the benchmark process, then wiped and unmapped \
+         (Airlock) or only unmapped (the peers); ms, median of {} runs.",
+        args.runs
+    ));
+    section.table(
+        &[
+            "guest MiB",
+            "touched MiB",
+            "wipe + unmap ms",
+            "unmap only ms",
+            "wiped MiB",
+        ],
+        &wipe_rows,
+    );
+    let wipe_growth = |series: &str| -> f64 {
+        let pick = |mem: Option<&u64>| {
+            wipe_json.as_array().and_then(|rows| {
+                rows.iter()
+                    .find(|r| {
+                        r["series"] == series
+                            && Some(&r["guest_mib"]) == mem.map(|m| json!(m)).as_ref()
+                    })
+                    .and_then(|r| r["wipe_and_unmap"]["median_ms"].as_f64())
+            })
+        };
+        match (
+            pick(args.memory.iter().max()),
+            pick(args.memory.iter().min()),
+        ) {
+            (Some(hi), Some(lo)) => hi / lo,
+            _ => f64::NAN,
+        }
+    };
+    let (wipe_half, wipe_fixed) = (wipe_growth("half"), wipe_growth("fixed"));
+    section.para(&format!(
+        "The wipe alone from the smallest to the largest guest: {} with half of \
+         memory touched, {} with a fixed {} MiB touched.",
+        times(wipe_half),
+        times(wipe_fixed),
+        args.fixed_mib
+    ));
     section.json = json!({
         "benchmark": "teardown_with_wipe", "runs": args.runs, "results": json_rows,
         "airlock_growth_smallest_to_largest": { "half_touched": half, "fixed_touched": fixed },
+        "wipe_alone": wipe_json,
+        "wipe_alone_growth_smallest_to_largest": { "half_touched": wipe_half, "fixed_touched": wipe_fixed },
     });
     Ok(section)
 }
