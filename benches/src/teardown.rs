@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::peers::{Guest, Peers, Running, Scratch, Shape, Vmm};
 use crate::report::{ms, times, Section};
@@ -67,6 +67,42 @@ fn one(peers: &Peers, vmm: Vmm, guest: &Guest, mem: u64, touch: u64) -> anyhow::
     })
 }
 
+/// The two series: half of guest memory touched, and a fixed amount.
+pub const SERIES: [&str; 2] = ["half", "fixed"];
+
+/// MiB a guest of `mem` MiB touches in `series` (the fixed amount is
+/// `fixed_mib`, at most half of memory).
+pub fn touched_mib(series: &str, mem: u64, fixed_mib: u64) -> u64 {
+    if series == "half" {
+        mem / 2
+    } else {
+        fixed_mib.min(mem / 2)
+    }
+}
+
+/// The median at the largest guest of `memory` over the one at the
+/// smallest, among `results` of `series`; `median` gives a result's median
+/// in ms, or `None` for a result that does not count. NaN when one is
+/// missing.
+fn growth(
+    results: &[Value],
+    series: &str,
+    memory: &[u64],
+    median: impl Fn(&Value) -> Option<f64>,
+) -> f64 {
+    let pick = |mem: Option<&u64>| {
+        let mem = mem?;
+        results
+            .iter()
+            .filter(|r| r["series"] == series && r["guest_mib"] == *mem)
+            .find_map(&median)
+    };
+    match (pick(memory.iter().max()), pick(memory.iter().min())) {
+        (Some(hi), Some(lo)) => hi / lo,
+        _ => f64::NAN,
+    }
+}
+
 pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
     let scratch = Scratch::new("teardown-guest")?;
     let guest = peers.guest.with_program("fill-memory", scratch.path())?;
@@ -85,13 +121,9 @@ pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
     headers.push("Airlock wiped MiB".into());
     let mut rows = Vec::new();
     let mut json_rows = Vec::new();
-    for series in ["half", "fixed"] {
+    for series in SERIES {
         for &mem in &args.memory {
-            let touch = if series == "half" {
-                mem / 2
-            } else {
-                args.fixed_mib.min(mem / 2)
-            };
+            let touch = touched_mib(series, mem, args.fixed_mib);
             let mut row = vec![mem.to_string(), touch.to_string()];
             let mut wiped = f64::NAN;
             for &vmm in &vmms {
@@ -125,25 +157,13 @@ pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
     }
     let heads: Vec<&str> = headers.iter().map(String::as_str).collect();
     section.table(&heads, &rows);
-    let growth = |series: &str| -> f64 {
-        let pick = |mem: u64| {
-            json_rows
-                .iter()
-                .find(|r| {
-                    r["vmm"] == json!(Vmm::Airlock)
-                        && r["series"] == series
-                        && r["guest_mib"] == mem
-                })
-                .and_then(|r| r["summary"]["median_ms"].as_f64())
-                .unwrap_or(f64::NAN)
-        };
-        let (lo, hi) = (args.memory.iter().min(), args.memory.iter().max());
-        match (lo, hi) {
-            (Some(&lo), Some(&hi)) => pick(hi) / pick(lo),
-            _ => f64::NAN,
-        }
+    let airlock_ms = |r: &Value| {
+        (r["vmm"] == json!(Vmm::Airlock))
+            .then(|| r["summary"]["median_ms"].as_f64())
+            .flatten()
     };
-    let (half, fixed) = (growth("half"), growth("fixed"));
+    let half = growth(&json_rows, "half", &args.memory, airlock_ms);
+    let fixed = growth(&json_rows, "fixed", &args.memory, airlock_ms);
     section.para(&format!(
         "Airlock's teardown from the smallest to the largest guest: {} with \
          half of memory touched, {} with a fixed {} MiB touched.",
@@ -168,26 +188,9 @@ pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
         ],
         &wipe_rows,
     );
-    let wipe_growth = |series: &str| -> f64 {
-        let pick = |mem: Option<&u64>| {
-            wipe_json.as_array().and_then(|rows| {
-                rows.iter()
-                    .find(|r| {
-                        r["series"] == series
-                            && Some(&r["guest_mib"]) == mem.map(|m| json!(m)).as_ref()
-                    })
-                    .and_then(|r| r["wipe_and_unmap"]["median_ms"].as_f64())
-            })
-        };
-        match (
-            pick(args.memory.iter().max()),
-            pick(args.memory.iter().min()),
-        ) {
-            (Some(hi), Some(lo)) => hi / lo,
-            _ => f64::NAN,
-        }
-    };
-    let (wipe_half, wipe_fixed) = (wipe_growth("half"), wipe_growth("fixed"));
+    let wipe_ms = |r: &Value| r["wipe_and_unmap"]["median_ms"].as_f64();
+    let wipe_half = growth(&wipe_json, "half", &args.memory, wipe_ms);
+    let wipe_fixed = growth(&wipe_json, "fixed", &args.memory, wipe_ms);
     section.para(&format!(
         "The wipe alone from the smallest to the largest guest: {} with half of \
          memory touched, {} with a fixed {} MiB touched.",
@@ -202,4 +205,30 @@ pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
         "wipe_alone_growth_smallest_to_largest": { "half_touched": wipe_half, "fixed_touched": wipe_fixed },
     });
     Ok(section)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_series_touches_its_share() {
+        assert_eq!(touched_mib("half", 512, 32), 256);
+        assert_eq!(touched_mib("fixed", 512, 32), 32);
+        assert_eq!(touched_mib("fixed", 32, 32), 16);
+    }
+
+    #[test]
+    fn growth_is_largest_over_smallest_among_the_results_that_count() {
+        let results = vec![
+            json!({"vmm": "qemu", "series": "half", "guest_mib": 2048, "ms": 1.0}),
+            json!({"vmm": "airlock", "series": "half", "guest_mib": 2048, "ms": 30.0}),
+            json!({"vmm": "airlock", "series": "half", "guest_mib": 128, "ms": 10.0}),
+            json!({"vmm": "airlock", "series": "fixed", "guest_mib": 128, "ms": 5.0}),
+        ];
+        let airlock = |r: &Value| (r["vmm"] == "airlock").then(|| r["ms"].as_f64()).flatten();
+        assert_eq!(growth(&results, "half", &[128, 512, 2048], airlock), 3.0);
+        assert!(growth(&results, "fixed", &[128, 2048], airlock).is_nan());
+        assert!(growth(&results, "half", &[], airlock).is_nan());
+    }
 }

@@ -16,11 +16,13 @@ use airlock_vmm::vstate::memory;
 
 use crate::report::ms;
 use crate::stats::summarize;
+use crate::teardown::{touched_mib, SERIES};
 
 const PAGE: u64 = 4096;
 
 /// Milliseconds to tear down `mem_mib` of guest RAM whose first `touch_mib`
-/// were written: with the wipe (`wipe`) or unmapping only.
+/// were written, with the wipe (`wipe`) or unmapping only, and the MiB
+/// wiped.
 fn once(mem_mib: u64, touch_mib: u64, wipe: bool) -> anyhow::Result<(f64, u64)> {
     let ram = memory::create_guest_memory(mem_mib)
         .with_context(|| format!("cannot map {mem_mib} MiB"))?;
@@ -44,16 +46,12 @@ pub fn rows(
     memory: &[u64],
     fixed_mib: u64,
     runs: usize,
-) -> anyhow::Result<(Vec<Vec<String>>, Value)> {
+) -> anyhow::Result<(Vec<Vec<String>>, Vec<Value>)> {
     let mut rows = Vec::new();
     let mut results = Vec::new();
-    for series in ["half", "fixed"] {
+    for series in SERIES {
         for &mem in memory {
-            let touch = if series == "half" {
-                mem / 2
-            } else {
-                fixed_mib.min(mem / 2)
-            };
+            let touch = touched_mib(series, mem, fixed_mib);
             let (mut wiped_ms, mut unmap_ms, mut wiped_mib) = (Vec::new(), Vec::new(), 0);
             for _ in 0..runs {
                 let (t, w) = once(mem, touch, true)?;
@@ -80,7 +78,7 @@ pub fn rows(
             }));
         }
     }
-    Ok((rows, Value::Array(results)))
+    Ok((rows, results))
 }
 
 #[cfg(test)]
@@ -100,6 +98,6 @@ mod tests {
         assert_eq!(rows.len(), 4);
         assert_eq!(rows[0][..2], ["8".to_string(), "4".to_string()]);
         assert_eq!(rows[3][4], "2");
-        assert_eq!(json.as_array().map(Vec::len), Some(4));
+        assert_eq!(json.len(), 4);
     }
 }
