@@ -202,10 +202,9 @@ fn settle_host_memory(guest_mib: u64) {
     std::hint::black_box(&scratch);
 }
 
-/// One peer boot: milliseconds to the boot marker.
-fn peer_boot(peers: &Peers, vmm: Vmm, guest: &Guest, shape: Shape) -> anyhow::Result<f64> {
-    let scratch = Scratch::new("boot")?;
-    let cmd = peers.peer_command(vmm, guest, shape, BOOT_MARKER_ARG, None, scratch.path())?;
+/// One boot timed like a peer's: milliseconds from the spawn of `cmd` to
+/// the boot marker on its console.
+fn marker_boot(cmd: std::process::Command) -> anyhow::Result<f64> {
     let mut running = Running::spawn(cmd)?;
     let at = running.wait_for_line(BOOT_MARKER_LINE, DEADLINE);
     let started = running.started;
@@ -213,9 +212,51 @@ fn peer_boot(peers: &Peers, vmm: Vmm, guest: &Guest, shape: Shape) -> anyhow::Re
     Ok(at?.duration_since(started).as_secs_f64() * 1000.0)
 }
 
+/// One line of a boot table: what was started, and until when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Series {
+    /// Airlock as a sandbox starts: jailed, until the agent answers `Check`.
+    Airlock,
+    /// `airlock-vmm` started on its own (no jail, no vsock) until the
+    /// `/init` marker: the peers' measure, for a like-for-like VMM
+    /// comparison.
+    AirlockToInit,
+    /// A peer VMM until the `/init` marker.
+    Peer(Vmm),
+}
+
+impl Series {
+    fn all(peers: &Peers) -> Vec<Series> {
+        let mut v = vec![Series::Airlock, Series::AirlockToInit];
+        v.extend(
+            peers
+                .vmms()
+                .into_iter()
+                .filter(|&m| m != Vmm::Airlock)
+                .map(Series::Peer),
+        );
+        v
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Series::Airlock => "Airlock",
+            Series::AirlockToInit => "Airlock VMM alone",
+            Series::Peer(vmm) => vmm.name(),
+        }
+    }
+
+    fn measured_to(self) -> &'static str {
+        match self {
+            Series::Airlock => "agent answers Check",
+            Series::AirlockToInit | Series::Peer(_) => "/init marker",
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Row {
-    vmm: Vmm,
+    series: Series,
     measured_to: &'static str,
     #[serde(flatten)]
     summary: Summary,
@@ -228,34 +269,50 @@ pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let vmms = peers.vmms();
+    let series = Series::all(peers);
     let mut section = Section::new(json!([]));
     section.para(&format!(
         "Boot to ready, same kernel and initramfs for every VMM, {} runs each, \
          interleaved. Airlock: VMM start until the agent answers `Check` over \
-         vsock. Peers: VMM start until `/init` prints its marker. {}.",
+         vsock. Peers: VMM start until `/init` prints its marker. \
+         \"Airlock VMM alone\": `airlock-vmm` started directly (no jail, no \
+         vsock), timed like the peers. {}.",
         args.runs,
         peers.note()
     ));
     let mut results = Vec::new();
     for &shape in &args.shapes {
-        let mut samples = vec![Vec::new(); vmms.len()];
+        let mut samples = vec![Vec::new(); series.len()];
         let mut phases = Vec::new();
         for run in 0..args.runs {
-            for (i, &vmm) in vmms.iter().enumerate() {
+            for (i, &s) in series.iter().enumerate() {
                 settle_host_memory(shape.memory_mib);
-                let ms = if vmm == Vmm::Airlock {
-                    let (ms, p) = airlock_boot(peers, &guest, shape, &rt)?;
-                    phases.push(p);
-                    ms
-                } else {
-                    peer_boot(peers, vmm, &guest, shape)?
+                let ms = match s {
+                    Series::Airlock => {
+                        let (ms, p) = airlock_boot(peers, &guest, shape, &rt)?;
+                        phases.push(p);
+                        ms
+                    }
+                    Series::AirlockToInit => {
+                        marker_boot(peers.airlock_command(&guest, shape, BOOT_MARKER_ARG, None))?
+                    }
+                    Series::Peer(vmm) => {
+                        let scratch = Scratch::new("boot")?;
+                        marker_boot(peers.peer_command(
+                            vmm,
+                            &guest,
+                            shape,
+                            BOOT_MARKER_ARG,
+                            None,
+                            scratch.path(),
+                        )?)?
+                    }
                 };
                 eprintln!(
                     "boot: {shape}, run {}/{}: {}: {ms:.0} ms",
                     run + 1,
                     args.runs,
-                    vmm.name()
+                    s.name()
                 );
                 samples[i].push(ms);
             }
@@ -266,16 +323,12 @@ pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
             .collect::<Result<_, _>>()?;
         let medians: Vec<f64> = summaries.iter().map(|s| s.median_ms).collect();
         let airlock = medians[0];
-        let rows: Vec<Row> = vmms
+        let rows: Vec<Row> = series
             .iter()
             .zip(summaries)
-            .map(|(&vmm, summary)| Row {
-                vmm,
-                measured_to: if vmm == Vmm::Airlock {
-                    "agent answers Check"
-                } else {
-                    "/init marker"
-                },
+            .map(|(&series, summary)| Row {
+                series,
+                measured_to: series.measured_to(),
                 ratio_to_best: ratio_to_best(summary.median_ms, &medians, false),
                 airlock_ratio: airlock / summary.median_ms,
                 summary,
@@ -295,7 +348,7 @@ pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
             .iter()
             .map(|r| {
                 vec![
-                    r.vmm.name().into(),
+                    r.series.name().into(),
                     r.measured_to.into(),
                     ms(r.summary.median_ms),
                     format!("{}–{}", ms(r.summary.min_ms), ms(r.summary.max_ms)),
@@ -324,6 +377,7 @@ pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
             ms(median_phases.agent_ready_ms),
             ms(airlock)
         ));
+        section.para(&vmm_alone_note(&rows));
         results.push(json!({
             "vcpus": shape.vcpus, "memory_mib": shape.memory_mib,
             "results": rows, "airlock_phases_median": median_phases,
@@ -333,9 +387,74 @@ pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
     Ok(section)
 }
 
+/// The like-for-like sentence: Airlock's VMM alone against each peer, all
+/// timed to the same `/init` marker.
+fn vmm_alone_note(rows: &[Row]) -> String {
+    let alone = rows.iter().find(|r| r.series == Series::AirlockToInit);
+    let peers: Vec<String> = rows
+        .iter()
+        .filter_map(|r| match (r.series, alone) {
+            (Series::Peer(vmm), Some(a)) => Some(format!(
+                "{} {}",
+                times(a.summary.median_ms / r.summary.median_ms),
+                vmm.name()
+            )),
+            _ => None,
+        })
+        .collect();
+    format!(
+        "Like for like, to the same `/init` marker, Airlock's VMM alone takes {}.",
+        if peers.is_empty() {
+            "no peer's time (no peer ran)".to_string()
+        } else {
+            peers.join(" and ")
+        }
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(series: Series, median_ms: f64) -> Row {
+        Row {
+            series,
+            measured_to: series.measured_to(),
+            summary: summarize(&[median_ms]).unwrap(),
+            ratio_to_best: f64::NAN,
+            airlock_ratio: f64::NAN,
+        }
+    }
+
+    #[test]
+    fn vmm_alone_is_compared_with_each_peer() {
+        let rows = [
+            row(Series::Airlock, 1500.0),
+            row(Series::AirlockToInit, 900.0),
+            row(Series::Peer(Vmm::Firecracker), 1000.0),
+            row(Series::Peer(Vmm::QemuMicrovm), 1800.0),
+        ];
+        let note = vmm_alone_note(&rows);
+        assert!(
+            note.contains("0.90× Firecracker and 0.50× QEMU microvm"),
+            "{note}"
+        );
+        assert!(vmm_alone_note(&rows[..2]).contains("no peer ran"));
+    }
+
+    #[test]
+    fn series_name_their_rows_and_endpoints() {
+        let names: Vec<&str> = [
+            Series::Airlock,
+            Series::AirlockToInit,
+            Series::Peer(Vmm::Firecracker),
+        ]
+        .iter()
+        .map(|s| s.name())
+        .collect();
+        assert_eq!(names, ["Airlock", "Airlock VMM alone", "Firecracker"]);
+        assert_eq!(Series::AirlockToInit.measured_to(), "/init marker");
+    }
 
     #[test]
     fn shapes_parse() {
