@@ -8,7 +8,9 @@ use airlock_vmm::devices::virtio::block::{request, ID_BYTES};
 use airlock_vmm::devices::virtio::rng::{fill_chain, MAX_REQUEST};
 use airlock_vmm::devices::virtio::vsock::connect::parse_connect;
 use airlock_vmm::devices::virtio::vsock::muxer::{bind_listener, Muxer};
+use airlock_vmm::devices::virtio::vsock::packet::MAX_PKT_DATA;
 use airlock_vmm::devices::virtio::vsock::{process_rx, process_tx};
+use airlock_vmm::devices::virtio::wants_interrupt;
 use virtio_queue::QueueT;
 
 use crate::guest::memory_and_queues;
@@ -19,7 +21,8 @@ const MAX_CHAINS: usize = 512;
 
 /// vsock: the TX queue's packets reach the muxer (connection requests to
 /// host ports that nobody serves, data, credit updates, resets, garbage),
-/// then the RX queue takes whatever the muxer has for the guest.
+/// then the RX queue takes whatever the muxer has for the guest, and each
+/// queue's avail ring says whether the guest wants an interrupt.
 pub fn vsock_queues(data: &[u8]) {
     let Some((mem, mut queues)) = memory_and_queues(data, 2) else {
         return;
@@ -35,7 +38,10 @@ pub fn vsock_queues(data: &[u8]) {
     let (rx, tx) = queues.split_at_mut(1);
     process_tx(&mem, &mut tx[0], &mut muxer);
     muxer.process_events();
-    process_rx(&mem, &mut rx[0], &mut muxer);
+    let mut scratch = vec![0u8; MAX_PKT_DATA as usize];
+    process_rx(&mem, &mut rx[0], &mut muxer, &mut scratch);
+    wants_interrupt(&mut rx[0], &mem);
+    wants_interrupt(&mut tx[0], &mem);
     muxer.reset();
 }
 

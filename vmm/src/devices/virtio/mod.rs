@@ -21,8 +21,8 @@ pub mod worker;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device IDs (virtio 1.2, section 5).
@@ -40,6 +40,29 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const INT_VRING: u32 = 0x1;
 /// Interrupt status bit: the configuration changed.
 pub const INT_CONFIG: u32 = 0x2;
+
+/// Avail ring flag: the driver asks for no interrupt when buffers are used
+/// (virtio 1.2, 2.7.7; Linux sets it while it drains a queue by polling).
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Whether the driver wants an interrupt for the used buffers just added
+/// to `queue`: not when its avail ring carries
+/// [`VRING_AVAIL_F_NO_INTERRUPT`]. With `VIRTIO_F_EVENT_IDX` (which these
+/// devices do not offer) `virtio-queue` decides; without it, its
+/// `needs_notification` always says yes ("the flag isn't supported yet",
+/// virtio-queue 0.18), so the flag is read here. The driver re-checks the
+/// used ring when it clears the flag, so honouring it loses no buffer. An
+/// avail ring the guest placed outside its memory gets the interrupt.
+pub fn wants_interrupt(queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    if queue.event_idx_enabled() {
+        return queue.needs_notification(mem).unwrap_or(true);
+    }
+    // The used ring's index (written by add_used) must be visible before
+    // the flag is read, as in virtio-queue's own check.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Acquire)
+        .map_or(true, |flags| flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
+}
 
 /// Raises the device's interrupt: sets a bit in the transport's
 /// InterruptStatus register and signals the irqfd KVM injects from.
@@ -151,4 +174,29 @@ pub trait VirtioDevice: Send {
     /// Stops the device and drops its queues, so that it can be activated
     /// again. Returns false if the device cannot be reset.
     fn reset(&mut self) -> bool;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::mock::MockSplitQueue;
+
+    #[test]
+    fn interrupt_follows_the_avail_ring_flag() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut q = vq.create_queue::<Queue>().unwrap();
+        assert!(wants_interrupt(&mut q, &mem));
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, vq.avail_addr())
+            .unwrap();
+        assert!(!wants_interrupt(&mut q, &mem));
+        // Other flag bits do not matter.
+        mem.write_obj(0xfffe_u16, vq.avail_addr()).unwrap();
+        assert!(wants_interrupt(&mut q, &mem));
+        // A ring the guest placed outside its memory: interrupt anyway.
+        mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, vq.avail_addr())
+            .unwrap();
+        q.set_avail_ring_address(Some(0xffff_0000), Some(0));
+        assert!(wants_interrupt(&mut q, &mem));
+    }
 }

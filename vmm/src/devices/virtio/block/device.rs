@@ -18,8 +18,8 @@ use super::request::parse;
 use super::{BlockError, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
 use crate::devices::virtio::worker::WorkerHandle;
 use crate::devices::virtio::{
-    device_type, ActivateError, ActiveQueues, IrqTrigger, SingleQueue, VirtioDevice, INT_VRING,
-    VIRTIO_F_VERSION_1,
+    device_type, wants_interrupt, ActivateError, ActiveQueues, IrqTrigger, SingleQueue,
+    VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
 };
 
 /// Length of the configuration space we fill (capacity .. seg_max).
@@ -123,7 +123,7 @@ fn run(
                 process = true;
             }
         }
-        if process && q.process_queue(mem, queue) && queue.needs_notification(mem).unwrap_or(true) {
+        if process && q.process_queue(mem, queue) && wants_interrupt(queue, mem) {
             if let Err(e) = irq.trigger(INT_VRING) {
                 tracing::error!("virtio-blk: cannot interrupt the guest: {e}");
             }

@@ -18,7 +18,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::worker::WorkerHandle;
 use super::{device_type, ActivateError, ActiveQueues, IrqTrigger, SingleQueue, VirtioDevice};
-use super::{INT_VRING, VIRTIO_F_VERSION_1};
+use super::{wants_interrupt, INT_VRING, VIRTIO_F_VERSION_1};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -334,7 +334,7 @@ fn run(
             continue;
         }
         let done = q.process_queue(Instant::now());
-        if done.needs_irq && q.queue.needs_notification(&q.mem).unwrap_or(true) {
+        if done.needs_irq && wants_interrupt(&mut q.queue, &q.mem) {
             if let Err(e) = irq.trigger(INT_VRING) {
                 tracing::error!("virtio-rng: cannot interrupt the guest: {e}");
             }

@@ -32,7 +32,7 @@ use self::muxer::Muxer;
 use self::packet::{Header, HEADER_SIZE, MAX_PKT_DATA, OP_RW};
 use super::worker::WorkerHandle;
 use super::{
-    device_type, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice, INT_VRING,
+    device_type, wants_interrupt, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice, INT_VRING,
     VIRTIO_F_VERSION_1,
 };
 
@@ -262,11 +262,17 @@ pub fn process_tx(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -
     used
 }
 
-/// Fills the guest's rx buffers with the muxer's pending packets. Returns
-/// whether any descriptor was used.
-pub fn process_rx(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
+/// Fills the guest's rx buffers with the muxer's pending packets, reading
+/// host data through `data` (at least [`MAX_PKT_DATA`] bytes, allocated
+/// once per worker: this runs after every event). Returns whether any
+/// descriptor was used.
+pub fn process_rx(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    muxer: &mut Muxer,
+    data: &mut [u8],
+) -> bool {
     let mut used = false;
-    let mut data = vec![0u8; MAX_PKT_DATA as usize];
     while muxer.has_pending_rx() {
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
             break;
@@ -373,6 +379,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
         }
     };
     let mut events = [EpollEvent::default(); 8];
+    let mut rx_data = vec![0u8; MAX_PKT_DATA as usize];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -382,7 +389,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
                 return muxer;
             }
         };
-        let mut notify = false;
+        let mut tx_used = false;
         for ev in events.iter().take(n) {
             let Some(&token) = TOKENS.get(ev.data() as usize) else {
                 continue;
@@ -394,7 +401,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
                 }
                 Token::TxQueue => {
                     let _ = queue_evts[TXQ].read();
-                    notify |= process_tx(&mem, txq, &mut muxer);
+                    tx_used |= process_tx(&mem, txq, &mut muxer);
                 }
                 Token::EvQueue => {
                     let _ = queue_evts[EVQ].read();
@@ -403,8 +410,8 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
             }
         }
         // Whatever happened may have produced packets for the guest.
-        notify |= process_rx(&mem, rxq, &mut muxer);
-        if notify {
+        let rx_used = process_rx(&mem, rxq, &mut muxer, &mut rx_data);
+        if (tx_used && wants_interrupt(txq, &mem)) || (rx_used && wants_interrupt(rxq, &mem)) {
             signal(&irq);
         }
     }

@@ -198,7 +198,8 @@ impl Guest {
     /// Runs the device side once and returns the packets the guest got.
     fn pump(&mut self) -> Vec<(Header, Vec<u8>)> {
         self.muxer.process_events();
-        process_rx(self.mem, &mut self.rxq, &mut self.muxer);
+        let mut data = vec![0u8; MAX_PKT_DATA as usize];
+        process_rx(self.mem, &mut self.rxq, &mut self.muxer, &mut data);
         let mut out = Vec::new();
         let used = self.rxvq.used();
         let end = used.idx().load();
@@ -668,17 +669,21 @@ fn device_construction_and_config() {
     assert!(!stale.exists());
 }
 
-#[test]
-fn worker_activate_reset_activate() {
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-    let dir = TempDir::new();
-    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
-    for round in 0..2 {
+/// A device worker as the transport starts it: the guest's three queues
+/// at the start of `mem`, their kick eventfds and the interrupt.
+struct Worker<'a> {
+    rxvq: MockSplitQueue<'a, GuestMemoryMmap>,
+    rx_kick: vmm_sys_util::eventfd::EventFd,
+    irq: Arc<IrqTrigger>,
+}
+
+impl<'a> Worker<'a> {
+    fn activate(dev: &mut Vsock, mem: &'a GuestMemoryMmap) -> Self {
+        use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
         mem.write_slice(&[0u8; 0x3_0000], GuestAddress(0)).unwrap();
-        let rxvq = MockSplitQueue::create(&mem, GuestAddress(0), QUEUE_SIZE);
-        let txvq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QUEUE_SIZE);
-        let evvq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), QUEUE_SIZE);
+        let rxvq = MockSplitQueue::create(mem, GuestAddress(0), QUEUE_SIZE);
+        let txvq = MockSplitQueue::create(mem, GuestAddress(0x1_0000), QUEUE_SIZE);
+        let evvq = MockSplitQueue::create(mem, GuestAddress(0x2_0000), QUEUE_SIZE);
         let queues = vec![
             rxvq.create_queue().unwrap(),
             txvq.create_queue().unwrap(),
@@ -697,23 +702,45 @@ fn worker_activate_reset_activate() {
             acked_features: VIRTIO_F_VERSION_1,
         })
         .unwrap();
-        let mut host = UnixStream::connect(dir.sock()).unwrap();
-        host.write_all(b"CONNECT 52\n").unwrap();
+        Worker { rxvq, rx_kick, irq }
+    }
+
+    /// Offers the rx buffer pair `n` (header, then 4 KiB) and kicks.
+    fn offer_rx(&self, n: u16) {
         let w = VRING_DESC_F_WRITE as u16;
+        let at = 0x10_0000 + u64::from(n) * 0x2000;
         Guest::publish(
-            &rxvq,
+            &self.rxvq,
             &[
-                (0, 0x10_0000, HEADER_SIZE as u32, w),
-                (1, 0x10_1000, 4096, w),
+                (2 * n, at, HEADER_SIZE as u32, w),
+                (2 * n + 1, at + 0x1000, 4096, w),
             ],
         );
-        rx_kick.write(1).unwrap();
+        self.rx_kick.write(1).unwrap();
+    }
+
+    /// Waits until the device has used `n` rx buffers.
+    fn wait_rx_used(&self, n: u16) {
         let start = Instant::now();
-        while rxvq.used().idx().load() == 0 && start.elapsed() < Duration::from_secs(5) {
+        while self.rxvq.used().idx().load() < n && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(rxvq.used().idx().load(), 1, "round {round}");
-        assert_ne!(irq.status() & INT_VRING, 0);
+        assert_eq!(self.rxvq.used().idx().load(), n);
+    }
+}
+
+#[test]
+fn worker_activate_reset_activate() {
+    let dir = TempDir::new();
+    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    for _round in 0..2 {
+        let worker = Worker::activate(&mut dev, &mem);
+        let mut host = UnixStream::connect(dir.sock()).unwrap();
+        host.write_all(b"CONNECT 52\n").unwrap();
+        worker.offer_rx(0);
+        worker.wait_rx_used(1);
+        assert_ne!(worker.irq.status() & INT_VRING, 0);
         let mut raw = [0u8; HEADER_SIZE];
         mem.read_slice(&mut raw, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(Header::from_bytes(&raw).op, OP_REQUEST);
@@ -721,4 +748,42 @@ fn worker_activate_reset_activate() {
         // Reset drops connections.
         assert_closed(&mut host);
     }
+}
+
+#[test]
+fn worker_interrupts_only_when_the_driver_wants_it() {
+    const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+    let dir = TempDir::new();
+    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let worker = Worker::activate(&mut dev, &mem);
+    let flags = worker.rxvq.avail_addr();
+    // As Linux's rx worker does while it drains the queue.
+    mem.write_obj(VRING_AVAIL_F_NO_INTERRUPT, flags).unwrap();
+    let mut first = UnixStream::connect(dir.sock()).unwrap();
+    first.write_all(b"CONNECT 52\n").unwrap();
+    worker.offer_rx(0);
+    worker.wait_rx_used(1);
+    // The interrupt would come right after the buffer is used: give it
+    // ample time.
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        worker.irq.status() & INT_VRING,
+        0,
+        "interrupted against NO_INTERRUPT"
+    );
+    // Callbacks enabled again: the next packet interrupts.
+    mem.write_obj(0u16, flags).unwrap();
+    let mut second = UnixStream::connect(dir.sock()).unwrap();
+    second.write_all(b"CONNECT 53\n").unwrap();
+    worker.offer_rx(1);
+    worker.wait_rx_used(2);
+    let start = Instant::now();
+    while worker.irq.status() & INT_VRING == 0 && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_ne!(worker.irq.status() & INT_VRING, 0);
+    assert!(dev.reset());
+    assert_closed(&mut first);
+    assert_closed(&mut second);
 }
