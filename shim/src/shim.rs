@@ -10,6 +10,24 @@ use airlock_runtime::config::RuntimeConfig;
 use airlock_runtime::sandbox::teardown_state;
 use airlock_runtime::state::{SandboxId, StateDir};
 
+/// Removes the shim socket named in `bundle`'s `address` file (written by
+/// `start`; containerd's `unix:///run/containerd/s/<hash>`), if it is a
+/// socket. With `if_unserved`, only when no shim answers on it.
+pub fn remove_socket(bundle: &Path, if_unserved: bool) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let path = address.trim().trim_start_matches("unix://");
+    if if_unserved && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            std::fs::remove_file(path).ok();
+        }
+    }
+}
+
 /// Set to a sandbox id, this binary tears that sandbox down and exits.
 pub const CLEANUP_ENV: &str = "AIRLOCK_SHIM_CLEANUP";
 use async_trait::async_trait;
@@ -83,16 +101,7 @@ impl Shim for AirlockShim {
         // The dead shim's socket (runc's shim removes it here too); only
         // when no shim serves it any more (it may be the pod's, still
         // serving other containers).
-        if let Ok(address) = std::fs::read_to_string(bundle.join("address")) {
-            let path = address.trim().trim_start_matches("unix://");
-            if std::os::unix::net::UnixStream::connect(path).is_err() {
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-                        std::fs::remove_file(path).ok();
-                    }
-                }
-            }
-        }
+        remove_socket(&bundle, true);
         pod::cleanup_bundle(&bundle);
         let exit = Exited::now(128 + libc::SIGKILL as u32);
         Ok(DeleteResponse {
@@ -136,4 +145,40 @@ pub async fn cleanup(id: &str) -> Result<(), String> {
     let pid = state.read_record().ok().map(|r| r.vmm_pid);
     teardown_state(&config, &state, pid).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn socket_removal_follows_the_address_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let address = |p: &Path| {
+            std::fs::write(
+                dir.path().join("address"),
+                format!("unix://{}\n", p.display()),
+            )
+            .unwrap()
+        };
+        address(&sock);
+        let listener = UnixListener::bind(&sock).unwrap();
+        // Served: kept when asked to spare a live shim's socket.
+        remove_socket(dir.path(), true);
+        assert!(sock.exists());
+        // The serving shim removes its own.
+        remove_socket(dir.path(), false);
+        assert!(!sock.exists());
+        drop(listener);
+        // Never a file that is not a socket.
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        address(&file);
+        remove_socket(dir.path(), false);
+        assert!(file.exists());
+        // No address file: nothing to do.
+        remove_socket(&dir.path().join("missing"), false);
+    }
 }

@@ -262,6 +262,12 @@ impl Task for TaskService {
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         if self.pod.is_empty().await {
             self.pod.destroy().await;
+            // Before answering, as runc's shim does: once this call returns
+            // containerd deletes the bundle, `address` file included, which
+            // raced containerd-shim's own removal after the server stops
+            // (a socket left in /run/containerd/s). The daemon runs in the
+            // bundle `start` ran in.
+            crate::shim::remove_socket(std::path::Path::new("."), false);
             self.exit.signal();
         }
         Ok(Empty::new())
