@@ -10,26 +10,6 @@ use airlock_runtime::config::RuntimeConfig;
 use airlock_runtime::sandbox::teardown_state;
 use airlock_runtime::state::{SandboxId, StateDir};
 
-/// Removes the shim socket named in `bundle`'s `address` file (written by
-/// `start`; containerd's `unix:///run/containerd/s/<hash>`), if it is a
-/// socket. With `if_unserved`, only when no shim answers on it.
-pub fn remove_socket(bundle: &Path, if_unserved: bool) {
-    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
-        return;
-    };
-    let path = address.trim().trim_start_matches("unix://");
-    if if_unserved && std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            std::fs::remove_file(path).ok();
-        }
-    }
-}
-
-/// Set to a sandbox id, this binary tears that sandbox down and exits.
-pub const CLEANUP_ENV: &str = "AIRLOCK_SHIM_CLEANUP";
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
@@ -41,6 +21,9 @@ use crate::pod::{self, Pod};
 use crate::process::Exited;
 use crate::spec;
 use crate::task::{self, TaskService};
+
+/// Set to a sandbox id, this binary tears that sandbox down and exits.
+pub const CLEANUP_ENV: &str = "AIRLOCK_SHIM_CLEANUP";
 
 pub struct AirlockShim {
     exit: Arc<ExitSignal>,
@@ -145,6 +128,24 @@ pub async fn cleanup(id: &str) -> Result<(), String> {
     let pid = state.read_record().ok().map(|r| r.vmm_pid);
     teardown_state(&config, &state, pid).await;
     Ok(())
+}
+
+/// Removes the shim socket named in `bundle`'s `address` file (written by
+/// `start`; containerd's `unix:///run/containerd/s/<hash>`), if it is a
+/// socket. With `if_unserved`, only when no shim answers on it.
+pub fn remove_socket(bundle: &Path, if_unserved: bool) {
+    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
+        return;
+    };
+    let path = address.trim().trim_start_matches("unix://");
+    if if_unserved && std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            std::fs::remove_file(path).ok();
+        }
+    }
 }
 
 #[cfg(test)]
