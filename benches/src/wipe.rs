@@ -32,7 +32,7 @@ fn once(mem_mib: u64, touch_mib: u64, wipe: bool) -> anyhow::Result<(f64, u64)> 
     }
     let start = Instant::now();
     let wiped = if wipe {
-        (memory::wipe(&ram).wiped_pages * PAGE) >> 20
+        (ram.wipe().wiped_pages * PAGE) >> 20
     } else {
         0
     };

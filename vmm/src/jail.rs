@@ -10,8 +10,7 @@
 //! 1. a private mount namespace of its own (never the host's mounts);
 //! 2. the root directory, bind-mounted on itself, owned by the jail user;
 //! 3. each file the VMM needs bind-mounted in: kernel and initrd read-only,
-//!    drives as configured, `/dev/kvm`, the console file; no `/proc` (the
-//!    memory wipe's `/proc/self/pagemap` is opened before, and kept);
+//!    drives as configured, `/dev/kvm`, the console file; no `/proc`;
 //! 4. `pivot_root` into it, the old root detached;
 //! 5. rlimits: no core dumps (they would hold guest memory), bounded files;
 //! 6. every capability dropped (bounding, ambient, effective, permitted,
@@ -122,6 +121,23 @@ fn io_step<'a>(
 
 /// Enters the jail and rewrites `config`'s paths to the ones inside it.
 pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailError> {
+    prepare(jail, config)?.drop_privileges()
+}
+
+/// A jail entered up to its last step: in its root, privileges not yet
+/// dropped. `airlock-vmm` forks its keeper here (see `keeper.rs`), so that
+/// both processes are jailed alike, and each then drops its privileges.
+#[derive(Debug)]
+pub struct Prepared {
+    run_uid: Uid,
+    run_gid: Gid,
+    groups: Vec<Gid>,
+    jailed: Jailed,
+}
+
+/// Steps 1 to 5 of the jail (see the module doc): the process is in its
+/// root with its rlimits, still privileged.
+pub fn prepare(jail: &JailConfig, config: &mut VmConfig) -> Result<Prepared, JailError> {
     if !Uid::effective().is_root() {
         return Err(JailError::NotRoot);
     }
@@ -198,9 +214,6 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailErr
     if let (Some(v), Some(inside)) = (config.vsock.as_mut(), vsock_inside) {
         v.uds = record(&v.uds.clone(), inside);
     }
-    crate::vstate::memory::keep_pagemap()
-        .map_err(io_step("open", Path::new("/proc/self/pagemap")))?;
-
     std::env::set_current_dir(root).map_err(io_step("chdir", root))?;
     pivot_root(".", ".").map_err(step("pivot_root into", root))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the old root from", root))?;
@@ -210,22 +223,35 @@ pub fn enter(jail: &JailConfig, config: &mut VmConfig) -> Result<Jailed, JailErr
     setrlimit(Resource::RLIMIT_NOFILE, MAX_FILES, MAX_FILES)
         .map_err(step("setrlimit NOFILE", root))?;
 
-    // A user or group change clears the parent-death signal that the
-    // runtime asked for (`airlock run`: the VM must not outlive it).
-    let mut pdeathsig: libc::c_int = 0;
-    // SAFETY: PR_GET_PDEATHSIG writes one int, which lives across the call.
-    unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeathsig as *mut libc::c_int) };
-    drop_privileges(run_uid, run_gid, &groups)?;
-    if pdeathsig != 0 {
-        // SAFETY: prctl with integer arguments only.
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, pdeathsig as libc::c_ulong) };
-    }
-    Ok(Jailed {
-        uid: run_uid.as_raw(),
-        gid: run_gid.as_raw(),
-        kept_root,
-        paths,
+    Ok(Prepared {
+        run_uid,
+        run_gid,
+        groups,
+        jailed: Jailed {
+            uid: run_uid.as_raw(),
+            gid: run_gid.as_raw(),
+            kept_root,
+            paths,
+        },
     })
+}
+
+impl Prepared {
+    /// Step 6: drops every capability, changes to the jail user, sets
+    /// `no_new_privs`.
+    pub fn drop_privileges(self) -> Result<Jailed, JailError> {
+        // A user or group change clears the parent-death signal that the
+        // runtime asked for (`airlock run`: the VM must not outlive it).
+        let mut pdeathsig: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes one int, which lives across the call.
+        unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut pdeathsig as *mut libc::c_int) };
+        drop_privileges(self.run_uid, self.run_gid, &self.groups)?;
+        if pdeathsig != 0 {
+            // SAFETY: prctl with integer arguments only.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, pdeathsig as libc::c_ulong) };
+        }
+        Ok(self.jailed)
+    }
 }
 
 /// The user to run as: the jail's, with `/dev/kvm`'s group when that is

@@ -8,7 +8,9 @@
 //! config.vcpus = 2;
 //! config.extra_args.push("airlock.oneshot".into());
 //! let report = Vmm::new(config, Instant::now()).run()?;
-//! println!("{} (wiped {} pages)", report.exit, report.wipe.wiped_pages);
+//! // Without a keeper process (see `keeper`), the VMM wipes guest memory.
+//! let wiped = report.wipe.map_or(0, |w| w.wiped_pages);
+//! println!("{} (wiped {wiped} pages)", report.exit);
 //! # Ok::<(), airlock_vmm::VmmError>(())
 //! ```
 pub mod arch;
@@ -18,6 +20,7 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod jail;
+pub mod keeper;
 pub mod seccomp;
 pub mod signal;
 pub mod vmm;

@@ -1,13 +1,15 @@
 //! `airlock-vmm`: boot one microVM and run it until it stops.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use airlock_vmm::config::default_guest_dir;
 use airlock_vmm::config::{DriveConfig, VsockConfig};
 use airlock_vmm::jail::JailConfig;
+use airlock_vmm::keeper::{self, Role};
+use airlock_vmm::vstate::memory;
 use airlock_vmm::{ConsoleOutput, VmConfig, Vmm};
 use clap::{Parser, ValueEnum};
 
@@ -15,12 +17,14 @@ use clap::{Parser, ValueEnum};
 ///
 /// With no arguments it boots the default guest image built by
 /// `guest-image/build` once: the agent starts, says it is ready, and the guest
-/// powers off. Guest memory is wiped when the VM ends, whatever the reason
-/// (short of SIGKILL).
+/// powers off. Guest memory is wiped when the VM ends, whatever the reason:
+/// it lives in a memory file that a keeper process (the one started; the
+/// VMM is its child) holds and overwrites once the VMM process has ended,
+/// even by SIGKILL, the OOM killer or a crash.
 ///
 /// Exit status: 0 when the guest shut down cleanly (or on SIGTERM/SIGINT);
 /// 1 on a guest panic, triple fault or KVM error; 2 on bad arguments or a
-/// VM that could not be built.
+/// VM that could not be built; 128+N when signal N killed the VMM process.
 #[derive(Parser, Debug)]
 #[command(name = "airlock-vmm", version)]
 struct Cli {
@@ -89,6 +93,10 @@ struct Cli {
         requires = "jail_root"
     )]
     jail_gid: u32,
+    /// How long the VMM has to stop after SIGTERM before its keeper
+    /// SIGKILLs it (the keeper still wipes guest memory then)
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    stop_grace_secs: u64,
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -176,35 +184,75 @@ fn main() -> ExitCode {
         eprintln!("airlock-vmm: error: {}", error_chain(&e));
         return ExitCode::from(2);
     }
-    let mut jailed_as: Option<airlock_vmm::jail::Jailed> = None;
-    if let Some(root) = &cli.jail_root {
-        let jail = JailConfig {
-            root: root.clone(),
-            uid: cli.jail_uid,
-            gid: cli.jail_gid,
-        };
-        match airlock_vmm::jail::enter(&jail, &mut config) {
-            Ok(jailed) => {
-                if let Some(why) = &jailed.kept_root {
-                    tracing::warn!("{why}");
+    let memfd = match memory::guest_memfd(config.memory_mib) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("airlock-vmm: error: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let prepared = match &cli.jail_root {
+        Some(root) => {
+            let jail = JailConfig {
+                root: root.clone(),
+                uid: cli.jail_uid,
+                gid: cli.jail_gid,
+            };
+            match airlock_vmm::jail::prepare(&jail, &mut config) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    eprintln!("airlock-vmm: error: {}", error_chain(&e));
+                    return ExitCode::from(2);
                 }
-                tracing::info!(
-                    root = %root.display(),
-                    uid = jailed.uid,
-                    gid = jailed.gid,
-                    "jailed"
-                );
-                jailed_as = Some(jailed);
-            }
-            Err(e) => {
-                eprintln!("airlock-vmm: error: {}", error_chain(&e));
-                return ExitCode::from(2);
             }
         }
-    }
-    // Every VMM thread runs under its seccomp filter; nothing turns this off.
+        None => None,
+    };
+    // Every VMM thread, and the keeper, runs under its seccomp filter;
+    // nothing turns this off.
     airlock_vmm::seccomp::enable();
-    match Vmm::new(config, start).run() {
+    // Guest memory gets its keeper before the VMM reads any guest input.
+    let bytes = config.memory_mib << 20; // validate() bounds it.
+    let grace = Duration::from_secs(cli.stop_grace_secs);
+    let role = match keeper::split(memfd, bytes, grace) {
+        Ok(role) => role,
+        Err(e) => {
+            eprintln!("airlock-vmm: error: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let jailed = prepared.map(|p| p.drop_privileges()).transpose();
+    let (keeper, memfd) = match role {
+        Role::Keeper(k) => {
+            if let Err(e) = &jailed {
+                // The VMM fails the same step and exits; the keeper still
+                // waits for it and wipes.
+                tracing::error!("keeper: {}", error_chain(e));
+            }
+            return k.run();
+        }
+        Role::Vmm { keeper, memfd } => (keeper, memfd),
+    };
+    let jailed_as = match jailed {
+        Ok(Some(jailed)) => {
+            if let Some(why) = &jailed.kept_root {
+                tracing::warn!("{why}");
+            }
+            tracing::info!(
+                root = %cli.jail_root.as_deref().unwrap_or(Path::new("/")).display(),
+                uid = jailed.uid,
+                gid = jailed.gid,
+                "jailed"
+            );
+            Some(jailed)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("airlock-vmm: error: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match Vmm::new(config, start).with_keeper(memfd, keeper).run() {
         Ok(report) if report.exit.is_clean() => {
             tracing::info!("VM stopped: {}", report.exit);
             ExitCode::from(report.exit.exit_code() as u8)

@@ -1,6 +1,7 @@
 //! The VMM's life: wait for the guest (or a signal) to end the VM, stop the
 //! vCPUs, wipe guest memory, then release it.
 
+use std::fs::File;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use crate::config::VmConfig;
 use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::{self, ThreadKind};
 use crate::signal;
-use crate::vstate::memory::{self, WipeReport};
+use crate::vstate::memory::{MemoryError, WipeReport};
 
 /// The message logged once the VM is built and its vCPUs run.
 pub const VM_RUNNING: &str = "VM running";
@@ -36,8 +37,9 @@ pub enum VmmError {
 pub struct RunReport {
     /// Why it stopped.
     pub exit: VmExit,
-    /// What the memory wipe did.
-    pub wipe: WipeReport,
+    /// What the memory wipe did; `None` when a keeper holds guest memory
+    /// and wipes it after this process is gone (see `keeper.rs`).
+    pub wipe: Option<WipeReport>,
     /// Time from the VMM's start to guest kernel entry, `/init` and agent
     /// ready, where the guest got that far.
     pub boot: BootTimes,
@@ -70,6 +72,7 @@ pub enum WipePhase {
 pub struct Vmm {
     config: VmConfig,
     start: Instant,
+    kept: Option<KeptMemory>,
     #[cfg(feature = "test-hooks")]
     wipe_hook: Option<WipeHook>,
 }
@@ -80,9 +83,18 @@ impl Vmm {
         Vmm {
             config,
             start,
+            kept: None,
             #[cfg(feature = "test-hooks")]
             wipe_hook: None,
         }
+    }
+
+    /// Puts guest RAM in `memfd` (from `memory::guest_memfd`), which the
+    /// keeper process `keeper` holds too and wipes once this process is
+    /// gone. This VMM then wipes it only if its keeper is gone first.
+    pub fn with_keeper(mut self, memfd: File, keeper: u32) -> Self {
+        self.kept = Some(KeptMemory { memfd, keeper });
+        self
     }
 
     /// Installs a hook that sees guest memory around the wipe.
@@ -94,7 +106,14 @@ impl Vmm {
     /// Boots the VM and runs it until it stops; always wipes guest memory.
     pub fn run(mut self) -> Result<RunReport, VmmError> {
         let term = signal::termination_event().map_err(VmmError::Signals)?;
-        let running = build_and_start(&self.config, self.start)?;
+        let memfd = self.kept.as_ref().map(|k| k.memfd.try_clone()).transpose();
+        let memfd = memfd.map_err(|source| {
+            BuildError::Memory(MemoryError::Memfd {
+                mib: self.config.memory_mib,
+                source,
+            })
+        })?;
+        let running = build_and_start(&self.config, self.start, memfd)?;
         if let Err(e) = seccomp::apply(ThreadKind::Main) {
             // Never run unfiltered in a process that asked for filters.
             running.exit.signal(VmExit::Error(e.to_string()));
@@ -117,17 +136,21 @@ impl Vmm {
             ready: running.clock.ready(),
         };
         let wipe = self.teardown(running);
-        tracing::info!(
-            wiped_mib = wipe.wiped_pages / 256,
-            guest_mib = wipe.total_pages / 256,
-            wipe_ms = wipe.duration.as_secs_f64() * 1000.0,
-            method = ?wipe.method,
-            "guest memory wiped"
-        );
+        if let Some(wipe) = &wipe {
+            log_wipe(wipe);
+        }
         Ok(RunReport { exit, wipe, boot })
     }
 
-    fn teardown(&mut self, running: RunningVm) -> WipeReport {
+    /// Whether this process wipes guest memory: unless its keeper, which
+    /// would, is still there.
+    fn wipes(&self) -> bool {
+        self.kept
+            .as_ref()
+            .is_none_or(|k| std::os::unix::process::parent_id() != k.keeper)
+    }
+
+    fn teardown(&mut self, running: RunningVm) -> Option<WipeReport> {
         let RunningVm {
             vm,
             mem,
@@ -144,7 +167,7 @@ impl Vmm {
         if let Some(hook) = self.wipe_hook.as_mut() {
             hook(WipePhase::BeforeWipe, &mem);
         }
-        let report = memory::wipe(&mem);
+        let report = self.wipes().then(|| mem.wipe());
         #[cfg(feature = "test-hooks")]
         if let Some(hook) = self.wipe_hook.as_mut() {
             hook(WipePhase::AfterWipe, &mem);
@@ -153,6 +176,25 @@ impl Vmm {
         drop(mem);
         report
     }
+}
+
+/// Guest memory that a keeper process holds too.
+struct KeptMemory {
+    memfd: File,
+    keeper: u32,
+}
+
+/// The line that says guest memory was wiped, with its figures (MiB
+/// touched and wiped, MiB of guest memory, time, method). The runtime
+/// reads it from the VMM's log.
+pub fn log_wipe(wipe: &WipeReport) {
+    tracing::info!(
+        wiped_mib = wipe.wiped_pages / 256,
+        guest_mib = wipe.total_pages / 256,
+        wipe_ms = wipe.duration.as_secs_f64() * 1000.0,
+        method = ?wipe.method,
+        "guest memory wiped"
+    );
 }
 
 /// Watches the exit eventfd and the termination signals.

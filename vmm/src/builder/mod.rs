@@ -74,7 +74,13 @@ pub struct RunningVm {
 
 /// Builds the VM described by `config` and starts its vCPUs. `start` is the
 /// moment boot timing counts from (normally the VMM process's start).
-pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, BuildError> {
+/// Guest RAM is `memfd` (made by [`memory::guest_memfd`], held by a keeper
+/// that wipes it) or, without one, a memfd of the VM's own.
+pub fn build_and_start(
+    config: &VmConfig,
+    start: Instant,
+    memfd: Option<std::fs::File>,
+) -> Result<RunningVm, BuildError> {
     let phase =
         |name: &str| tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "build: {name}");
     config.validate()?;
@@ -99,7 +105,10 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
         });
     }
     let num_vcpus = config.vcpus as u8; // validate() bounds it by MAX_VCPUS.
-    let mem = memory::create_guest_memory(config.memory_mib)?;
+    let mem = match memfd {
+        Some(file) => GuestRam::new(file, config.memory_mib)?,
+        None => memory::create_guest_memory(config.memory_mib)?,
+    };
     vm.register_memory(&mem)?;
     phase("guest memory mapped");
 
@@ -133,7 +142,7 @@ pub fn build_and_start(config: &VmConfig, start: Instant) -> Result<RunningVm, B
             Err(e) => {
                 handles.into_iter().for_each(VcpuHandle::stop_and_join);
                 virtio.transports.iter().for_each(virtio::stop);
-                memory::wipe(&mem);
+                mem.wipe();
                 return Err(e.into());
             }
         }

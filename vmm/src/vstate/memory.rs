@@ -1,41 +1,81 @@
-//! Guest memory: anonymous, `MAP_NORESERVE` mappings from `vm-memory`, and
-//! the wipe that overwrites every page the guest touched before the mapping
-//! is returned to the host.
+//! Guest memory: one sealed `memfd` mapped shared into the VMM, and the
+//! wipe that overwrites every page of it the guest touched.
+//!
+//! Guest RAM lives in a memfd rather than an anonymous mapping so that it
+//! can outlive the VMM that maps it: `airlock-vmm` forks a keeper (see
+//! `keeper.rs`) that holds the same memfd and wipes it once the VMM is gone,
+//! however it went (clean exit, SIGKILL, the OOM killer, a seccomp kill, an
+//! abort). An anonymous mapping dies with its process, unwiped.
+//!
+//! The memfd is sealed against shrinking and growing, so that a VMM taken
+//! over by its guest cannot truncate it (which frees pages without
+//! overwriting them) before the keeper wipes it.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::time::{Duration, Instant};
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::x86_64::layout::arch_memory_regions;
 
 /// Errors from setting up guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The size does not fit the host's address space.
     #[error("guest memory size of {0} MiB is too large for this host")]
     TooLarge(u64),
-    /// mmap failed.
+    #[error("cannot create the guest memory file ({mib} MiB)")]
+    Memfd {
+        mib: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the guest memory file is {got} bytes, not the {want} bytes of {mib} MiB")]
+    WrongSize { got: u64, want: u64, mib: u64 },
     #[error("cannot map {mib} MiB of guest memory")]
     Map {
         mib: u64,
         #[source]
         source: std::io::Error,
     },
-    /// vm-memory refused the mapping.
     #[error("cannot set up guest memory regions: {0}")]
     Regions(String),
 }
 
 /// Alignment of guest RAM in the VMM's address space. With guest-physical
 /// and host-virtual addresses congruent modulo 2 MiB, KVM can back the guest
-/// with 2 MiB pages wherever the host kernel gives transparent huge pages:
-/// far fewer faults while the guest first touches its memory.
+/// with 2 MiB pages wherever the host gives huge pages to shared memory
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`).
 const HUGE_PAGE: usize = 2 << 20;
 
-/// One anonymous mapping that [`GuestRam`] owns.
+/// Creates the memfd that holds `mib` MiB of guest RAM: sized, sealed
+/// against shrinking and growing, nothing allocated yet.
+pub fn guest_memfd(mib: u64) -> Result<File, MemoryError> {
+    let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::TooLarge(mib))?;
+    let len = i64::try_from(bytes).map_err(|_| MemoryError::TooLarge(mib))?;
+    let err = |source| MemoryError::Memfd { mib, source };
+    let flags = libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING;
+    // SAFETY: the name is a NUL-terminated literal; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"airlock-guest-ram".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and nothing else owns it.
+    let file = unsafe { File::from_raw_fd(fd) };
+    // SAFETY: ftruncate on our own fd with a checked, non-negative length.
+    if unsafe { libc::ftruncate(file.as_raw_fd(), len) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl with integer arguments on our own fd.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(file)
+}
+
+/// One shared mapping of part of the memfd that [`GuestRam`] owns.
 #[derive(Debug)]
 struct Mapping {
     addr: *mut u8,
@@ -43,35 +83,44 @@ struct Mapping {
 }
 
 // SAFETY: the mapping is plain memory owned by `GuestRam`; the pointer is
-// only used to unmap it, once, in `GuestRam::drop`.
+// only used to unmap it, once, in `Mapping::drop`.
 unsafe impl Send for Mapping {}
 // SAFETY: as above; `&Mapping` gives no access to the memory.
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of anonymous, `MAP_NORESERVE` memory at a 2 MiB
-    /// aligned address, marked for transparent huge pages and left out of
-    /// core dumps (they would copy guest memory to disk).
-    fn new(len: usize) -> std::io::Result<Self> {
+    /// Maps `len` bytes of `file` from `offset`, shared, at a 2 MiB aligned
+    /// address, marked for huge pages and left out of core dumps (they
+    /// would copy guest memory to disk).
+    fn new(file: &File, offset: u64, len: usize) -> std::io::Result<Self> {
         let total = len
             .checked_add(HUGE_PAGE)
             .ok_or(std::io::ErrorKind::OutOfMemory)?;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: a new anonymous mapping, not MAP_FIXED: nothing existing is
-        // affected; the result is checked.
-        let raw = unsafe { libc::mmap(std::ptr::null_mut(), total, prot, flags, -1, 0) };
+        let offset = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // Reserve an address range with room to align, then map the file
+        // over the aligned part of it.
+        let none = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a new inaccessible anonymous mapping, not MAP_FIXED:
+        // nothing existing is affected; the result is checked.
+        let raw = unsafe { libc::mmap(std::ptr::null_mut(), total, libc::PROT_NONE, none, -1, 0) };
         if raw == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
         let raw = raw.cast::<u8>();
         let head = (HUGE_PAGE - raw as usize % HUGE_PAGE) % HUGE_PAGE;
         // SAFETY: `head < HUGE_PAGE`, so `raw + head` and the `len` bytes after
-        // it lie inside the `total`-byte mapping.
+        // it lie inside the `total`-byte reservation.
         let addr = unsafe { raw.add(head) };
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let shared = libc::MAP_SHARED | libc::MAP_FIXED;
+        // SAFETY: MAP_FIXED over the reservation just made, which nothing
+        // else refers to; the file is at least `offset + len` bytes (sized
+        // by `guest_memfd`, checked by `GuestRam::new`).
+        let mapped =
+            unsafe { libc::mmap(addr.cast(), len, prot, shared, file.as_raw_fd(), offset) };
         let tail = total - head - len;
-        // SAFETY: unmapping the unaligned head and the tail of the mapping
-        // just made, which nothing else refers to.
+        // SAFETY: unmapping the unaligned head and the tail of the
+        // reservation, which nothing refers to.
         unsafe {
             if head > 0 {
                 libc::munmap(raw.cast(), head);
@@ -80,9 +129,15 @@ impl Mapping {
                 libc::munmap(addr.add(len).cast(), tail);
             }
         }
+        if mapped == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: the aligned part of our own reservation.
+            unsafe { libc::munmap(addr.cast(), len) };
+            return Err(e);
+        }
         for advice in [libc::MADV_HUGEPAGE, libc::MADV_DONTDUMP] {
-            // SAFETY: advice on our own mapping; failure (no THP support)
-            // only loses the optimisation.
+            // SAFETY: advice on our own mapping; failure (no huge pages for
+            // shared memory) only loses the optimisation.
             unsafe { libc::madvise(addr.cast(), len, advice) };
         }
         Ok(Mapping { addr, len })
@@ -98,7 +153,7 @@ impl Drop for Mapping {
     }
 }
 
-/// Guest RAM: the mappings and the `vm-memory` view of them.
+/// Guest RAM: the memfd, its mappings and the `vm-memory` view of them.
 ///
 /// Clones of the memory view must not outlive the `GuestRam`, which unmaps
 /// the memory when dropped: the VMM stops its vCPUs and devices (the
@@ -109,12 +164,71 @@ pub struct GuestRam {
     mem: GuestMemoryMmap,
     #[allow(dead_code)] // Held only to unmap on drop.
     mappings: Vec<Mapping>,
+    file: File,
+    bytes: u64,
 }
 
 impl GuestRam {
+    /// Maps `mib` MiB of guest RAM from `file` (made by [`guest_memfd`]),
+    /// split around the MMIO gap below 4 GiB. Nothing is touched: pages are
+    /// only allocated when the guest uses them.
+    pub fn new(file: File, mib: u64) -> Result<Self, MemoryError> {
+        let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::TooLarge(mib))?;
+        let got = file
+            .metadata()
+            .map_err(|source| MemoryError::Map { mib, source })?
+            .len();
+        if got != bytes {
+            return Err(MemoryError::WrongSize {
+                got,
+                want: bytes,
+                mib,
+            });
+        }
+        let mut mappings = Vec::new();
+        let mut regions = Vec::new();
+        let mut offset = 0u64;
+        for (guest_addr, len) in arch_memory_regions(bytes) {
+            let size = usize::try_from(len).map_err(|_| MemoryError::TooLarge(mib))?;
+            let mapping = Mapping::new(&file, offset, size)
+                .map_err(|source| MemoryError::Map { mib, source })?;
+            offset += len; // The regions add up to `bytes`.
+            let addr = mapping.addr;
+            mappings.push(mapping);
+            // SAFETY: `addr` is a live shared mapping of exactly `size` bytes,
+            // owned by the returned `GuestRam`, which outlives the region.
+            let region = unsafe {
+                MmapRegionBuilder::new(size)
+                    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                    .with_mmap_flags(libc::MAP_SHARED)
+                    .with_raw_mmap_pointer(addr)
+            }
+            .build()
+            .map_err(|e| MemoryError::Regions(e.to_string()))?;
+            let region = GuestRegionMmap::new(region, guest_addr)
+                .ok_or_else(|| MemoryError::Regions("region wraps the address space".into()))?;
+            regions.push(region);
+        }
+        let mut ram = GuestRam {
+            mem: GuestMemoryMmap::default(),
+            mappings,
+            file,
+            bytes,
+        };
+        // On error, dropping `ram` unmaps the mappings.
+        ram.mem = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Regions(e.to_string()))?;
+        Ok(ram)
+    }
+
     /// The guest memory, as `vm-memory` sees it.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// Overwrites every page the guest touched (see [`wipe_file`]).
+    pub fn wipe(&self) -> WipeReport {
+        wipe_file(&self.file, self.bytes)
     }
 }
 
@@ -126,39 +240,9 @@ impl std::ops::Deref for GuestRam {
     }
 }
 
-/// Maps `mib` MiB of guest RAM, split around the MMIO gap below 4 GiB.
-/// Nothing is touched: pages are only allocated when the guest uses them.
+/// Maps `mib` MiB of guest RAM in a memfd of its own.
 pub fn create_guest_memory(mib: u64) -> Result<GuestRam, MemoryError> {
-    let bytes = mib.checked_mul(1 << 20).ok_or(MemoryError::TooLarge(mib))?;
-    let mut mappings = Vec::new();
-    let mut regions = Vec::new();
-    for (guest_addr, len) in arch_memory_regions(bytes) {
-        let len = usize::try_from(len).map_err(|_| MemoryError::TooLarge(mib))?;
-        let mapping = Mapping::new(len).map_err(|source| MemoryError::Map { mib, source })?;
-        let addr = mapping.addr;
-        // SAFETY: `mapping` is a live anonymous mapping of exactly `len` bytes,
-        // owned by the returned `GuestRam`, which outlives the region.
-        let region = unsafe {
-            MmapRegionBuilder::new(len)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .with_raw_mmap_pointer(addr)
-        }
-        .build()
-        .map_err(|e| MemoryError::Regions(e.to_string()));
-        mappings.push(mapping);
-        let region = GuestRegionMmap::new(region?, guest_addr)
-            .ok_or_else(|| MemoryError::Regions("region wraps the address space".into()))?;
-        regions.push(region);
-    }
-    let mut ram = GuestRam {
-        mem: GuestMemoryMmap::default(),
-        mappings,
-    };
-    // On error, dropping `ram` unmaps the mappings.
-    ram.mem =
-        GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Regions(e.to_string()))?;
-    Ok(ram)
+    GuestRam::new(guest_memfd(mib)?, mib)
 }
 
 /// What a wipe did.
@@ -177,145 +261,123 @@ pub struct WipeReport {
 /// How a wipe found the pages to overwrite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WipeMethod {
-    /// `/proc/self/pagemap`: only pages present in RAM or in swap.
-    Pagemap,
-    /// Every page, because pagemap could not be read. Slower, never weaker.
+    /// `lseek(SEEK_DATA)`: only pages the memfd holds, in RAM or in swap.
+    SeekData,
+    /// Every page, because the memfd could not be searched. Slower, never
+    /// weaker.
     Full,
 }
 
-const PAGE_SIZE: usize = 4096;
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-/// Pagemap entries read per syscall (512 KiB of entries, 1 GiB of memory).
-const PAGEMAP_BATCH: usize = 1 << 16;
+const PAGE_SIZE: u64 = 4096;
+/// Zeroes written per `pwrite`: a `.bss` array, so it costs no file size
+/// and reads as the shared zero page.
+const CHUNK: usize = 1 << 20;
+static ZEROES: [u8; CHUNK] = [0; CHUNK];
 
-/// `/proc/self/pagemap`, opened before the VMM left the host's `/proc`
-/// behind (see `jail`).
-static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
-
-/// Opens `/proc/self/pagemap` now and keeps it for the wipe, for a VMM
-/// that is about to lose sight of `/proc` (its jail has none). The file
-/// reads this process's memory map for as long as the process lives.
-pub fn keep_pagemap() -> std::io::Result<()> {
-    let file = File::open("/proc/self/pagemap")?;
-    let _ = PAGEMAP.set(file);
-    Ok(())
-}
-
-/// Overwrites with zeros every page of `mem` that the guest touched.
+/// Overwrites with zeros every page of the guest memory file that holds
+/// data (the pages the guest touched), then frees them (punches them out of
+/// the file). `bytes` is the file's size. Nothing may map the file for
+/// writing while it runs: the VM's vCPUs and devices are stopped, or its
+/// VMM is gone.
 ///
-/// All vCPUs must be stopped. The mapping stays valid; dropping `mem`
-/// afterwards unmaps it.
-pub fn wipe(mem: &GuestMemoryMmap) -> WipeReport {
+/// Written here rather than taken from a crate: no rust-vmm crate wipes a
+/// memory file; the work is `lseek` + `pwrite` + `fallocate`.
+pub fn wipe_file(file: &File, bytes: u64) -> WipeReport {
     let start = Instant::now();
-    let opened;
-    let pagemap = match PAGEMAP.get() {
-        Some(kept) => Some(kept),
-        None => {
-            opened = File::open("/proc/self/pagemap").ok();
-            opened.as_ref()
+    let (wiped, method) = match wipe_data(file, bytes) {
+        Ok(pages) => (pages, WipeMethod::SeekData),
+        Err(e) => {
+            tracing::warn!("cannot search the guest memory file ({e}); overwriting all of it");
+            let pages = match zero_range(file, 0, bytes) {
+                Ok(()) => bytes / PAGE_SIZE,
+                Err(e) => {
+                    tracing::error!("cannot overwrite guest memory: {e}");
+                    0
+                }
+            };
+            (pages, WipeMethod::Full)
         }
     };
-    let mut method = if pagemap.is_some() {
-        WipeMethod::Pagemap
-    } else {
-        WipeMethod::Full
-    };
-    let (mut wiped, mut total) = (0u64, 0u64);
-    for region in mem.iter() {
-        let base = region.as_ptr();
-        let pages = region.len() as usize / PAGE_SIZE;
-        total += pages as u64;
-        let result = match pagemap {
-            Some(pm) => wipe_touched(pm, base, pages),
-            None => Err(std::io::ErrorKind::NotFound.into()),
-        };
-        wiped += match result {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("pagemap unreadable ({e}); overwriting all guest memory");
-                method = WipeMethod::Full;
-                zero_pages(base, 0, pages);
-                pages as u64
-            }
-        };
-    }
     WipeReport {
         wiped_pages: wiped,
-        total_pages: total,
+        total_pages: bytes / PAGE_SIZE,
         method,
         duration: start.elapsed(),
     }
 }
 
-/// Zeroes the runs of present or swapped pages of one region, found through
-/// pagemap. Returns the number of pages zeroed.
-fn wipe_touched(pagemap: &File, base: *mut u8, pages: usize) -> std::io::Result<u64> {
-    let first_entry = (base as usize / PAGE_SIZE) as u64 * 8;
-    let mut entries = vec![0u64; PAGEMAP_BATCH.min(pages)];
+/// Zeroes and frees each run of data in the file; returns the pages.
+fn wipe_data(file: &File, bytes: u64) -> std::io::Result<u64> {
     let mut wiped = 0u64;
-    let mut run_start: Option<usize> = None;
-    let mut page = 0usize;
-    while page < pages {
-        let n = entries.len().min(pages - page);
-        let ptr = entries.as_mut_ptr().cast::<u8>();
-        // SAFETY: the u64 slice viewed as its own n * 8 bytes; any byte
-        // pattern is a valid u64.
-        let bytes = unsafe { std::slice::from_raw_parts_mut(ptr, n * 8) };
-        pagemap.read_exact_at(bytes, first_entry + page as u64 * 8)?;
-        for (i, entry) in entries[..n].iter().enumerate() {
-            let touched = entry & (PM_PRESENT | PM_SWAPPED) != 0;
-            match (touched, run_start) {
-                (true, None) => run_start = Some(page + i),
-                (false, Some(s)) => {
-                    zero_pages(base, s, page + i);
-                    wiped += (page + i - s) as u64;
-                    run_start = None;
-                }
-                _ => {}
-            }
+    let mut offset = 0u64;
+    while offset < bytes {
+        let Some(data) = seek(file, offset, libc::SEEK_DATA)? else {
+            break; // No data past `offset`.
+        };
+        let hole = seek(file, data, libc::SEEK_HOLE)?
+            .unwrap_or(bytes)
+            .min(bytes);
+        if hole <= data {
+            break;
         }
-        page += n;
-    }
-    if let Some(s) = run_start {
-        zero_pages(base, s, pages);
-        wiped += (pages - s) as u64;
+        zero_range(file, data, hole)?;
+        wiped += (hole - data).div_ceil(PAGE_SIZE);
+        offset = hole;
     }
     Ok(wiped)
 }
 
-/// Zeroes pages `[from, to)` of the mapping at `base`.
-fn zero_pages(base: *mut u8, from: usize, to: usize) {
-    // Callers pass page indexes within one region that `base` maps and that
-    // stays mapped; the vCPUs are stopped, so nothing else touches it.
-    // SAFETY: the range is inside a live mapping that only we access now.
-    unsafe { std::ptr::write_bytes(base.add(from * PAGE_SIZE), 0, (to - from) * PAGE_SIZE) };
-    // The writes must happen even though nothing reads the memory before it
-    // is unmapped.
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+/// `lseek(fd, offset, whence)`; `None` where there is no more data (ENXIO).
+fn seek(file: &File, offset: u64, whence: i32) -> std::io::Result<Option<u64>> {
+    let off = libc::off_t::try_from(offset).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: lseek takes integers only.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
+/// Overwrites `[from, to)` with zeros, then punches it out of the file.
+fn zero_range(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).unwrap_or(CHUNK).min(CHUNK);
+        file.write_all_at(&ZEROES[..n], at)?;
+        at += n as u64;
+    }
+    let (off, len) = (
+        libc::off_t::try_from(from).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+        libc::off_t::try_from(to - from).map_err(|_| std::io::ErrorKind::InvalidInput)?,
+    );
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate takes integers only.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, off, len) } != 0 {
+        // The pages are zeroed already; they are only not freed early.
+        tracing::debug!("punching guest memory: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
     use super::*;
 
-    fn resident_pages(mem: &GuestMemoryMmap) -> usize {
-        let region = mem.iter().next().unwrap();
-        let pages = region.len() as usize / PAGE_SIZE;
-        let mut vec = vec![0u8; pages];
-        // SAFETY: the region is one live mapping of `pages` pages, and `vec`
-        // has one byte per page as mincore requires.
-        let rc = unsafe {
-            libc::mincore(
-                region.as_ptr().cast(),
-                region.len() as usize,
-                vec.as_mut_ptr(),
-            )
-        };
-        assert_eq!(rc, 0);
-        vec.iter().filter(|b| *b & 1 == 1).count()
+    fn data_pages(ram: &GuestRam) -> u64 {
+        let (mut pages, mut off) = (0, 0);
+        while let Some(d) = seek(&ram.file, off, libc::SEEK_DATA).unwrap() {
+            let h = seek(&ram.file, d, libc::SEEK_HOLE).unwrap().unwrap();
+            pages += (h - d) / PAGE_SIZE;
+            off = h;
+        }
+        pages
     }
 
     #[test]
@@ -338,32 +400,71 @@ mod tests {
     }
 
     #[test]
+    fn both_regions_are_the_one_file() {
+        // The high region starts at file offset 3 GiB (the gap's start).
+        let ram = create_guest_memory(4096).unwrap();
+        let high = GuestAddress(0x1_0000_0000);
+        ram.write_obj(0x5au8, high).unwrap();
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_at(&ram.file, &mut b, 3 << 30).unwrap();
+        assert_eq!(b[0], 0x5a);
+    }
+
+    #[test]
+    fn the_file_cannot_shrink_or_be_the_wrong_size() {
+        let file = guest_memfd(16).unwrap();
+        // SAFETY: ftruncate on our own fd.
+        assert_ne!(unsafe { libc::ftruncate(file.as_raw_fd(), 0) }, 0);
+        assert!(matches!(
+            GuestRam::new(file, 32),
+            Err(MemoryError::WrongSize { .. })
+        ));
+    }
+
+    #[test]
     fn wipe_zeroes_touched_pages_and_touches_nothing_else() {
-        let mem = create_guest_memory(64).unwrap();
+        let ram = create_guest_memory(64).unwrap();
         let marker = [0xa5u8; 64];
         let touched = [0u64, 1, 2, 100, 4000, 16383];
         for p in touched {
-            mem.write_slice(&marker, GuestAddress(p * PAGE_SIZE as u64 + 100))
+            ram.write_slice(&marker, GuestAddress(p * PAGE_SIZE + 100))
                 .unwrap();
         }
-        // With transparent huge pages a touch makes a whole 2 MiB resident,
-        // so count what is resident rather than what was written.
-        let resident = resident_pages(&mem);
-        assert!(
-            resident >= touched.len() && resident < 16384 / 2,
-            "{resident}"
-        );
-        let report = wipe(&mem);
-        assert_eq!(report.method, WipeMethod::Pagemap);
+        // With huge pages a touch allocates a whole 2 MiB, so count what
+        // the file holds rather than what was written.
+        let held = data_pages(&ram);
+        assert!(held >= touched.len() as u64 && held < 16384 / 2, "{held}");
+        let report = ram.wipe();
+        assert_eq!(report.method, WipeMethod::SeekData);
         assert_eq!(report.total_pages, 16384);
-        assert_eq!(report.wiped_pages, resident as u64);
+        assert_eq!(report.wiped_pages, held);
+        // The wiped pages were freed, and nothing else was allocated.
+        assert_eq!(data_pages(&ram), 0);
         for p in touched {
-            let mut buf = [0xffu8; PAGE_SIZE];
-            mem.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE as u64))
+            // Read through the mapping (a read fault allocates a page of
+            // shared memory: the file then holds zeros again).
+            let mut buf = [0xffu8; PAGE_SIZE as usize];
+            ram.read_slice(&mut buf, GuestAddress(p * PAGE_SIZE))
                 .unwrap();
             assert!(buf.iter().all(|b| *b == 0), "page {p} not wiped");
         }
-        // The wipe did not fault in the untouched pages.
-        assert_eq!(resident_pages(&mem), resident);
+    }
+
+    #[test]
+    fn a_file_held_elsewhere_is_wiped_after_the_mapping_is_gone() {
+        // What the keeper does: the VMM's mapping is gone, the file stays.
+        let file = guest_memfd(8).unwrap();
+        let copy = file.try_clone().unwrap();
+        let ram = GuestRam::new(file, 8).unwrap();
+        ram.write_slice(&[0x77u8; 4096], GuestAddress(4 << 20))
+            .unwrap();
+        drop(ram);
+        let mut b = [0u8; 1];
+        std::os::unix::fs::FileExt::read_at(&copy, &mut b, 4 << 20).unwrap();
+        assert_eq!(b[0], 0x77, "the data outlives the mapping");
+        let report = wipe_file(&copy, 8 << 20);
+        assert!(report.wiped_pages >= 1);
+        std::os::unix::fs::FileExt::read_at(&copy, &mut b, 4 << 20).unwrap();
+        assert_eq!(b[0], 0);
     }
 }
