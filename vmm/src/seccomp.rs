@@ -48,6 +48,9 @@ pub enum ThreadKind {
     Vcpu,
     /// A virtio device's worker: queues, disk image, Unix sockets.
     Device,
+    /// The keeper process (see `keeper.rs`); its filter is
+    /// [`keeper_filter`], not [`filter`].
+    Keeper,
 }
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
@@ -90,6 +93,9 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         libc::SYS_prctl,
         vec![arg_eq(0, libc::PR_SET_NAME as u64).map_err(build)?],
     );
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+        rules.insert(nr, vec![no_exec().map_err(build)?]);
+    }
     rules.insert(
         libc::SYS_fcntl,
         vec![
@@ -104,11 +110,6 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             for nr in MAIN.iter().chain(DEVICE_CONTROL) {
                 rules.insert(*nr, Vec::new());
             }
-            // Only /proc/self/pagemap is opened, read-only, for the wipe.
-            rules.insert(
-                libc::SYS_openat,
-                vec![arg_eq(2, (libc::O_RDONLY | libc::O_CLOEXEC) as u64).map_err(build)?],
-            );
         }
         ThreadKind::Vcpu => {
             for nr in DEVICE_CONTROL {
@@ -123,6 +124,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
                     .map_err(build)?,
             );
         }
+        ThreadKind::Keeper => return keeper_filter(0),
         ThreadKind::Device => {
             for nr in DEVICE {
                 rules.insert(*nr, Vec::new());
@@ -143,6 +145,18 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     )
     .map_err(build)?;
     filter.try_into().map_err(build)
+}
+
+/// A rule for `mmap` and `mprotect`: the protection (argument 2) has no
+/// `PROT_EXEC`. Code is mapped by the dynamic loader before any filter is
+/// installed; nothing maps code after that.
+fn no_exec() -> Result<SeccompRule, seccompiler::BackendError> {
+    SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+        0,
+    )?])
 }
 
 /// A rule: the low 32 bits of argument `index` equal `value`. Every
@@ -166,9 +180,7 @@ const COMMON: &[i64] = &[
     libc::SYS_writev,
     libc::SYS_close,
     libc::SYS_futex,
-    libc::SYS_mmap,
     libc::SYS_munmap,
-    libc::SYS_mprotect,
     libc::SYS_mremap,
     libc::SYS_madvise,
     libc::SYS_brk,
@@ -195,9 +207,82 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// The main thread's extra syscalls: the pagemap read of the wipe and the
-/// removal of the vsock socket.
-const MAIN: &[i64] = &[libc::SYS_pread64, libc::SYS_unlink, libc::SYS_unlinkat];
+/// The main thread's extra syscalls: the wipe of guest memory when no
+/// keeper is left to do it (`getppid` tells; `lseek`, `pwrite64` and
+/// `fallocate` on the memfd) and the removal of the vsock socket.
+const MAIN: &[i64] = &[
+    libc::SYS_getppid,
+    libc::SYS_lseek,
+    libc::SYS_pwrite64,
+    libc::SYS_fallocate,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// The keeper's whole list (see `keeper.rs`): it waits for the VMM or a
+/// termination signal (`ppoll` on a pidfd and a signalfd), signals the VMM,
+/// reaps it, wipes the memfd, logs, and exits. No file is opened, no
+/// socket, no process made.
+const KEEPER: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_clock_gettime,
+    libc::SYS_ppoll,
+    libc::SYS_poll,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_lseek,
+    libc::SYS_pwrite64,
+    libc::SYS_fallocate,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_restart_syscall,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// The keeper's filter: [`KEEPER`], and `kill` of its VMM (`child`) only.
+pub fn keeper_filter(child: u32) -> Result<BpfProgram, SeccompError> {
+    let build = |e| SeccompError::Build(ThreadKind::Keeper, e);
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        KEEPER.iter().map(|nr| (*nr, Vec::new())).collect();
+    rules.insert(
+        libc::SYS_kill,
+        vec![arg_eq(0, u64::from(child)).map_err(build)?],
+    );
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+        rules.insert(nr, vec![no_exec().map_err(build)?]);
+    }
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        TargetArch::x86_64,
+    )
+    .map_err(build)?;
+    filter.try_into().map_err(build)
+}
+
+/// Installs the keeper's filter on the calling (only) thread, if this
+/// process asked for filters.
+pub fn apply_keeper(child: u32) -> Result<(), SeccompError> {
+    if !enabled() {
+        return Ok(());
+    }
+    let program = keeper_filter(child)?;
+    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install(ThreadKind::Keeper, e))
+}
 
 /// Stopping a device (a guest driver's reset, on a vCPU thread; the
 /// teardown, on the main thread) returns its backend to the caller, which
@@ -264,7 +349,12 @@ mod tests {
 
     #[test]
     fn every_filter_builds() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Device,
+            ThreadKind::Keeper,
+        ] {
             assert!(!filter(kind).unwrap().is_empty());
         }
     }
@@ -288,12 +378,17 @@ mod tests {
 
     #[test]
     fn a_syscall_outside_the_filter_kills_with_sigsys() {
-        fn getppid() {
-            // SAFETY: getppid has no arguments and no effect.
-            unsafe { libc::syscall(libc::SYS_getppid) };
+        fn getuid() {
+            // SAFETY: getuid has no arguments and no effect.
+            unsafe { libc::syscall(libc::SYS_getuid) };
         }
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Device] {
-            let status = in_filtered_child(kind, getppid);
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Device,
+            ThreadKind::Keeper,
+        ] {
+            let status = in_filtered_child(kind, getuid);
             assert!(killed_by_sigsys(status), "{kind:?}: status {status:#x}");
         }
     }
@@ -336,6 +431,69 @@ mod tests {
             ThreadKind::Vcpu,
             kvm_create_vm
         )));
+    }
+
+    #[test]
+    fn no_thread_maps_code() {
+        fn map(prot: i32) {
+            let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+            // SAFETY: a new anonymous mapping, never used; the filter sees it.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), 4096, prot, flags, -1, 0) };
+            if p != libc::MAP_FAILED {
+                // SAFETY: the page just mapped, made executable or not.
+                unsafe { libc::mprotect(p, 4096, prot) };
+            }
+        }
+        fn map_data() {
+            map(libc::PROT_READ | libc::PROT_WRITE);
+        }
+        fn map_code() {
+            map(libc::PROT_READ | libc::PROT_EXEC);
+        }
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Device,
+            ThreadKind::Keeper,
+        ] {
+            assert!(exited_ok(in_filtered_child(kind, map_data)), "{kind:?}");
+            assert!(
+                killed_by_sigsys(in_filtered_child(kind, map_code)),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_keeper_may_signal_its_vmm_only() {
+        // A child under the keeper filter built for its parent's pid
+        // signals (with 0: a mere check) its parent, or pid 1.
+        let run = |other: bool| {
+            // SAFETY: the child only installs a filter prepared before it
+            // is applied, makes raw syscalls and leaves with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                // SAFETY: getppid has no arguments and no effect.
+                let vmm = unsafe { libc::getppid() };
+                let program = keeper_filter(vmm as u32).unwrap();
+                if seccompiler::apply_filter(&program).is_err() {
+                    // SAFETY: ends the child without destructors.
+                    unsafe { libc::_exit(3) };
+                }
+                let target = if other { 1 } else { vmm };
+                // SAFETY: signal 0 only checks that the target exists.
+                unsafe { libc::kill(target, 0) };
+                // SAFETY: as above.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: waitpid writes one int, which lives across the call.
+            assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+            status
+        };
+        assert!(exited_ok(run(false)));
+        assert!(killed_by_sigsys(run(true)));
     }
 
     #[test]
