@@ -59,53 +59,18 @@ fn a_sandbox_vmm_runs_jailed() {
             .find(|s| s["id"] == id.as_str())
             .expect("the sandbox is listed")
             .clone();
-        let pid = me["vmm_pid"].as_u64().unwrap();
-
-        assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
-        assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
-        assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
-        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-        assert_eq!(status_field(pid, "Seccomp"), "2");
-        let kvm_group = std::fs::read_to_string("/etc/group")
-            .unwrap()
-            .lines()
-            .any(|l| l.starts_with("kvm:"));
-        if kvm_group {
-            // The default jail user, since /dev/kvm is root:kvm 0660.
-            assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
-            assert!(status_field(pid, "Gid").starts_with("65534\t65534"));
+        // The process the runtime knows is the keeper of guest memory; the
+        // VMM is its only child. Both are jailed alike.
+        let keeper = me["vmm_pid"].as_u64().unwrap();
+        let children =
+            std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
+        let vmm: u64 = children.trim().parse().expect("the keeper has one child");
+        for pid in [keeper, vmm] {
+            assert_jailed(&id, pid);
         }
+        assert!(status_field(vmm, "Threads").parse::<u32>().unwrap() > 2);
+        assert_eq!(status_field(keeper, "Threads"), "1");
 
-        let root = Path::new("/proc").join(pid.to_string()).join("root");
-        let expected: BTreeSet<String> = [
-            "console",
-            "dev",
-            "drive0",
-            "drive1",
-            "initrd",
-            "vmlinux",
-            "vsock.sock",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        assert_eq!(names(&root), expected, "the jail root holds only these");
-        assert_eq!(
-            names(&root.join("dev")),
-            BTreeSet::from(["kvm".to_string()])
-        );
-
-        let pid_s = pid.to_string();
-        for kind in ["pid", "mnt", "net", "ipc", "uts"] {
-            assert_ne!(
-                ns(&pid_s, kind),
-                ns("self", kind),
-                "{kind} namespace shared"
-            );
-        }
-
-        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-        assert_eq!(cgroup.trim(), format!("0::/airlock/{id}"));
         let cg = Path::new("/sys/fs/cgroup/airlock").join(&id);
         let memory_max: u64 = std::fs::read_to_string(cg.join("memory.max"))
             .unwrap()
@@ -117,13 +82,10 @@ fn a_sandbox_vmm_runs_jailed() {
             std::fs::read_to_string(cg.join("pids.max")).unwrap().trim(),
             "64"
         );
-
-        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-        let core = limits
-            .lines()
-            .find(|l| l.starts_with("Max core file size"))
-            .unwrap();
-        assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
+        // The OOM killer may take the VMM, never the memory's keeper.
+        let oom = |pid: u64| std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap();
+        assert_eq!(oom(keeper).trim(), "-1000");
+        assert_eq!(oom(vmm).trim(), "0");
 
         let out = airlock(&["exec", &id, "--", "echo", "from the jailed VM"]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "from the jailed VM\n");
@@ -131,6 +93,66 @@ fn a_sandbox_vmm_runs_jailed() {
         assert_eq!(out.status.code(), Some(0));
         assert!(!cg.exists(), "the cgroup {} is left", cg.display());
     });
+}
+
+/// Process `pid` of sandbox `id` runs without capabilities, with
+/// `no_new_privs`, a seccomp filter, the jail user, only the sandbox's
+/// files as its root, namespaces of its own, the sandbox's cgroup and no
+/// core dumps.
+fn assert_jailed(id: &str, pid: u64) {
+    println!("checking pid {pid}");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    let kvm_group = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("kvm:"));
+    if kvm_group {
+        // The default jail user, since /dev/kvm is root:kvm 0660.
+        assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
+        assert!(status_field(pid, "Gid").starts_with("65534\t65534"));
+    }
+
+    let root = Path::new("/proc").join(pid.to_string()).join("root");
+    let expected: BTreeSet<String> = [
+        "console",
+        "dev",
+        "drive0",
+        "drive1",
+        "initrd",
+        "vmlinux",
+        "vsock.sock",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    assert_eq!(names(&root), expected, "the jail root holds only these");
+    assert_eq!(
+        names(&root.join("dev")),
+        BTreeSet::from(["kvm".to_string()])
+    );
+
+    let pid_s = pid.to_string();
+    for kind in ["pid", "mnt", "net", "ipc", "uts"] {
+        assert_ne!(
+            ns(&pid_s, kind),
+            ns("self", kind),
+            "{kind} namespace shared"
+        );
+    }
+
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert_eq!(cgroup.trim(), format!("0::/airlock/{id}"));
+
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(core.split_whitespace().nth(4), Some("0"), "{core}");
 }
 
 #[test]
