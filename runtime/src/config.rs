@@ -6,36 +6,57 @@
 //! memory_mib = 512
 //! [timeouts]
 //! agent_connect_secs = 60
+//! [limits]
+//! max_vcpus = 4
+//! max_memory_mib = 4096
 //! [jail]
 //! uid = 990
 //! gid = 990
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// Errors loading or checking the configuration.
+/// The fewest MiB of memory a guest gets (the kernel, the initramfs and
+/// the agent must fit).
+pub const MIN_MEMORY_MIB: u32 = 64;
+/// The most vCPUs a VM has (`airlock-vmm`'s own limit).
+pub const MAX_VCPUS: u8 = 32;
+/// Seconds added to a VMM's stop grace beyond its own stop and the wipe.
+pub const STOP_GRACE_SLACK_SECS: u64 = 5;
+
+/// Errors loading or checking the configuration, and sizes it refuses.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// Cannot read the config file {0}: {1}
     #[error("Cannot read the config file {0}: {1}")]
-    Read(PathBuf, std::io::Error),
-    /// malformed config file {0}: {1}
+    Read(PathBuf, #[source] std::io::Error),
     #[error("malformed config file {0}: {1}")]
     Malformed(PathBuf, String),
-    /// invalid config: {0}
     #[error("invalid config: {0}")]
     Invalid(String),
-    /// kernel not found at {0}: run scripts/setup (it builds the guest image), or set `kernel` in the config
     #[error("kernel not found at {0}: run scripts/setup (it builds the guest image), or set `kernel` in the config")]
     NoKernel(PathBuf),
-    /// initramfs not found at {0}: run scripts/setup (it builds the guest image), or set `initrd` in the config
     #[error("initramfs not found at {0}: run scripts/setup (it builds the guest image), or set `initrd` in the config")]
     NoInitrd(PathBuf),
-    /// airlock-vmm not found beside {0} nor on $PATH: build it (scripts/setup), or set `vmm_binary` in the config
     #[error("airlock-vmm not found beside {0} nor on $PATH: build it (scripts/setup), or set `vmm_binary` in the config")]
     NoVmm(PathBuf),
+    #[error("0 vCPUs: a microVM needs at least 1")]
+    NoVcpus,
+    #[error("{asked} vCPUs is more than runtime config [limits] max_vcpus = {max}")]
+    TooManyVcpus { asked: u64, max: u8 },
+    #[error("{asked} MiB of memory is less than the {MIN_MEMORY_MIB} MiB a guest needs")]
+    TooLittleMemory { asked: u64 },
+    #[error("{asked} MiB of memory is more than runtime config [limits] max_memory_mib = {max}")]
+    TooMuchMemory { asked: u64, max: u32 },
+}
+
+impl ConfigError {
+    /// Whether it refuses a number of vCPUs (else memory, or no size).
+    pub fn is_vcpus(&self) -> bool {
+        matches!(self, Self::NoVcpus | Self::TooManyVcpus { .. })
+    }
 }
 
 /// Timeouts, in seconds.
@@ -44,8 +65,14 @@ pub enum ConfigError {
 pub struct Timeouts {
     /// From starting the VMM to the agent answering.
     pub agent_connect_secs: u64,
-    /// From asking the VMM to stop to killing it.
+    /// What the VMM gives its own stop: from the SIGTERM it forwards to
+    /// the VM's process to killing that process (`--stop-grace-secs`).
     pub teardown_secs: u64,
+    /// How fast a guest's memory is wiped, at the slowest, in MiB/s
+    /// (under software emulation a wipe runs at about 30 MiB/s): the
+    /// runtime SIGKILLs a VMM, which skips the wipe, only after
+    /// [`Timeouts::stop_grace`].
+    pub wipe_mib_per_sec: u64,
 }
 
 impl Default for Timeouts {
@@ -53,6 +80,42 @@ impl Default for Timeouts {
         Self {
             agent_connect_secs: 30,
             teardown_secs: 10,
+            wipe_mib_per_sec: 32,
+        }
+    }
+}
+
+impl Timeouts {
+    /// How long the runtime waits, after its SIGTERM, for the VMM of a
+    /// guest of `memory_mib` to exit before SIGKILLing it (which skips the
+    /// wipe): the VMM's own stop, the wipe at `wipe_mib_per_sec`, and
+    /// [`STOP_GRACE_SLACK_SECS`].
+    pub fn stop_grace(&self, memory_mib: u32) -> Duration {
+        let wipe = u64::from(memory_mib).div_ceil(self.wipe_mib_per_sec.max(1));
+        Duration::from_secs(
+            self.teardown_secs
+                .saturating_add(wipe)
+                .saturating_add(STOP_GRACE_SLACK_SECS),
+        )
+    }
+}
+
+/// What a sandbox may ask for at most, whoever asks: pod annotations, the
+/// pod's CRI limits, `airlock --cpus/--memory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// vCPUs of one VM (at most 32).
+    pub max_vcpus: u8,
+    /// Guest memory of one VM, in MiB.
+    pub max_memory_mib: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_vcpus: 8,
+            max_memory_mib: 8192,
         }
     }
 }
@@ -110,6 +173,7 @@ pub struct RuntimeConfig {
     pub image_dir: PathBuf,
     pub default_image: String,
     pub timeouts: Timeouts,
+    pub limits: Limits,
     pub jail: JailSettings,
 }
 
@@ -153,6 +217,7 @@ impl Default for RuntimeConfig {
             image_dir: cache.join("images"),
             default_image: "default".into(),
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
             jail: JailSettings::default(),
         }
     }
@@ -194,16 +259,28 @@ impl RuntimeConfig {
 
     /// Checks the values.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=32).contains(&self.vcpus) {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(ConfigError::Invalid(format!(
-                "vcpus = {}: use 1 to 32",
+                "vcpus = {}: use 1 to {MAX_VCPUS}",
                 self.vcpus
             )));
         }
-        if !(64..=65536).contains(&self.memory_mib) {
+        if !(MIN_MEMORY_MIB..=65536).contains(&self.memory_mib) {
             return Err(ConfigError::Invalid(format!(
-                "memory_mib = {}: use 64 to 65536",
+                "memory_mib = {}: use {MIN_MEMORY_MIB} to 65536",
                 self.memory_mib
+            )));
+        }
+        if !(self.vcpus..=MAX_VCPUS).contains(&self.limits.max_vcpus) {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_vcpus = {}: use {} (vcpus, the default size) to {MAX_VCPUS}",
+                self.limits.max_vcpus, self.vcpus
+            )));
+        }
+        if self.limits.max_memory_mib < self.memory_mib {
+            return Err(ConfigError::Invalid(format!(
+                "limits.max_memory_mib = {}: use at least {} (memory_mib, the default size)",
+                self.limits.max_memory_mib, self.memory_mib
             )));
         }
         if !(16..=1 << 20).contains(&self.scratch_mib) {
@@ -232,7 +309,37 @@ impl RuntimeConfig {
                 "timeouts.agent_connect_secs must be at least 1".into(),
             ));
         }
+        if self.timeouts.wipe_mib_per_sec == 0 {
+            return Err(ConfigError::Invalid(
+                "timeouts.wipe_mib_per_sec must be at least 1".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Checks a VM size that a pod, its annotations or the command line
+    /// ask for against `[limits]` (the one definition of what a sandbox
+    /// may have); returns it as the VMM takes it.
+    pub fn check_vm_size(&self, vcpus: u64, memory_mib: u64) -> Result<(u8, u32), ConfigError> {
+        if vcpus == 0 {
+            return Err(ConfigError::NoVcpus);
+        }
+        let max = self.limits.max_vcpus;
+        let vcpus = u8::try_from(vcpus)
+            .ok()
+            .filter(|n| *n <= max)
+            .ok_or(ConfigError::TooManyVcpus { asked: vcpus, max })?;
+        if memory_mib < u64::from(MIN_MEMORY_MIB) {
+            return Err(ConfigError::TooLittleMemory { asked: memory_mib });
+        }
+        let max = self.limits.max_memory_mib;
+        let memory = u32::try_from(memory_mib).ok().filter(|m| *m <= max).ok_or(
+            ConfigError::TooMuchMemory {
+                asked: memory_mib,
+                max,
+            },
+        )?;
+        Ok((vcpus, memory))
     }
 
     /// Checks that the guest kernel and initramfs exist.
@@ -282,8 +389,97 @@ mod tests {
         let c = RuntimeConfig::parse("").unwrap();
         assert_eq!(c, RuntimeConfig::default());
         assert_eq!((c.vcpus, c.memory_mib), (1, 256));
+        assert_eq!((c.limits.max_vcpus, c.limits.max_memory_mib), (8, 8192));
+        assert_eq!(c.timeouts.wipe_mib_per_sec, 32);
         assert!(c.kernel.ends_with("guest/default/vmlinux"));
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn limits_are_read_and_checked_at_load() {
+        let c = RuntimeConfig::parse("[limits]\nmax_vcpus = 2\nmax_memory_mib = 1024\n").unwrap();
+        assert_eq!((c.limits.max_vcpus, c.limits.max_memory_mib), (2, 1024));
+        c.validate().unwrap();
+        for (toml, needle) in [
+            (
+                "[limits]\nmax_vcpus = 0\n",
+                "limits.max_vcpus = 0: use 1 (vcpus",
+            ),
+            (
+                "vcpus = 4\n[limits]\nmax_vcpus = 2\n",
+                "limits.max_vcpus = 2: use 4 (vcpus",
+            ),
+            (
+                "[limits]\nmax_vcpus = 33\n",
+                "limits.max_vcpus = 33: use 1 (vcpus, the default size) to 32",
+            ),
+            (
+                "[limits]\nmax_memory_mib = 0\n",
+                "limits.max_memory_mib = 0: use at least 256 (memory_mib",
+            ),
+            (
+                "memory_mib = 2048\n[limits]\nmax_memory_mib = 1024\n",
+                "limits.max_memory_mib = 1024: use at least 2048",
+            ),
+            (
+                "[timeouts]\nwipe_mib_per_sec = 0\n",
+                "timeouts.wipe_mib_per_sec must be at least 1",
+            ),
+        ] {
+            let err = RuntimeConfig::parse(toml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{toml:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn vm_sizes_are_held_to_the_limits() {
+        let c = RuntimeConfig::default();
+        assert_eq!(c.check_vm_size(1, 256).unwrap(), (1, 256));
+        assert_eq!(c.check_vm_size(8, 8192).unwrap(), (8, 8192));
+        let err = |v, m| c.check_vm_size(v, m).unwrap_err();
+        assert_eq!(
+            err(0, 256).to_string(),
+            "0 vCPUs: a microVM needs at least 1"
+        );
+        assert!(err(0, 256).is_vcpus());
+        assert_eq!(
+            err(9, 256).to_string(),
+            "9 vCPUs is more than runtime config [limits] max_vcpus = 8"
+        );
+        assert!(err(1000, 256).is_vcpus());
+        assert!(err(u64::MAX, 256)
+            .to_string()
+            .starts_with("18446744073709551615 vCPUs"));
+        assert_eq!(
+            err(1, 0).to_string(),
+            "0 MiB of memory is less than the 64 MiB a guest needs"
+        );
+        assert!(!err(1, 0).is_vcpus());
+        assert_eq!(
+            err(1, 8193).to_string(),
+            "8193 MiB of memory is more than runtime config [limits] max_memory_mib = 8192"
+        );
+        assert!(err(1, 1 << 40)
+            .to_string()
+            .contains("max_memory_mib = 8192"));
+    }
+
+    #[test]
+    fn the_stop_grace_covers_the_wipe() {
+        let t = Timeouts::default();
+        // 10 s for the VMM's stop, 256 MiB at 32 MiB/s, 5 s to spare.
+        assert_eq!(t.stop_grace(256), Duration::from_secs(10 + 8 + 5));
+        assert_eq!(t.stop_grace(257), Duration::from_secs(10 + 9 + 5));
+        let slow = Timeouts {
+            teardown_secs: 3,
+            wipe_mib_per_sec: 1,
+            ..Default::default()
+        };
+        assert_eq!(slow.stop_grace(8192), Duration::from_secs(3 + 8192 + 5));
     }
 
     #[test]

@@ -31,31 +31,24 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Errors of the sandbox lifecycle; each names what failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// {0}
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// {0}
+    #[error("cannot size the microVM: {0}")]
+    Size(#[source] crate::config::ConfigError),
     #[error(transparent)]
     State(#[from] crate::state::StateError),
-    /// {0}
     #[error(transparent)]
     Image(#[from] image::ImageError),
-    /// {0}
     #[error(transparent)]
     Scratch(#[from] scratch::ScratchError),
-    /// {0}
     #[error(transparent)]
     Vmm(#[from] vmm::VmmError),
-    /// {0}
     #[error(transparent)]
     Connect(#[from] agent_client::ConnectError),
-    /// {0}
     #[error(transparent)]
     Spec(#[from] spec::SpecError),
-    /// the agent refused {0}: {1}
     #[error("the agent refused {0}: {1}")]
     Agent(&'static str, String),
-    /// {0}
     #[error("{0}")]
     Io(String),
 }
@@ -138,6 +131,11 @@ impl Sandbox {
         opts: &SandboxOptions,
         progress: &mut (dyn FnMut(&str) + Send),
     ) -> Result<Self, SandboxError> {
+        // Whoever asked for the size (pod annotations, the pod's limits,
+        // --cpus/--memory), it stays within the config's [limits].
+        config
+            .check_vm_size(u64::from(opts.vcpus), u64::from(opts.memory_mib))
+            .map_err(SandboxError::Size)?;
         // SAFETY: geteuid has no preconditions.
         if config.jail.enabled && unsafe { libc::geteuid() } != 0 {
             return Err(vmm::VmmError::from(crate::jail::JailError::NotRoot).into());

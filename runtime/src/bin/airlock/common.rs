@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::config::{ConfigError, RuntimeConfig, MAX_VCPUS, MIN_MEMORY_MIB};
 use airlock_runtime::image::ImageRef;
 use airlock_runtime::sandbox::io::ProcessExit;
 use airlock_runtime::sandbox::spec::{ImageDefaults, ProcessOptions};
@@ -69,6 +69,11 @@ fn one_line(s: &str) -> String {
 /// Reports a failed sandbox operation. A command that could not be started
 /// is reported the way runc reports it, with 126 or 127.
 pub fn fail_sandbox(err: &SandboxError) -> ExitCode {
+    if let SandboxError::Size(e) = err {
+        if let Some(line) = size_flag_error(e) {
+            return fail(&line);
+        }
+    }
     if let Some(msg) = err.agent_message() {
         if let Some(cmd) = between(msg, "executable '", "' not found") {
             eprintln!("airlock: exec: \"{cmd}\": executable file not found in $PATH");
@@ -80,6 +85,21 @@ pub fn fail_sandbox(err: &SandboxError) -> ExitCode {
         }
     }
     fail(&error_line(err))
+}
+
+/// A size the config's [limits] refused, as the flag that asked for it:
+/// the config's own sizes are within its limits (checked at load), so what
+/// was refused came from --cpus or --memory.
+fn size_flag_error(e: &ConfigError) -> Option<String> {
+    let flag = match e {
+        ConfigError::NoVcpus => "--cpus 0".to_string(),
+        ConfigError::TooManyVcpus { asked, .. } => format!("--cpus {asked}"),
+        ConfigError::TooLittleMemory { asked } | ConfigError::TooMuchMemory { asked, .. } => {
+            format!("--memory {asked}")
+        }
+        _ => return None,
+    };
+    Some(format!("{flag}: {e}"))
 }
 
 fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
@@ -121,10 +141,12 @@ fn host_memory_mib() -> Option<u64> {
 /// Sandbox sizing and image flags of `run` and `create`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SandboxFlags {
-    /// vCPUs of the microVM (default from the config: 1)
+    /// vCPUs of the microVM (default from the config: 1; at most its
+    /// [limits] max_vcpus: 8)
     #[arg(long, value_name = "N")]
     pub cpus: Option<u32>,
-    /// Memory of the microVM in MiB (default from the config: 256)
+    /// Memory of the microVM in MiB (default from the config: 256; at most
+    /// its [limits] max_memory_mib: 8192)
     #[arg(long, value_name = "MIB")]
     pub memory: Option<u32>,
     /// Root filesystem from a directory (converted to a read-only ext4 image)
@@ -144,7 +166,7 @@ impl SandboxFlags {
     pub fn options(&self, config: &RuntimeConfig) -> SandboxOptions {
         let mut opts = SandboxOptions::from_config(config);
         if let Some(c) = self.cpus {
-            // validate() has bounded it by 32.
+            // validate() has bounded it by MAX_VCPUS.
             opts.vcpus = u8::try_from(c).unwrap_or(u8::MAX);
         }
         if let Some(m) = self.memory {
@@ -158,16 +180,18 @@ impl SandboxFlags {
         opts
     }
 
-    /// Checks what can be checked before booting anything.
+    /// Checks what can be checked without the config; the config's
+    /// [limits] are checked as the sandbox is created
+    /// ([`RuntimeConfig::check_vm_size`], reported by [`fail_sandbox`]).
     pub fn validate(&self) -> Result<Option<oci_spec::runtime::Spec>, String> {
         if let Some(c) = self.cpus {
-            if c == 0 || c > 32 {
-                return Err(format!("--cpus {c}: use 1 to 32"));
+            if c == 0 || c > u32::from(MAX_VCPUS) {
+                return Err(format!("--cpus {c}: use 1 to {MAX_VCPUS}"));
             }
         }
         if let Some(m) = self.memory {
-            if m < 64 {
-                return Err(format!("--memory {m}: use at least 64 (MiB)"));
+            if m < MIN_MEMORY_MIB {
+                return Err(format!("--memory {m}: use at least {MIN_MEMORY_MIB} (MiB)"));
             }
             if let Some(host) = host_memory_mib() {
                 if u64::from(m) > host {
@@ -270,4 +294,24 @@ impl Interrupts {
 pub fn interrupted(sig: i32) -> ExitCode {
     eprintln!("airlock: interrupted by signal {sig}: destroying the sandbox");
     ExitCode::from(u8::try_from(128 + sig).unwrap_or(EXIT_AIRLOCK))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_over_the_limits_name_the_flag() {
+        let config = RuntimeConfig::default();
+        let err = |v, m| size_flag_error(&config.check_vm_size(v, m).unwrap_err());
+        assert_eq!(
+            err(16, 256).as_deref(),
+            Some("--cpus 16: 16 vCPUs is more than runtime config [limits] max_vcpus = 8")
+        );
+        assert_eq!(
+            err(1, 9000).as_deref(),
+            Some("--memory 9000: 9000 MiB of memory is more than runtime config [limits] max_memory_mib = 8192")
+        );
+        assert_eq!(size_flag_error(&ConfigError::Invalid("x".into())), None);
+    }
 }
