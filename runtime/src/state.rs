@@ -14,24 +14,18 @@ const RECORD: &str = "sandbox.json";
 /// Errors handling state dirs.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    /// invalid sandbox ID {0:?}: IDs are 1-64 of [a-z0-9-]
     #[error("invalid sandbox ID {0:?}: IDs are 1-64 of [a-z0-9-]")]
     BadId(String),
-    /// no sandbox {0}: `airlock ls` lists them
     #[error("no sandbox {0}: `airlock ls` lists them")]
     NoSandbox(String),
-    /// Cannot create the state dir {0}: {1}
     #[error("Cannot create the state dir {0}: {1}")]
-    Create(PathBuf, std::io::Error),
-    /// Cannot write {0}: {1}
+    Create(PathBuf, #[source] std::io::Error),
     #[error("Cannot write {0}: {1}")]
-    Write(PathBuf, std::io::Error),
-    /// Cannot read {0}: {1}
+    Write(PathBuf, #[source] std::io::Error),
     #[error("Cannot read {0}: {1}")]
     Read(PathBuf, String),
-    /// Cannot remove the state dir {0}: {1}
     #[error("Cannot remove the state dir {0}: {1}")]
-    Remove(PathBuf, std::io::Error),
+    Remove(PathBuf, #[source] std::io::Error),
 }
 
 /// `bytes` random bytes from the kernel, as lowercase hex (ids, names of
@@ -84,6 +78,12 @@ impl fmt::Display for SandboxId {
 pub struct SandboxRecord {
     pub id: String,
     pub vmm_pid: u32,
+    /// The VMM process's start time (field 22 of `/proc/PID/stat`: clock
+    /// ticks after boot), read right after it was started: with the pid it
+    /// names that one process, where a pid alone may have been reused.
+    /// Records written before it was kept have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm_start_time: Option<u64>,
     pub created_unix: u64,
     pub image: String,
     pub vcpus: u8,
@@ -92,14 +92,22 @@ pub struct SandboxRecord {
 }
 
 impl SandboxRecord {
-    /// Whether its VMM process is alive (and is an airlock-vmm).
+    /// Whether process `vmm_pid` is still this sandbox's VMM: it started at
+    /// the recorded time or, for a record without one, its command line is
+    /// an airlock-vmm's that names this sandbox.
+    pub fn is_own_vmm(&self) -> bool {
+        match self.vmm_start_time {
+            Some(t) => crate::vmm::start_time(self.vmm_pid) == Some(t),
+            None => std::fs::read(format!("/proc/{}/cmdline", self.vmm_pid)).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.contains("airlock-vmm") && c.contains(&self.id)
+            }),
+        }
+    }
+
+    /// Whether its VMM process is alive (and is this sandbox's).
     pub fn is_running(&self) -> bool {
-        std::fs::read(format!("/proc/{}/cmdline", self.vmm_pid))
-            .map(|c| {
-                String::from_utf8_lossy(&c).contains("airlock-vmm")
-                    && String::from_utf8_lossy(&c).contains(&self.id)
-            })
-            .unwrap_or(false)
+        self.is_own_vmm() && !crate::vmm::exited(self.vmm_pid)
     }
 }
 
@@ -243,11 +251,40 @@ mod tests {
             id: id.to_string(),
             vmm_pid: std::process::id(),
             created_unix: 1,
+            vmm_start_time: None,
             image: "default".into(),
             vcpus: 1,
             memory_mib: 256,
             guest_cid: 3,
         }
+    }
+
+    #[test]
+    fn the_vmm_is_known_by_its_start_time() {
+        let id = SandboxId::generate();
+        let mut r = record(&id);
+        let me = crate::vmm::start_time(std::process::id()).unwrap();
+        r.vmm_start_time = Some(me);
+        assert!(r.is_own_vmm() && r.is_running());
+        r.vmm_start_time = Some(me + 1);
+        assert!(!r.is_own_vmm() && !r.is_running());
+        // Without a start time, only an airlock-vmm naming the sandbox is
+        // its VMM (this test process is not).
+        r.vmm_start_time = None;
+        assert!(!r.is_own_vmm());
+    }
+
+    #[test]
+    fn records_without_a_start_time_still_parse() {
+        let old = r#"{"id":"abc","vmm_pid":42,"created_unix":1,"image":"default",
+            "vcpus":1,"memory_mib":256,"guest_cid":3}"#;
+        let r: SandboxRecord = serde_json::from_str(old).unwrap();
+        assert_eq!((r.vmm_pid, r.vmm_start_time), (42, None));
+        let mut new = r.clone();
+        new.vmm_start_time = Some(7);
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains("\"vmm_start_time\":7"), "{json}");
+        assert_eq!(serde_json::from_str::<SandboxRecord>(&json).unwrap(), new);
     }
 
     #[test]

@@ -2,28 +2,41 @@
 //! start (in its own process group, so that it outlives `airlock create`),
 //! its stop (SIGTERM: the VMM wipes guest memory and exits; SIGKILL after a
 //! grace period) and the wipe line of its log.
+//!
+//! The process started is the VMM's keeper, which owns guest memory: on
+//! SIGTERM it stops the VM's process (killing it after
+//! `--stop-grace-secs`), wipes guest memory and exits. A SIGKILL of the
+//! keeper is the one thing that skips the wipe, so the runtime waits the
+//! stop grace plus the wipe's time before it sends one. Signals go through
+//! a pidfd, and only once the process has been proved to be the sandbox's
+//! VMM (its start time), never to a pid that was reused.
 
 use std::io::BufRead;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::state::SandboxRecord;
+
 /// Errors starting or stopping the VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// Cannot start {0}: {1}
     #[error("Cannot start {0}: {1}")]
-    Spawn(PathBuf, std::io::Error),
-    /// Cannot open the VMM log {0}: {1}
+    Spawn(PathBuf, #[source] std::io::Error),
     #[error("Cannot open the VMM log {0}: {1}")]
-    Log(PathBuf, std::io::Error),
-    /// {0}
+    Log(PathBuf, #[source] std::io::Error),
     #[error("{0}")]
     Failed(String),
-    /// Cannot signal the VMM (pid {0}): {1}
+    #[error("Cannot read the start time of the VMM (pid {0}) from /proc/{0}/stat")]
+    StartTime(u32),
+    #[error("Cannot open a pidfd for the VMM (pid {0}): {1}")]
+    PidFd(u32, #[source] std::io::Error),
     #[error("Cannot signal the VMM (pid {0}): {1}")]
-    Signal(u32, std::io::Error),
+    Signal(u32, #[source] std::io::Error),
+    #[error("Cannot wait for the VMM (pid {0}) to exit: {1}")]
+    Wait(u32, #[source] std::io::Error),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
 }
@@ -54,6 +67,9 @@ pub struct VmmSpec {
     pub die_with_parent: bool,
     /// Jail the VMM (namespaces, cgroup, root of its own, no privileges).
     pub jail: Option<crate::jail::JailSpec>,
+    /// What the VMM's keeper gives the VM's process to stop after a
+    /// SIGTERM before killing it and wiping (`[timeouts] teardown_secs`).
+    pub stop_grace_secs: u64,
 }
 
 impl VmmSpec {
@@ -70,6 +86,7 @@ impl VmmSpec {
             .arg("--vsock-uds")
             .arg(&self.vsock_uds)
             .args(["--vsock-cid", &self.guest_cid.to_string()])
+            .args(["--stop-grace-secs", &self.stop_grace_secs.to_string()])
             .args(["--log-format", "json", "--log-level", "info"]);
         if let Some(c) = &self.console_path {
             cmd.arg("--console").arg(c);
@@ -98,6 +115,7 @@ impl VmmSpec {
 #[derive(Debug)]
 pub struct VmmProcess {
     pid: u32,
+    start_time: u64,
 }
 
 impl VmmProcess {
@@ -126,6 +144,20 @@ impl VmmProcess {
             }
             None => spawn_plain(binary, spec, log, log2)?,
         };
+        // Our child, not yet waited for: the pid is still its own, and its
+        // start time is what proves it is the sandbox's VMM later on.
+        let Some(start_time) = start_time(pid) else {
+            // SAFETY: kill and waitpid only read their arguments; `pid` is
+            // our child, not reaped, so it names no other process.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+            }
+            if let Some(jail) = &spec.jail {
+                let _ = crate::jail::remove_cgroup(&jail.cgroup);
+            }
+            return Err(VmmError::StartTime(pid));
+        };
         // A setup error (no KVM, bad kernel) ends it within milliseconds;
         // its one-line reason is the best error there is. Once it logs that
         // the VM runs, setup is over: no need to wait out the deadline.
@@ -149,11 +181,16 @@ impl VmmProcess {
         }
         // It keeps running without us: whoever stops it reaps it, or init
         // does once we exit.
-        Ok(Self { pid })
+        Ok(Self { pid, start_time })
     }
 
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// Its start time, for [`SandboxRecord::vmm_start_time`].
+    pub fn start_time(&self) -> u64 {
+        self.start_time
     }
 }
 
@@ -204,16 +241,36 @@ pub struct StopReport {
     pub killed: bool,
 }
 
-/// Stops VMM `pid`: SIGTERM, up to `grace` to exit, then SIGKILL. The log
-/// at `log` gives the wipe.
-pub fn stop(pid: u32, grace: Duration, log: &Path) -> Result<StopReport, VmmError> {
+/// Stops the VMM of `record`: SIGTERM, up to `grace` to exit, then
+/// SIGKILL. Both go through a pidfd, and only if the process still is the
+/// sandbox's VMM ([`SandboxRecord::is_own_vmm`]); a pid that now names
+/// another process is left alone, with a warning. The log at `log` gives
+/// the wipe.
+pub fn stop(record: &SandboxRecord, grace: Duration, log: &Path) -> Result<StopReport, VmmError> {
+    let pid = record.vmm_pid;
     let mut killed = false;
-    if alive(pid) {
-        signal(pid, libc::SIGTERM)?;
-        if !wait_gone(pid, grace) {
-            signal(pid, libc::SIGKILL)?;
-            killed = true;
-            wait_gone(pid, Duration::from_secs(5));
+    // Opened before the identity check: whatever the check proves then
+    // holds for the process the pidfd names, even if it exits and its pid
+    // is reused afterwards.
+    if let Some(vmm) = PidFd::open(pid)? {
+        if !record.is_own_vmm() {
+            tracing::warn!(
+                "pid {pid} is no longer sandbox {}'s VMM; not signalling it",
+                record.id
+            );
+        } else {
+            vmm.signal(libc::SIGTERM)?;
+            if !vmm.wait_exit(grace)? {
+                tracing::warn!(
+                    id = %record.id,
+                    "the VMM (pid {pid}) did not exit within {} s of SIGTERM; killing it: guest memory is not wiped",
+                    grace.as_secs()
+                );
+                vmm.signal(libc::SIGKILL)?;
+                killed = true;
+                vmm.wait_exit(Duration::from_secs(5))?;
+            }
+            vmm.reap();
         }
     }
     Ok(StopReport {
@@ -222,47 +279,125 @@ pub fn stop(pid: u32, grace: Duration, log: &Path) -> Result<StopReport, VmmErro
     })
 }
 
-fn signal(pid: u32, sig: i32) -> Result<(), VmmError> {
-    let p = i32::try_from(pid)
-        .map_err(|_| VmmError::Signal(pid, std::io::Error::from_raw_os_error(libc::EINVAL)))?;
-    // SAFETY: kill only reads its arguments.
-    if unsafe { libc::kill(p, sig) } == -1 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            return Err(VmmError::Signal(pid, e));
-        }
-    }
-    Ok(())
+/// A pidfd: a handle on one process that a reused pid cannot redirect.
+struct PidFd {
+    pid: u32,
+    fd: OwnedFd,
 }
 
-/// Whether `pid` is running (a zombie counts as gone).
-fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !matches!(
-            stat.rsplit(')')
-                .next()
-                .and_then(|s| s.split_whitespace().next()),
-            Some("Z" | "X")
-        ),
-        Err(_) => false,
+impl PidFd {
+    /// A pidfd for `pid`; `None` if no such process exists.
+    fn open(pid: u32) -> Result<Option<Self>, VmmError> {
+        let Ok(p) = libc::pid_t::try_from(pid) else {
+            return Ok(None);
+        };
+        if p <= 0 {
+            return Ok(None);
+        }
+        // SAFETY: pidfd_open takes a pid and flags and passes no memory.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, p, 0) };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ESRCH) => Ok(None),
+                _ => Err(VmmError::PidFd(pid, e)),
+            };
+        }
+        let fd = i32::try_from(fd)
+            .map_err(|_| VmmError::PidFd(pid, std::io::Error::from_raw_os_error(libc::EBADF)))?;
+        // SAFETY: the kernel just returned this new descriptor, which
+        // nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Some(Self { pid, fd }))
+    }
+
+    /// Sends `sig`; a process that already exited is no error.
+    fn signal(&self, sig: i32) -> Result<(), VmmError> {
+        // SAFETY: pidfd_send_signal reads the descriptor and the signal; a
+        // null siginfo is allowed (the kernel fills in a kill()'s).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(VmmError::Signal(self.pid, e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to exit (a zombie has); the
+    /// pidfd turns readable then.
+    fn wait_exit(&self, timeout: Duration) -> Result<bool, VmmError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = i32::try_from(left.as_micros().div_ceil(1000)).unwrap_or(i32::MAX);
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll writes `revents` of the one pollfd it is given,
+            // which lives across the call.
+            match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                n if n > 0 => return Ok(true),
+                0 => return Ok(false),
+                _ => {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(VmmError::Wait(self.pid, e));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reaps the process if it is our child and has exited (`airlock run`,
+    /// the shim); waitid on the pidfd can reap no other process.
+    fn reap(&self) {
+        // SAFETY: siginfo_t is plain data, for which zeroes are valid.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid writes one siginfo_t, which lives across the call;
+        // not our child, it fails with ECHILD and changes nothing.
+        unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                self.fd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG,
+            )
+        };
     }
 }
 
-/// Waits until `pid` is gone, reaping it if it is our child.
-fn wait_gone(pid: u32, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes one int, which lives across the call.
-        unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
-        if !alive(pid) {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// The start time of process `pid`: field 22 of `/proc/PID/stat`, in clock
+/// ticks after boot; with the pid it names one process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_after_name(pid)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` has exited (gone, or a zombie).
+pub fn exited(pid: u32) -> bool {
+    stat_after_name(pid).is_none_or(|s| matches!(s.split_whitespace().next(), Some("Z" | "X")))
+}
+
+/// `/proc/PID/stat` from field 3 (the state) on. The command name before
+/// it may hold spaces and parentheses: the fields start after the last `)`.
+fn stat_after_name(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(stat.rsplit_once(')')?.1.to_string())
 }
 
 /// The last `guest memory wiped` line of a VMM log.
@@ -335,6 +470,7 @@ mod tests {
             extra_args: vec![],
             die_with_parent: false,
             jail: None,
+            stop_grace_secs: 12,
         }
     }
 
@@ -382,6 +518,7 @@ mod tests {
             dir.path().display()
         )));
         assert!(joined.contains("--keep-running"));
+        assert!(joined.contains("--stop-grace-secs 12"), "{joined}");
         assert!(joined.contains("--log-format json"));
     }
 
@@ -396,6 +533,43 @@ mod tests {
         assert!(err.contains("no-such-vmlinux"), "{err}");
     }
 
+    /// A record of `child` as a sandbox's VMM.
+    fn record_of(child: &std::process::Child) -> SandboxRecord {
+        SandboxRecord {
+            id: "abc".into(),
+            vmm_pid: child.id(),
+            vmm_start_time: start_time(child.id()),
+            created_unix: 1,
+            image: "default".into(),
+            vcpus: 1,
+            memory_mib: 128,
+            guest_cid: 3,
+        }
+    }
+
+    #[test]
+    fn stop_terms_and_reaps_a_vmm_that_honours_sigterm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let record = record_of(&child);
+        assert!(record.vmm_start_time.is_some());
+        let started = Instant::now();
+        let report = stop(
+            &record,
+            Duration::from_secs(20),
+            &dir.path().join("vmm.log"),
+        )
+        .unwrap();
+        assert!(!report.killed);
+        assert!(report.wipe.is_none());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited out the grace"
+        );
+        // stop() reaped it: nothing is left for us to wait for.
+        assert!(child.try_wait().is_err());
+    }
+
     #[test]
     fn stop_terms_then_kills_and_reads_the_wipe() {
         let dir = tempfile::tempdir().unwrap();
@@ -406,16 +580,20 @@ mod tests {
              {\"level\":\"INFO\",\"message\":\"guest memory wiped\",\"wiped_mib\":12,\"guest_mib\":256,\"wipe_ms\":3.5}\n",
         )
         .unwrap();
-        // A process that ignores SIGTERM needs the SIGKILL.
-        #[allow(clippy::zombie_processes, reason = "stop() reaps it")]
-        let child = Command::new("sh")
-            .args(["-c", "trap '' TERM; sleep 30"])
+        // A process that ignores SIGTERM needs the SIGKILL (an ignored
+        // signal stays ignored across exec).
+        let mut child = Command::new("sh")
+            .args(["-c", "trap '' TERM; exec sleep 30"])
             .spawn()
             .unwrap();
+        // Let sh set the trap before the SIGTERM comes.
         std::thread::sleep(Duration::from_millis(100));
-        let report = stop(child.id(), Duration::from_millis(300), &log).unwrap();
+        let record = record_of(&child);
+        let started = Instant::now();
+        let report = stop(&record, Duration::from_millis(300), &log).unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
         assert!(report.killed);
-        assert!(!alive(child.id()));
+        assert!(child.try_wait().is_err(), "reaped");
         assert_eq!(
             report.wipe,
             Some(WipeLine {
@@ -424,5 +602,52 @@ mod tests {
                 wipe_ms: 3.5
             })
         );
+    }
+
+    #[test]
+    fn a_process_that_is_not_the_recorded_vmm_is_not_signalled() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut record = record_of(&child);
+        // The pid was reused: the process there started at another time.
+        record.vmm_start_time = record.vmm_start_time.map(|t| t + 1);
+        let report = stop(&record, Duration::from_millis(100), &log).unwrap();
+        assert!(!report.killed);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(child.try_wait().unwrap().is_none(), "still running");
+        // A record from before start times were kept: only an airlock-vmm
+        // naming the sandbox is its VMM.
+        record.vmm_start_time = None;
+        stop(&record, Duration::from_millis(100), &log).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(child.try_wait().unwrap().is_none(), "still running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_gone_vmm_needs_no_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new("true").spawn().unwrap();
+        let record = record_of(&child);
+        child.wait().unwrap();
+        let report = stop(&record, Duration::from_secs(5), &dir.path().join("vmm.log")).unwrap();
+        assert!(!report.killed);
+    }
+
+    #[test]
+    fn start_times_and_exits_are_read_from_proc() {
+        let me = std::process::id();
+        let t = start_time(me).unwrap();
+        assert!(t > 0);
+        assert_eq!(start_time(me), Some(t));
+        assert!(!exited(me));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(exited(pid), "a zombie has exited");
+        child.wait().unwrap();
+        assert!(exited(pid));
     }
 }

@@ -125,8 +125,8 @@ pub async fn cleanup(id: &str) -> Result<(), String> {
     let config = RuntimeConfig::load(None).map_err(|e| e.to_string())?;
     let id = SandboxId::parse(id).map_err(|e| e.to_string())?;
     let state = StateDir::open(&config.state_dir, &id).map_err(|e| e.to_string())?;
-    let pid = state.read_record().ok().map(|r| r.vmm_pid);
-    teardown_state(&config, &state, pid).await;
+    let record = state.read_record().ok();
+    teardown_state(&config, &state, record.as_ref()).await;
     Ok(())
 }
 

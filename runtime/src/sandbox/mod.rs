@@ -145,6 +145,9 @@ impl Sandbox {
         let resolved = image::resolve(&opts.image, config, progress)?;
         let id = SandboxId::generate();
         let state = StateDir::create(&config.state_dir, &id)?;
+        // The started VMM, for the teardown after a failure (its record may
+        // not have been written).
+        let mut started: Option<SandboxRecord> = None;
         let result = async {
             scratch::create(&state.scratch_path(), config.scratch_mib)?;
             let guest_cid = random_cid();
@@ -179,6 +182,7 @@ impl Sandbox {
                         opts.memory_mib,
                     )
                 }),
+                stop_grace_secs: config.timeouts.teardown_secs,
             };
             if !config.jail.enabled {
                 tracing::warn!(id = %id, "[jail] enabled = false: the VMM runs unjailed, with its seccomp filters only");
@@ -188,6 +192,7 @@ impl Sandbox {
             let record = SandboxRecord {
                 id: id.to_string(),
                 vmm_pid: process.pid(),
+                vmm_start_time: Some(process.start_time()),
                 created_unix: SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map(|d| d.as_secs())
@@ -197,12 +202,11 @@ impl Sandbox {
                 memory_mib: opts.memory_mib,
                 guest_cid,
             };
+            started = Some(record.clone());
             state.write_record(&record)?;
             let deadline = Duration::from_secs(config.timeouts.agent_connect_secs);
             let pid = record.vmm_pid;
-            let alive = move || {
-                std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && !is_zombie(pid)
-            };
+            let alive = move || !vmm::exited(pid);
             let agent = agent_client::connect_when_ready(
                 &state.vsock_uds(),
                 &state.log_path(),
@@ -234,7 +238,7 @@ impl Sandbox {
                     }
                     _ => e,
                 };
-                teardown_state(config, &state, None).await;
+                teardown_state(config, &state, started.as_ref()).await;
                 Err(e)
             }
         }
@@ -333,7 +337,7 @@ impl Sandbox {
         if !matches!(destroyed, Ok(Ok(_))) {
             tracing::debug!(id = %self.id, "DestroySandbox failed; stopping the VMM with SIGTERM");
         }
-        teardown_state(&self.config, &self.state, Some(self.record.vmm_pid)).await
+        teardown_state(&self.config, &self.state, Some(&self.record)).await
     }
 }
 
@@ -342,40 +346,31 @@ impl Sandbox {
     /// timeout): the VMM is stopped (and wipes), the rest as in teardown.
     pub async fn kill(self) -> TeardownReport {
         drop(self.agent);
-        teardown_state(&self.config, &self.state, Some(self.record.vmm_pid)).await
+        teardown_state(&self.config, &self.state, Some(&self.record)).await
     }
 }
 
-fn is_zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            matches!(
-                s.rsplit(')')
-                    .next()
-                    .and_then(|r| r.split_whitespace().next()),
-                Some("Z" | "X")
-            )
-        })
-        .unwrap_or(true)
-}
-
-/// Tears down whatever is in `state`: the VMM (if running), the scratch
-/// disk and the state dir. Used for sandboxes whose agent is unreachable
-/// too.
+/// Tears down whatever is in `state`: the VMM of `record` (else of the
+/// record in `state`), if it still runs, the scratch disk and the state
+/// dir. Used for sandboxes whose agent is unreachable too.
+///
+/// The VMM gets [`Timeouts::stop_grace`](crate::config::Timeouts::stop_grace)
+/// for its guest's memory to stop and wipe before it is killed.
 pub async fn teardown_state(
     config: &RuntimeConfig,
     state: &StateDir,
-    vmm_pid: Option<u32>,
+    record: Option<&SandboxRecord>,
 ) -> TeardownReport {
     let mut report = TeardownReport {
         id: state.id().to_string(),
         ..Default::default()
     };
-    let pid = vmm_pid.or_else(|| state.read_record().ok().map(|r| r.vmm_pid));
-    let grace = Duration::from_secs(config.timeouts.teardown_secs);
-    if let Some(pid) = pid {
+    let record = record.cloned().or_else(|| state.read_record().ok());
+    let pid = record.as_ref().map(|r| r.vmm_pid);
+    if let Some(record) = record {
+        let grace = config.timeouts.stop_grace(record.memory_mib);
         let log = state.log_path();
-        let stop = tokio::task::spawn_blocking(move || vmm::stop(pid, grace, &log)).await;
+        let stop = tokio::task::spawn_blocking(move || vmm::stop(&record, grace, &log)).await;
         match stop {
             Ok(Ok(stop)) => {
                 if let Some(w) = stop.wipe {

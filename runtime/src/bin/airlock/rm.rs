@@ -50,12 +50,16 @@ async fn remove(config: &RuntimeConfig, id: &str) -> Result<TeardownReport, Stri
         Err(e) => {
             // The agent is unreachable (the VM died, or hangs): tear down
             // what is left on the host all the same.
-            let state = StateDir::open(&config.state_dir, &id).map_err(|e2| {
-                let _ = &e;
-                common::error_line(&e2)
-            })?;
+            let state =
+                StateDir::open(&config.state_dir, &id).map_err(|e| common::error_line(&e))?;
             tracing::warn!("{id}: agent unreachable ({e}); stopping the VMM");
-            Ok(sandbox::teardown_state(config, &state, None).await)
+            let record = state
+                .read_record()
+                .inspect_err(|e| {
+                    tracing::warn!("{id}: {e}: its VMM, if one runs, cannot be found to stop it")
+                })
+                .ok();
+            Ok(sandbox::teardown_state(config, &state, record.as_ref()).await)
         }
     }
 }
