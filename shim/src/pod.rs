@@ -181,7 +181,7 @@ impl Pod {
         let config = RuntimeConfig::load(req.options.config_path.as_deref())
             .map_err(|e| PodError::Failed(e.to_string()))?;
         let image = rootfs::build_image(&req.bundle, &req.rootfs).await?;
-        let (vcpus, memory_mib) = match spec::vm_size(&oci, config.vcpus, config.memory_mib) {
+        let (vcpus, memory_mib) = match spec::vm_size(&oci, &config) {
             Ok(size) => size,
             Err(e) => {
                 cleanup_bundle(&req.bundle);

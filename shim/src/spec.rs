@@ -4,19 +4,34 @@
 //! the microVM none of those exist; the agent adds the rest (root, cgroup,
 //! the namespaces every container gets).
 
+use std::collections::HashMap;
 use std::path::Path;
 
+use airlock_runtime::config::{ConfigError, RuntimeConfig};
 use oci_spec::runtime::Spec;
 
-/// A bundle whose spec cannot be used.
+/// A bundle whose spec cannot be used, or whose VM size is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// cannot read the OCI spec {0}: {1}
     #[error("cannot read the OCI spec {0}: {1}")]
-    Read(String, std::io::Error),
-    /// malformed OCI spec {0}: {1}
+    Read(String, #[source] std::io::Error),
     #[error("malformed OCI spec {0}: {1}")]
     Parse(String, String),
+    #[error("annotation {key}={value:?} is not a whole number")]
+    NotANumber { key: String, value: String },
+    #[error("annotation {key}={asked}: {asked} {unit} is more than {limit}")]
+    OverPodLimit {
+        key: &'static str,
+        asked: u64,
+        unit: &'static str,
+        limit: String,
+    },
+    #[error("{asker}: {source}")]
+    Size {
+        asker: String,
+        #[source]
+        source: ConfigError,
+    },
 }
 
 /// Reads `<bundle>/config.json`.
@@ -89,37 +104,82 @@ const CRI_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
 const CRI_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 
 /// The VM's vCPUs and memory for the container that boots it: the Airlock
-/// annotations if set; else the pod's limits from the CRI annotations plus
-/// the configured memory as the guest's own overhead; else the config's.
-pub fn vm_size(spec: &Spec, vcpus: u8, memory_mib: u32) -> Result<(u8, u32), String> {
-    let empty = std::collections::HashMap::new();
+/// annotations if set; else the pod's limits from the CRI annotations (plus
+/// the configured `memory_mib` as the guest's own overhead); else the
+/// config's. An annotation may not ask for more than the pod's CRI limits
+/// (when it has them), and nothing for more than the config's `[limits]`
+/// ([`RuntimeConfig::check_vm_size`]): what does is refused, never shrunk.
+pub fn vm_size(spec: &Spec, config: &RuntimeConfig) -> Result<(u8, u32), SpecError> {
+    let empty = HashMap::new();
     let a = spec.annotations().as_ref().unwrap_or(&empty);
-    let num = |key: &str| -> Result<Option<u64>, String> {
+    let num = |key: &str| -> Result<Option<u64>, SpecError> {
         a.get(key)
             .map(|v| {
-                v.trim()
-                    .parse::<u64>()
-                    .map_err(|_| format!("annotation {key}={v:?} is not a whole number"))
+                v.trim().parse::<u64>().map_err(|_| SpecError::NotANumber {
+                    key: key.to_string(),
+                    value: v.clone(),
+                })
             })
             .transpose()
     };
-    let memory = match (num(MEMORY_ANNOTATION)?, num(CRI_MEMORY)?) {
-        (Some(m), _) => m,
-        (None, Some(bytes)) if bytes > 0 => u64::from(memory_mib) + bytes.div_ceil(1 << 20),
-        _ => u64::from(memory_mib),
+    // The pod's limits, with what they were computed from.
+    let pod_memory = num(CRI_MEMORY)?.filter(|b| *b > 0).map(|bytes| {
+        let mib = u64::from(config.memory_mib) + bytes.div_ceil(1 << 20);
+        let from = format!(
+            "the pod's CRI memory limit ({CRI_MEMORY}={bytes}, {} MiB, plus the guest overhead \
+             memory_mib = {}: {mib} MiB)",
+            bytes.div_ceil(1 << 20),
+            config.memory_mib
+        );
+        (mib, from)
+    });
+    let pod_cpus = match (num(CRI_CPU_QUOTA)?, num(CRI_CPU_PERIOD)?) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => {
+            let n = q.div_ceil(p);
+            let from = format!(
+                "the pod's CRI CPU limit ({CRI_CPU_QUOTA}={q} / {CRI_CPU_PERIOD}={p}: {n} vCPUs)"
+            );
+            Some((n, from))
+        }
+        _ => None,
     };
-    let cpus = match (
-        num(VCPUS_ANNOTATION)?,
-        num(CRI_CPU_QUOTA)?,
-        num(CRI_CPU_PERIOD)?,
-    ) {
-        (Some(n), _, _) => n,
-        (None, Some(q), Some(p)) if q > 0 && p > 0 => q.div_ceil(p),
-        _ => u64::from(vcpus),
+    // Each size, and who asked for it.
+    let (memory, memory_asker) = match (num(MEMORY_ANNOTATION)?, pod_memory) {
+        (Some(m), Some((limit, from))) if m > limit => {
+            return Err(SpecError::OverPodLimit {
+                key: MEMORY_ANNOTATION,
+                asked: m,
+                unit: "MiB",
+                limit: from,
+            })
+        }
+        (Some(m), _) => (m, format!("annotation {MEMORY_ANNOTATION}={m}")),
+        (None, Some((m, from))) => (m, from),
+        (None, None) => (u64::from(config.memory_mib), "config memory_mib".into()),
     };
-    let cpus = u8::try_from(cpus).map_err(|_| format!("{cpus} vCPUs is too many"))?;
-    let memory = u32::try_from(memory).map_err(|_| format!("{memory} MiB is too much"))?;
-    Ok((cpus, memory))
+    let (cpus, cpus_asker) = match (num(VCPUS_ANNOTATION)?, pod_cpus) {
+        (Some(n), Some((limit, from))) if n > limit => {
+            return Err(SpecError::OverPodLimit {
+                key: VCPUS_ANNOTATION,
+                asked: n,
+                unit: "vCPUs",
+                limit: from,
+            })
+        }
+        (Some(n), _) => (n, format!("annotation {VCPUS_ANNOTATION}={n}")),
+        (None, Some((n, from))) => (n, from),
+        (None, None) => (u64::from(config.vcpus), "config vcpus".into()),
+    };
+    config
+        .check_vm_size(cpus, memory)
+        .map_err(|source| SpecError::Size {
+            asker: if source.is_vcpus() {
+                cpus_asker
+            } else {
+                memory_asker
+            },
+            source,
+        })
 }
 
 #[cfg(test)]
@@ -186,22 +246,109 @@ mod tests {
         spec
     }
 
+    /// 1 GiB and 1.5 CPUs, as containerd 1.7 hands a pod's limits over.
+    const POD_LIMITS: [(&str, &str); 3] = [
+        (CRI_MEMORY, "1073741824"),
+        (CRI_CPU_QUOTA, "150000"),
+        (CRI_CPU_PERIOD, "100000"),
+    ];
+
+    fn size(pairs: &[(&str, &str)]) -> Result<(u8, u32), String> {
+        vm_size(&annotated(pairs), &RuntimeConfig::default()).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn the_vm_is_sized_from_annotations_or_pod_limits() {
-        assert_eq!(vm_size(&Spec::default(), 1, 256), Ok((1, 256)));
-        let s = annotated(&[(VCPUS_ANNOTATION, "2"), (MEMORY_ANNOTATION, "512")]);
-        assert_eq!(vm_size(&s, 1, 256), Ok((2, 512)));
-        // containerd 1.7's pod limits: 1 GiB and 1.5 CPUs.
-        let s = annotated(&[
-            (CRI_MEMORY, "1073741824"),
-            (CRI_CPU_QUOTA, "150000"),
-            (CRI_CPU_PERIOD, "100000"),
-        ]);
-        assert_eq!(vm_size(&s, 1, 256), Ok((2, 256 + 1024)));
-        let bad = annotated(&[(MEMORY_ANNOTATION, "lots")]);
-        let err = vm_size(&bad, 1, 256).unwrap_err();
-        assert!(err.contains("io.airlock.memory-mib"), "{err}");
-        assert!(vm_size(&annotated(&[(VCPUS_ANNOTATION, "1000")]), 1, 256).is_err());
+        let config = RuntimeConfig::default();
+        assert_eq!(vm_size(&Spec::default(), &config).unwrap(), (1, 256));
+        assert_eq!(
+            size(&[(VCPUS_ANNOTATION, "2"), (MEMORY_ANNOTATION, "512")]),
+            Ok((2, 512))
+        );
+        assert_eq!(size(&POD_LIMITS), Ok((2, 256 + 1024)));
+        // Annotations choose within the pod's limits.
+        let within = [
+            POD_LIMITS.as_slice(),
+            &[(VCPUS_ANNOTATION, "1"), (MEMORY_ANNOTATION, "1280")],
+        ]
+        .concat();
+        assert_eq!(size(&within), Ok((1, 1280)));
+        let err = size(&[(MEMORY_ANNOTATION, "lots")]).unwrap_err();
+        assert_eq!(
+            err,
+            "annotation io.airlock.memory-mib=\"lots\" is not a whole number"
+        );
+    }
+
+    #[test]
+    fn annotations_stay_within_the_config_limits() {
+        assert_eq!(
+            size(&[(VCPUS_ANNOTATION, "9")]).unwrap_err(),
+            "annotation io.airlock.vcpus=9: 9 vCPUs is more than runtime config [limits] max_vcpus = 8"
+        );
+        assert_eq!(
+            size(&[(VCPUS_ANNOTATION, "1000")]).unwrap_err(),
+            "annotation io.airlock.vcpus=1000: 1000 vCPUs is more than runtime config [limits] max_vcpus = 8"
+        );
+        assert_eq!(
+            size(&[(MEMORY_ANNOTATION, "8193")]).unwrap_err(),
+            "annotation io.airlock.memory-mib=8193: 8193 MiB of memory is more than runtime config [limits] max_memory_mib = 8192"
+        );
+        assert_eq!(
+            size(&[(VCPUS_ANNOTATION, "8"), (MEMORY_ANNOTATION, "8192")]),
+            Ok((8, 8192))
+        );
+        // The limits are the config's.
+        let mut config = RuntimeConfig::default();
+        config.limits.max_memory_mib = 16384;
+        let s = annotated(&[(MEMORY_ANNOTATION, "16384")]);
+        assert_eq!(vm_size(&s, &config).unwrap(), (1, 16384));
+    }
+
+    #[test]
+    fn zero_is_refused() {
+        assert_eq!(
+            size(&[(VCPUS_ANNOTATION, "0")]).unwrap_err(),
+            "annotation io.airlock.vcpus=0: 0 vCPUs: a microVM needs at least 1"
+        );
+        assert_eq!(
+            size(&[(MEMORY_ANNOTATION, "0")]).unwrap_err(),
+            "annotation io.airlock.memory-mib=0: 0 MiB of memory is less than the 64 MiB a guest needs"
+        );
+    }
+
+    #[test]
+    fn annotations_stay_within_the_pods_limits() {
+        let over = [POD_LIMITS.as_slice(), &[(MEMORY_ANNOTATION, "4096")]].concat();
+        assert_eq!(
+            size(&over).unwrap_err(),
+            "annotation io.airlock.memory-mib=4096: 4096 MiB is more than the pod's CRI memory \
+             limit (io.kubernetes.cri.sandbox-memory=1073741824, 1024 MiB, plus the guest overhead \
+             memory_mib = 256: 1280 MiB)"
+        );
+        let over = [POD_LIMITS.as_slice(), &[(VCPUS_ANNOTATION, "4")]].concat();
+        assert_eq!(
+            size(&over).unwrap_err(),
+            "annotation io.airlock.vcpus=4: 4 vCPUs is more than the pod's CRI CPU limit \
+             (io.kubernetes.cri.sandbox-cpu-quota=150000 / io.kubernetes.cri.sandbox-cpu-period=100000: 2 vCPUs)"
+        );
+    }
+
+    #[test]
+    fn pod_limits_over_the_config_limits_are_refused_not_shrunk() {
+        let err = size(&[(CRI_MEMORY, "17179869184")]).unwrap_err();
+        assert_eq!(
+            err,
+            "the pod's CRI memory limit (io.kubernetes.cri.sandbox-memory=17179869184, 16384 MiB, \
+             plus the guest overhead memory_mib = 256: 16640 MiB): 16640 MiB of memory is more than \
+             runtime config [limits] max_memory_mib = 8192"
+        );
+        let err = size(&[(CRI_CPU_QUOTA, "1600000"), (CRI_CPU_PERIOD, "100000")]).unwrap_err();
+        assert!(
+            err.starts_with("the pod's CRI CPU limit (io.kubernetes.cri.sandbox-cpu-quota=1600000")
+                && err.ends_with("16 vCPUs is more than runtime config [limits] max_vcpus = 8"),
+            "{err}"
+        );
     }
 
     #[test]
