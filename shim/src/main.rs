@@ -34,9 +34,14 @@ fn main() {
         }
     };
     if let Some(id) = std::env::var_os(shim::CLEANUP_ENV) {
+        // Detached by `delete`, with stderr on the cleanup log (shim.rs).
+        shim::log_to(std::io::stderr);
         let id = id.to_string_lossy().into_owned();
-        if let Err(e) = rt.block_on(shim::cleanup(&id)) {
-            eprintln!("{RUNTIME_ID}: cleanup of {id}: {e}");
+        let config = std::env::var_os(shim::CLEANUP_CONFIG_ENV)
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from);
+        if let Err(e) = rt.block_on(shim::cleanup(&id, config.as_deref())) {
+            log::error!("cleanup of microVM {id} after a dead shim: {e}: its VMM may still run");
             std::process::exit(1);
         }
         return;

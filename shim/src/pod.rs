@@ -23,9 +23,53 @@ use crate::{options, rootfs, spec};
 
 /// The image built from a container's rootfs, in its bundle.
 pub const IMAGE_FILE: &str = "airlock-rootfs.ext4";
-/// The sandbox id of the VM a bundle's container runs in, for `delete`
-/// after a dead shim.
+/// What `delete` needs after a dead shim to tear down the VM that a
+/// bundle's container booted ([`SandboxFile`]).
 pub const SANDBOX_FILE: &str = "airlock-sandbox";
+
+/// The content of [`SANDBOX_FILE`]: JSON `{"id": ..., "config_path": ...}`
+/// (older shims wrote the bare id).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxFile {
+    /// The sandbox id of the VM.
+    pub id: String,
+    /// The runtime config Create used (its `ConfigPath`): where the VM's
+    /// state is (`state_dir`) and how long its stop may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_path: Option<PathBuf>,
+}
+
+impl SandboxFile {
+    /// Writes it into `bundle`, whole or not at all (temp file, rename).
+    pub fn write(&self, bundle: &Path) -> std::io::Result<()> {
+        let json = serde_json::to_vec(self)?;
+        let tmp = bundle.join(format!(".{SANDBOX_FILE}.tmp"));
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, bundle.join(SANDBOX_FILE)).inspect_err(|_| {
+            std::fs::remove_file(&tmp).ok();
+        })
+    }
+
+    /// Reads `bundle`'s; `None` if it has none (no VM was booted for it).
+    pub fn read(bundle: &Path) -> std::io::Result<Option<Self>> {
+        match std::fs::read_to_string(bundle.join(SANDBOX_FILE)) {
+            Ok(text) => Self::parse(&text).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn parse(text: &str) -> std::io::Result<Self> {
+        let text = text.trim();
+        if text.starts_with('{') {
+            return serde_json::from_str(text).map_err(std::io::Error::from);
+        }
+        Ok(Self {
+            id: text.to_string(),
+            config_path: None,
+        })
+    }
+}
 
 /// What a task call can fail with; `task/` maps each to a ttrpc code.
 #[derive(Debug, thiserror::Error)]
@@ -202,7 +246,25 @@ impl Pod {
                 return Err(e.into());
             }
         };
-        std::fs::write(req.bundle.join(SANDBOX_FILE), sandbox.id.as_str()).ok();
+        // A dead shim's VM is found through this file only: without it, it
+        // would run on, its memory never wiped.
+        let record = SandboxFile {
+            id: sandbox.id.to_string(),
+            config_path: req
+                .options
+                .config_path
+                .as_deref()
+                .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
+        };
+        if let Err(e) = record.write(&req.bundle) {
+            sandbox.shutdown().await;
+            cleanup_bundle(&req.bundle);
+            return Err(PodError::Failed(format!(
+                "cannot record sandbox {} in the bundle (needed to clean up after a dead shim): {}: {e}",
+                sandbox.id,
+                req.bundle.join(SANDBOX_FILE).display()
+            )));
+        }
         let rootfs = GuestRootfs {
             source: IMAGE_DEVICE.into(),
             fstype: "ext4".into(),
@@ -590,4 +652,59 @@ pub fn cleanup_bundle(bundle: &Path) {
     std::fs::remove_file(bundle.join(IMAGE_FILE)).ok();
     std::fs::remove_file(bundle.join(rootfs::ARCHIVE_FILE)).ok();
     std::fs::remove_file(bundle.join(SANDBOX_FILE)).ok();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandbox_file_keeps_the_id_and_the_config_path() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(SandboxFile::read(dir.path()).unwrap(), None);
+        let f = SandboxFile {
+            id: "0123456789ab".into(),
+            config_path: Some("/etc/airlock/pods.toml".into()),
+        };
+        f.write(dir.path()).unwrap();
+        assert_eq!(SandboxFile::read(dir.path()).unwrap(), Some(f));
+        let text = std::fs::read_to_string(dir.path().join(SANDBOX_FILE)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":"0123456789ab","config_path":"/etc/airlock/pods.toml"}"#
+        );
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        let defaults = SandboxFile {
+            id: "0123456789ab".into(),
+            config_path: None,
+        };
+        defaults.write(dir.path()).unwrap();
+        assert_eq!(SandboxFile::read(dir.path()).unwrap(), Some(defaults));
+    }
+
+    #[test]
+    fn an_older_shims_bare_id_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SANDBOX_FILE), "0123456789ab").unwrap();
+        assert_eq!(
+            SandboxFile::read(dir.path()).unwrap(),
+            Some(SandboxFile {
+                id: "0123456789ab".into(),
+                config_path: None
+            })
+        );
+    }
+
+    #[test]
+    fn a_sandbox_file_that_cannot_be_written_or_read_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = SandboxFile {
+            id: "0123456789ab".into(),
+            config_path: None,
+        };
+        assert!(f.write(&dir.path().join("no-such-bundle")).is_err());
+        std::fs::write(dir.path().join(SANDBOX_FILE), "{\"id\": ").unwrap();
+        assert!(SandboxFile::read(dir.path()).is_err());
+    }
 }

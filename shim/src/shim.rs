@@ -3,12 +3,13 @@
 //! `delete` cleans up after a shim that died, and the daemon serves the
 //! task service until Shutdown.
 
-use std::path::Path;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::config::{ConfigError, RuntimeConfig};
 use airlock_runtime::sandbox::teardown_state;
-use airlock_runtime::state::{SandboxId, StateDir};
+use airlock_runtime::state::{SandboxId, StateDir, StateError};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
@@ -24,6 +25,22 @@ use crate::task::{self, TaskService};
 
 /// Set to a sandbox id, this binary tears that sandbox down and exits.
 pub const CLEANUP_ENV: &str = "AIRLOCK_SHIM_CLEANUP";
+/// With [`CLEANUP_ENV`]: the runtime config the sandbox was created with
+/// (its Create's `ConfigPath`); unset, `$AIRLOCK_CONFIG` or the defaults,
+/// as for Create.
+pub const CLEANUP_CONFIG_ENV: &str = "AIRLOCK_SHIM_CLEANUP_CONFIG";
+/// The log of cleanups after dead shims, in the runtime config's
+/// `state_dir` (`/run/airlock/shim-cleanup.log` by default).
+pub const CLEANUP_LOG: &str = "shim-cleanup.log";
+
+/// Why a cleanup after a dead shim could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 pub struct AirlockShim {
     exit: Arc<ExitSignal>,
@@ -68,17 +85,41 @@ impl Shim for AirlockShim {
         } else {
             self.bundle.clone().into()
         };
-        if let Ok(id) = std::fs::read_to_string(bundle.join(pod::SANDBOX_FILE)) {
-            // containerd gives `delete` a few seconds; stopping a VM (its
-            // memory wipe) and scrubbing its scratch disk may take longer,
-            // so a detached copy of this binary does it (see main.rs).
-            match spawn_cleanup(id.trim()) {
-                Ok(()) => log::info!(
-                    "{}: cleaning up microVM {} after a dead shim",
+        match pod::SandboxFile::read(&bundle) {
+            Ok(Some(sandbox)) => {
+                // containerd gives `delete` a few seconds; stopping a VM
+                // (its memory wipe) and scrubbing its scratch disk may take
+                // longer, so a detached copy of this binary does it (see
+                // main.rs). Both log to the cleanup log: containerd reads
+                // nothing from a `delete` that succeeds.
+                let log = open_cleanup_log(&cleanup_log_path(sandbox.config_path.as_deref()));
+                if let Some(log) = log.as_ref().and_then(|f| f.try_clone().ok()) {
+                    log_to(std::sync::Mutex::new(log));
+                }
+                match spawn_cleanup(&sandbox, log) {
+                    Ok(()) => log::info!(
+                        "{}: cleaning up microVM {} after a dead shim (bundle {})",
+                        self.id,
+                        sandbox.id,
+                        bundle.display()
+                    ),
+                    Err(e) => log::error!(
+                        "{}: cannot clean up microVM {} after a dead shim: {e}: its VMM may still run",
+                        self.id,
+                        sandbox.id
+                    ),
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                if let Some(log) = open_cleanup_log(&cleanup_log_path(None)) {
+                    log_to(std::sync::Mutex::new(log));
+                }
+                log::error!(
+                    "{}: cannot read {}: {e}: the microVM of a dead shim cannot be found to clean it up",
                     self.id,
-                    id.trim()
-                ),
-                Err(e) => log::error!("{}: cannot clean up microVM {}: {e}", self.id, id.trim()),
+                    bundle.join(pod::SANDBOX_FILE).display()
+                );
             }
         }
         // The dead shim's socket (runc's shim removes it here too); only
@@ -105,28 +146,93 @@ impl Shim for AirlockShim {
     }
 }
 
-/// Starts `containerd-shim-airlock-v2` detached (own session, no stdio)
-/// with [`CLEANUP_ENV`] set, to tear down sandbox `id`.
-fn spawn_cleanup(id: &str) -> std::io::Result<()> {
+/// Starts `containerd-shim-airlock-v2` detached (own session, no stdin or
+/// stdout, stderr to `log`) with [`CLEANUP_ENV`] and [`CLEANUP_CONFIG_ENV`]
+/// set, to tear down `sandbox`.
+fn spawn_cleanup(sandbox: &pod::SandboxFile, log: Option<std::fs::File>) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
-    SandboxId::parse(id).map_err(|e| std::io::Error::other(e.to_string()))?;
+    SandboxId::parse(&sandbox.id).map_err(std::io::Error::other)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.env(CLEANUP_ENV, id)
-        .stdin(std::process::Stdio::null())
+    cmd.env(CLEANUP_ENV, &sandbox.id);
+    match &sandbox.config_path {
+        Some(p) => cmd.env(CLEANUP_CONFIG_ENV, p),
+        None => cmd.env_remove(CLEANUP_CONFIG_ENV),
+    };
+    // Never the stdio `delete` got from containerd: containerd would wait
+    // for the detached process to close it.
+    cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(log.map_or_else(std::process::Stdio::null, std::process::Stdio::from))
         .process_group(0);
     cmd.spawn().map(drop)
 }
 
-/// The detached cleanup: stops the VM (the VMM wipes guest memory), scrubs
-/// and deletes the scratch disk, removes the state dir.
-pub async fn cleanup(id: &str) -> Result<(), String> {
-    let config = RuntimeConfig::load(None).map_err(|e| e.to_string())?;
-    let id = SandboxId::parse(id).map_err(|e| e.to_string())?;
-    let state = StateDir::open(&config.state_dir, &id).map_err(|e| e.to_string())?;
-    let record = state.read_record().ok();
-    teardown_state(&config, &state, record.as_ref()).await;
+/// [`CLEANUP_LOG`] in the `state_dir` of the config at `config_path`, or
+/// of the default config when that one cannot be loaded (the cleanup then
+/// logs why, there).
+fn cleanup_log_path(config_path: Option<&Path>) -> PathBuf {
+    RuntimeConfig::load(config_path)
+        .map_or_else(|_| RuntimeConfig::default().state_dir, |c| c.state_dir)
+        .join(CLEANUP_LOG)
+}
+
+/// Opens the cleanup log at `path` to append to (created 0600, its
+/// directory 0711 as `StateDir::create` makes the state dir); `None` if it
+/// cannot be opened.
+fn open_cleanup_log(path: &Path) -> Option<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(dir)
+            .ok();
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .ok()
+}
+
+/// Sends this process's log lines, the `log` crate's and the runtime's
+/// `tracing` events, to `writer` (the daemon's go to containerd's log
+/// FIFO instead; `delete` and the detached cleanup have no such FIFO).
+pub fn log_to<W>(writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    // Only fails if logging was set up already.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .try_init();
+}
+
+/// The detached cleanup after a dead shim: stops the VM (the VMM wipes
+/// guest memory), scrubs and deletes the scratch disk, removes the state
+/// dir, with the config at `config_path` (as Create had it: its
+/// `state_dir` is where the sandbox is).
+///
+/// It logs to its stderr, which [`spawn_cleanup`] points at
+/// `<state_dir>/shim-cleanup.log` ([`CLEANUP_LOG`]): what was wiped and
+/// scrubbed, and any error, with the sandbox id, for an operator to find
+/// after containerd has removed the bundle.
+pub async fn cleanup(id: &str, config_path: Option<&Path>) -> Result<(), CleanupError> {
+    let config = RuntimeConfig::load(config_path)?;
+    let id = SandboxId::parse(id)?;
+    let state = StateDir::open(&config.state_dir, &id)?;
+    let record = state
+        .read_record()
+        .inspect_err(|e| log::warn!("{id}: {e}: its VMM, if one runs, cannot be found to stop it"))
+        .ok();
+    let report = teardown_state(&config, &state, record.as_ref()).await;
+    log::info!(
+        "{id}: cleaned up after a dead shim: {} MiB of guest memory wiped, {} scratch bytes scrubbed, state {}",
+        report.wiped_mib.map_or("no".into(), |m| m.to_string()),
+        report.scratch_scrubbed_bytes,
+        if report.state_removed { "removed" } else { "NOT removed" }
+    );
     Ok(())
 }
 
@@ -151,7 +257,63 @@ pub fn remove_socket(bundle: &Path, if_unserved: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixListener;
+
+    /// A config whose state_dir (and cgroup parent) is under `dir`.
+    fn config_in(dir: &Path) -> PathBuf {
+        let path = dir.join("airlock.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "state_dir = \"{0}/state\"\n[jail]\nenabled = false\ncgroup_parent = \"{0}/cg\"\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    #[test]
+    fn the_cleanup_log_is_in_the_configs_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let path = cleanup_log_path(Some(&config));
+        assert_eq!(path, dir.path().join("state").join(CLEANUP_LOG));
+        let mut log = open_cleanup_log(&path).unwrap();
+        std::io::Write::write_all(&mut log, b"line\n").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Appended to, not truncated.
+        open_cleanup_log(&path).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "line\n");
+        // A config that cannot be loaded: the default state dir's log.
+        assert_eq!(
+            cleanup_log_path(Some(&dir.path().join("missing.toml"))),
+            RuntimeConfig::default().state_dir.join(CLEANUP_LOG)
+        );
+    }
+
+    #[tokio::test]
+    async fn cleanup_finds_the_sandbox_in_the_configs_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let id = SandboxId::generate();
+        let state = StateDir::create(&dir.path().join("state"), &id).unwrap();
+        // Not in the default state dir.
+        let err = cleanup(id.as_str(), Some(&dir.path().join("missing.toml")))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+        assert!(state.path().exists());
+        cleanup(id.as_str(), Some(&config)).await.unwrap();
+        assert!(!state.path().exists());
+        let err = cleanup(id.as_str(), Some(&config)).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("no sandbox {id}: `airlock ls` lists them")
+        );
+    }
 
     #[test]
     fn socket_removal_follows_the_address_file() {
