@@ -7,8 +7,10 @@
 //!   `<image_dir>/cache/<key>.ext4`, keyed by a hash of the tree's names,
 //!   sizes, modes and mtimes, so an unchanged tree is converted once;
 //! * an OCI image layout or tarball (`oci.rs`): unpacked and converted,
-//!   cached by its manifest digest.
+//!   cached by its manifest digest. Its layers are applied by `layer.rs`,
+//!   which confines every entry to the unpack root.
 
+pub mod layer;
 pub mod oci;
 
 use std::collections::hash_map::DefaultHasher;
@@ -31,9 +33,8 @@ pub enum ImageError {
     /// image path {0} does not exist
     #[error("image path {0} does not exist")]
     NoPath(PathBuf),
-    /// corrupt OCI image {0}: {1}
-    #[error("corrupt OCI image {0}: {1}")]
-    Corrupt(PathBuf, String),
+    #[error(transparent)]
+    Oci(#[from] oci::OciError),
     /// Cannot read {0}: {1}
     #[error("Cannot read {0}: {1}")]
     Read(PathBuf, std::io::Error),

@@ -1,23 +1,84 @@
 //! OCI images (an image layout directory, or a tarball of one as `ctr
 //! images export` or `skopeo copy oci-archive:` write it) unpacked into a
 //! directory: index → manifest (linux/amd64) → layers in order, with
-//! whiteouts, every blob checked against its digest.
+//! whiteouts ([`layer`](super::layer)), every blob checked against its
+//! digest.
+//!
+//! Layer blobs are streamed: hashed as they pass into the layer applier,
+//! drained and compared at the end (the caller discards the root when that
+//! fails). JSON blobs (index, manifest, config) are read whole, at most
+//! [`MAX_JSON`] bytes. Every file of the layout is opened inside the layout
+//! directory (`openat2(RESOLVE_IN_ROOT)`), regular files only: a layout
+//! unpacked from a user's tarball cannot point a blob at a host file.
 //!
 //! The JSON is read with serde_json rather than oci-spec's image types:
 //! only five fields are needed, and unknown fields must not fail.
 
-use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::{ImageConfig, ImageError};
+use super::layer::{self, LayerError, Limits, Root, Unpacker};
+use super::ImageConfig;
+
+/// Largest index, manifest or config read.
+pub const MAX_JSON: u64 = 4 << 20;
 
 const INDEX_TYPES: &[&str] = &[
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ];
+
+/// Errors reading an OCI image; each names the image.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("corrupt OCI image {dir}: cannot read {file}")]
+    Read {
+        dir: PathBuf,
+        file: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("corrupt OCI image {dir}: {file} is larger than the limit of {limit} bytes")]
+    TooLarge {
+        dir: PathBuf,
+        file: String,
+        limit: u64,
+    },
+    #[error("corrupt OCI image {dir}: {file} is not valid")]
+    Json {
+        dir: PathBuf,
+        file: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("corrupt OCI image {dir}: unsupported digest {digest:?}")]
+    Digest { dir: PathBuf, digest: String },
+    #[error("corrupt OCI image {dir}: blob {digest} does not match its digest")]
+    Mismatch { dir: PathBuf, digest: String },
+    #[error("corrupt OCI image {0}: no linux/amd64 image in index.json")]
+    NoPlatform(PathBuf),
+    #[error("corrupt OCI image {0}: indexes nested too deep")]
+    TooDeep(PathBuf),
+    #[error("corrupt OCI image {dir}: layer {digest}")]
+    Layer {
+        dir: PathBuf,
+        digest: String,
+        #[source]
+        source: LayerError,
+    },
+    #[error("corrupt OCI image {0}: cannot open the unpack root")]
+    Root(PathBuf, #[source] LayerError),
+    #[error("cannot open the image tarball {0}")]
+    Open(PathBuf, #[source] io::Error),
+    #[error("corrupt OCI image {0}: not an OCI image tarball")]
+    Archive(PathBuf, #[source] LayerError),
+    #[error("corrupt OCI image {0}: not an OCI image tarball: no index.json")]
+    NoIndex(PathBuf),
+}
 
 #[derive(Deserialize)]
 struct Descriptor {
@@ -67,47 +128,55 @@ struct ConfigSection {
 /// An image layout, opened.
 pub struct Layout {
     dir: PathBuf,
+    /// The layout directory: every file of the layout is resolved in it.
+    root: Root,
     /// The chosen manifest's digest: the image's identity.
     pub manifest_digest: String,
     manifest: Manifest,
 }
 
-fn corrupt(dir: &Path, why: impl std::fmt::Display) -> ImageError {
-    ImageError::Corrupt(dir.to_path_buf(), why.to_string())
-}
-
 impl Layout {
     /// Reads `index.json` and picks the linux/amd64 manifest.
-    pub fn open(dir: &Path) -> Result<Self, ImageError> {
-        let index: Index = serde_json::from_slice(&read(dir, &dir.join("index.json"))?)
-            .map_err(|e| corrupt(dir, format!("index.json: {e}")))?;
+    pub fn open(dir: &Path) -> Result<Self, OciError> {
+        let root = Root::open(dir).map_err(|source| OciError::Read {
+            dir: dir.to_path_buf(),
+            file: ".".into(),
+            source,
+        })?;
+        let mut file =
+            root.open_file(Path::new("index.json"))
+                .map_err(|source| OciError::Read {
+                    dir: dir.to_path_buf(),
+                    file: "index.json".into(),
+                    source,
+                })?;
+        let data = read_capped(&mut file, dir, "index.json")?;
+        let index: Index = parse(&data, dir, "index.json")?;
         let mut manifests = index.manifests;
         for _ in 0..8 {
-            let pick = pick(&manifests)
-                .ok_or_else(|| corrupt(dir, "no linux/amd64 image in index.json"))?;
-            let blob = blob(dir, &pick.digest)?;
+            let pick = pick(&manifests).ok_or_else(|| OciError::NoPlatform(dir.to_path_buf()))?;
+            let blob = json_blob(&root, dir, &pick.digest)?;
             if INDEX_TYPES.contains(&pick.media_type.as_str()) {
-                let nested: Index = serde_json::from_slice(&blob)
-                    .map_err(|e| corrupt(dir, format!("{}: {e}", pick.digest)))?;
+                let nested: Index = parse(&blob, dir, &pick.digest)?;
                 manifests = nested.manifests;
                 continue;
             }
-            let manifest: Manifest = serde_json::from_slice(&blob)
-                .map_err(|e| corrupt(dir, format!("manifest {}: {e}", pick.digest)))?;
+            let manifest: Manifest = parse(&blob, dir, &format!("manifest {}", pick.digest))?;
             return Ok(Self {
                 dir: dir.to_path_buf(),
+                root,
                 manifest_digest: pick.digest.clone(),
                 manifest,
             });
         }
-        Err(corrupt(dir, "indexes nested too deep"))
+        Err(OciError::TooDeep(dir.to_path_buf()))
     }
 
-    /// The image's process defaults.
-    pub fn config(&self) -> Result<ImageConfig, ImageError> {
-        let cfg: ConfigFile =
-            serde_json::from_slice(&blob(&self.dir, &self.manifest.config.digest)?)
-                .unwrap_or_default();
+    /// The image's process defaults (none from a config that does not
+    /// parse).
+    pub fn config(&self) -> Result<ImageConfig, OciError> {
+        let data = json_blob(&self.root, &self.dir, &self.manifest.config.digest)?;
+        let cfg: ConfigFile = serde_json::from_slice(&data).unwrap_or_default();
         let c = cfg.config.unwrap_or_default();
         Ok(ImageConfig {
             env: c.env.unwrap_or_default(),
@@ -117,16 +186,27 @@ impl Layout {
         })
     }
 
-    /// Applies the layers, in order, to the empty directory `root`.
-    pub fn unpack(&self, root: &Path) -> Result<(), ImageError> {
+    /// Applies the layers, in order, to the empty directory `root`, within
+    /// the default [`Limits`].
+    pub fn unpack(&self, root: &Path) -> Result<(), OciError> {
+        self.unpack_with(root, &Limits::default())
+    }
+
+    /// Applies the layers, in order, to the empty directory `root`. On an
+    /// error `root` is half-applied: the caller discards it.
+    pub fn unpack_with(&self, root: &Path, limits: &Limits) -> Result<(), OciError> {
+        let mut unpacker =
+            Unpacker::new(root, *limits).map_err(|e| OciError::Root(self.dir.clone(), e))?;
         for layer in &self.manifest.layers {
-            let data = blob(&self.dir, &layer.digest)?;
-            apply_layer(&data, root).map_err(|e| {
-                // tar wraps the cause; name it too.
-                let cause = std::error::Error::source(&e)
-                    .map(|s| format!(": {s}"))
-                    .unwrap_or_else(|| format!(" ({e:?})"));
-                corrupt(&self.dir, format!("layer {}: {e}{cause}", layer.digest))
+            let mut blob = Blob::open(&self.root, &self.dir, &layer.digest)?;
+            let applied = unpacker.apply(&mut blob);
+            // A blob that is not what the manifest names explains any
+            // error applying it.
+            blob.verify(&self.dir)?;
+            applied.map_err(|source| OciError::Layer {
+                dir: self.dir.clone(),
+                digest: layer.digest.clone(),
+                source,
             })?;
         }
         Ok(())
@@ -144,127 +224,122 @@ fn pick(manifests: &[Descriptor]) -> Option<&Descriptor> {
         .or_else(|| manifests.iter().find(|m| m.platform.is_none()))
 }
 
-fn read(dir: &Path, p: &Path) -> Result<Vec<u8>, ImageError> {
-    std::fs::read(p).map_err(|e| {
-        corrupt(
-            dir,
-            format!("{}: {e}", p.strip_prefix(dir).unwrap_or(p).display()),
-        )
+fn parse<'a, T: Deserialize<'a>>(data: &'a [u8], dir: &Path, file: &str) -> Result<T, OciError> {
+    serde_json::from_slice(data).map_err(|source| OciError::Json {
+        dir: dir.to_path_buf(),
+        file: file.to_string(),
+        source,
     })
 }
 
-/// A blob, checked against its digest.
-fn blob(dir: &Path, digest: &str) -> Result<Vec<u8>, ImageError> {
-    let hex = digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| corrupt(dir, format!("unsupported digest {digest:?}")))?;
-    let data = read(dir, &dir.join("blobs/sha256").join(hex))?;
-    let got = Sha256::digest(&data);
-    if hex_string(&got) != hex.to_ascii_lowercase() {
-        return Err(corrupt(
-            dir,
-            format!("blob {digest} does not match its digest"),
-        ));
+/// All of `r`, at most [`MAX_JSON`] bytes.
+fn read_capped(r: &mut impl Read, dir: &Path, file: &str) -> Result<Vec<u8>, OciError> {
+    let mut data = Vec::new();
+    r.take(MAX_JSON.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(|source| OciError::Read {
+            dir: dir.to_path_buf(),
+            file: file.to_string(),
+            source,
+        })?;
+    if u64::try_from(data.len()).map_or(true, |n| n > MAX_JSON) {
+        return Err(OciError::TooLarge {
+            dir: dir.to_path_buf(),
+            file: file.to_string(),
+            limit: MAX_JSON,
+        });
     }
     Ok(data)
+}
+
+/// A JSON blob, read whole (at most [`MAX_JSON`] bytes) and checked
+/// against its digest.
+fn json_blob(root: &Root, dir: &Path, digest: &str) -> Result<Vec<u8>, OciError> {
+    let mut blob = Blob::open(root, dir, digest)?;
+    let data = read_capped(&mut blob, dir, digest)?;
+    blob.verify(dir)?;
+    Ok(data)
+}
+
+/// A blob being read: hashed as it passes, checked against its digest by
+/// [`Blob::verify`].
+struct Blob {
+    file: File,
+    hasher: Sha256,
+    digest: String,
+    hex: String,
+}
+
+impl Blob {
+    fn open(root: &Root, dir: &Path, digest: &str) -> Result<Self, OciError> {
+        let hex = digest
+            .strip_prefix("sha256:")
+            .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| OciError::Digest {
+                dir: dir.to_path_buf(),
+                digest: digest.to_string(),
+            })?
+            .to_ascii_lowercase();
+        let rel = Path::new("blobs/sha256").join(&hex);
+        let file = root.open_file(&rel).map_err(|source| OciError::Read {
+            dir: dir.to_path_buf(),
+            file: rel.display().to_string(),
+            source,
+        })?;
+        Ok(Self {
+            file,
+            hasher: Sha256::new(),
+            digest: digest.to_string(),
+            hex,
+        })
+    }
+
+    /// Reads what is left and compares the digest.
+    fn verify(mut self, dir: &Path) -> Result<(), OciError> {
+        io::copy(&mut self, &mut io::sink()).map_err(|source| OciError::Read {
+            dir: dir.to_path_buf(),
+            file: self.digest.clone(),
+            source,
+        })?;
+        if hex_string(&self.hasher.finalize()) != self.hex {
+            return Err(OciError::Mismatch {
+                dir: dir.to_path_buf(),
+                digest: self.digest,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Read for Blob {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.hasher.update(buf.get(..n).unwrap_or_default());
+        Ok(n)
+    }
 }
 
 fn hex_string(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Applies one layer (tar, gzip'd or not) with OCI whiteouts.
-fn apply_layer(data: &[u8], root: &Path) -> std::io::Result<()> {
-    let reader: Box<dyn Read> = if data.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(data))
-    } else {
-        Box::new(data)
-    };
-    let mut archive = tar::Archive::new(reader);
-    archive.set_preserve_permissions(true);
-    archive.set_preserve_ownerships(true);
-    archive.set_overwrite(true);
-    for entry in archive.entries()? {
-        let mut entry = entry?;
-        let path = entry.path()?.into_owned();
-        let Some(rel) = safe_relative(&path)? else {
-            continue; // the root itself ("./")
-        };
-        let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let parent = root.join(rel.parent().unwrap_or(Path::new("")));
-        if name == ".wh..wh..opq" {
-            if let Ok(children) = std::fs::read_dir(&parent) {
-                for c in children.flatten() {
-                    remove(&c.path())?;
-                }
-            }
-            continue;
-        }
-        if let Some(hidden) = name.strip_prefix(".wh.") {
-            remove(&parent.join(hidden))?;
-            continue;
-        }
-        let target = root.join(&rel);
-        // A file replacing a directory (or the reverse) from a lower layer.
-        if let Ok(old) = std::fs::symlink_metadata(&target) {
-            if old.is_dir() != entry.header().entry_type().is_dir() {
-                remove(&target)?;
-            }
-        }
-        // unpack_in refuses paths that leave `root`, also through symlinks
-        // planted by earlier entries.
-        if !entry.unpack_in(root)? {
-            return Err(std::io::Error::other(format!(
-                "entry {} escapes the root",
-                path.display()
-            )));
-        }
-    }
-    Ok(())
+/// Unpacks an image tarball (an archived layout) into `dir`, within the
+/// default [`Limits`].
+pub fn unpack_archive(archive: &Path, dir: &Path) -> Result<(), OciError> {
+    unpack_archive_with(archive, dir, &Limits::default())
 }
 
-fn remove(p: &Path) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
-        Ok(_) => std::fs::remove_file(p),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// `path` without leading `/` or `./` (`None` for the root itself); an
-/// error if it has `..`.
-fn safe_relative(path: &Path) -> std::io::Result<Option<PathBuf>> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::RootDir | Component::CurDir => {}
-            Component::ParentDir | Component::Prefix(_) => {
-                return Err(std::io::Error::other(format!(
-                    "entry {} escapes the root",
-                    path.display()
-                )))
-            }
-        }
-    }
-    Ok((!out.as_os_str().is_empty()).then_some(out))
-}
-
-/// Unpacks an image tarball (an archived layout) into `dir`.
-pub fn unpack_archive(archive: &Path, dir: &Path) -> Result<(), ImageError> {
-    let data = std::fs::read(archive).map_err(|e| ImageError::Read(archive.to_path_buf(), e))?;
-    let reader: Box<dyn Read> = if data.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(&data[..]))
-    } else {
-        Box::new(&data[..])
-    };
-    let mut tar = tar::Archive::new(reader);
-    tar.unpack(dir)
-        .map_err(|e| corrupt(archive, format!("not an OCI image tarball: {e}")))?;
-    if !dir.join("index.json").is_file() {
-        return Err(corrupt(archive, "not an OCI image tarball: no index.json"));
+/// Unpacks an image tarball (an archived layout) into `dir`: streamed,
+/// through the same confined applier as the layers (the user's tarball is
+/// as untrusted as any layer; a layout has no `.wh.` names, so whiteouts
+/// do nothing to a real one).
+pub fn unpack_archive_with(archive: &Path, dir: &Path, limits: &Limits) -> Result<(), OciError> {
+    let file = File::open(archive).map_err(|e| OciError::Open(archive.to_path_buf(), e))?;
+    layer::apply(io::BufReader::new(file), dir, limits)
+        .map_err(|e| OciError::Archive(archive.to_path_buf(), e))?;
+    let index = Root::open(dir).and_then(|r| r.open_file(Path::new("index.json")));
+    if index.is_err() {
+        return Err(OciError::NoIndex(archive.to_path_buf()));
     }
     Ok(())
 }
@@ -402,10 +477,163 @@ pub(crate) mod tests {
         h.set_cksum();
         b.append(&h, &b"x"[..]).unwrap();
         let data = b.into_inner().unwrap();
-        let err = apply_layer(&data, &root.path().join("r"))
+        let r = root.path().join("r");
+        std::fs::create_dir(&r).unwrap();
+        let err = layer::apply(&data[..], &r, &Limits::default())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("escapes the root"), "{err}");
+        assert!(err.contains("would leave the root"), "{err}");
         assert!(!root.path().join("escape").exists());
+    }
+
+    #[test]
+    fn a_tampered_uncompressed_layer_is_refused_once_streamed() {
+        let src = tempfile::tempdir().unwrap();
+        sample(src.path());
+        let layout = Layout::open(src.path()).unwrap();
+        for e in std::fs::read_dir(src.path().join("blobs/sha256")).unwrap() {
+            let p = e.unwrap().path();
+            let data = std::fs::read(&p).unwrap();
+            if let Some(at) = data.windows(2).position(|w| w == b"v2") {
+                let mut data = data;
+                data[at + 1] = b'3';
+                std::fs::write(&p, data).unwrap();
+            }
+        }
+        let root = tempfile::tempdir().unwrap();
+        let err = layout.unpack(root.path()).unwrap_err().to_string();
+        assert!(err.contains("does not match its digest"), "{err}");
+    }
+
+    #[test]
+    fn json_larger_than_the_limit_is_refused() {
+        let src = tempfile::tempdir().unwrap();
+        sample(src.path());
+        let mut index = vec![b' '; 5 << 20];
+        index.extend_from_slice(b"{}");
+        std::fs::write(src.path().join("index.json"), index).unwrap();
+        let err = Layout::open(src.path()).err().unwrap().to_string();
+        assert!(
+            err.ends_with("index.json is larger than the limit of 4194304 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn blobs_are_read_inside_the_layout_only() {
+        let src = tempfile::tempdir().unwrap();
+        sample(src.path());
+        let layout = Layout::open(src.path()).unwrap();
+        // A layer blob replaced by a symlink to the same bytes outside.
+        let outside = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(src.path().join("blobs/sha256")).unwrap() {
+            let p = e.unwrap().path();
+            if std::fs::read(&p).unwrap().starts_with(&[0x1f, 0x8b]) {
+                let copy = outside.path().join("blob");
+                std::fs::rename(&p, &copy).unwrap();
+                std::os::unix::fs::symlink(&copy, &p).unwrap();
+            }
+        }
+        let root = tempfile::tempdir().unwrap();
+        let err = layout.unpack(root.path()).unwrap_err();
+        let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(msg.contains("cannot read blobs/sha256/"), "{msg}");
+        assert!(msg.contains("No such file"), "{msg}");
+    }
+
+    /// A tarball with `entries`, gzip'd or not.
+    fn tarball(dir: &Path, gz: bool, entries: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> PathBuf {
+        let mut b = tar::Builder::new(Vec::new());
+        entries(&mut b);
+        let mut data = b.into_inner().unwrap();
+        if gz {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, &data).unwrap();
+            data = e.finish().unwrap();
+        }
+        let p = dir.join("image.tar");
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn image_tarballs_are_streamed_gzip_or_not() {
+        let src = tempfile::tempdir().unwrap();
+        sample(src.path());
+        for gz in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let archive = tarball(tmp.path(), gz, |b| {
+                b.append_dir_all(".", src.path()).unwrap();
+            });
+            let dir = tmp.path().join("layout");
+            std::fs::create_dir(&dir).unwrap();
+            unpack_archive(&archive, &dir).unwrap();
+            let layout = Layout::open(&dir).unwrap();
+            let root = tmp.path().join("root");
+            std::fs::create_dir(&root).unwrap();
+            layout.unpack(&root).unwrap();
+            assert_eq!(std::fs::read(root.join("bin/tool")).unwrap(), b"v2");
+            // Within limits, with a clear error.
+            let small = Limits {
+                entries: 3,
+                ..Limits::default()
+            };
+            let again = tmp.path().join("again");
+            std::fs::create_dir(&again).unwrap();
+            let err = unpack_archive_with(&archive, &again, &small).unwrap_err();
+            let msg = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+            assert!(
+                msg.contains(
+                    "not an OCI image tarball: the image has more than the limit of 3 entries"
+                ),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_hostile_image_tarball_stays_in_its_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sentinel = tmp.path().join("sentinel");
+        std::fs::create_dir(&sentinel).unwrap();
+        std::fs::write(sentinel.join("file"), b"keep").unwrap();
+        let header = || {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_mode(0o777);
+            h
+        };
+        let link = |b: &mut tar::Builder<Vec<u8>>, path: &str, target: &Path| {
+            let mut h = header();
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_size(0);
+            b.append_link(&mut h, path, target).unwrap();
+        };
+        let file = |b: &mut tar::Builder<Vec<u8>>, path: &str| {
+            let mut h = header();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(1);
+            b.append_data(&mut h, path, &b"x"[..]).unwrap();
+        };
+        for gz in [false, true] {
+            let archive = tarball(tmp.path(), gz, |b| {
+                link(b, "blobs", &sentinel);
+                file(b, "blobs/.wh.file");
+                file(b, "blobs/.wh..wh..opq");
+                link(b, "up", Path::new("../.."));
+                file(b, "up/sentinel/file");
+                file(b, "index.json");
+            });
+            let dir = tmp.path().join("work");
+            std::fs::create_dir(&dir).unwrap();
+            unpack_archive(&archive, &dir).unwrap();
+            assert_eq!(std::fs::read(sentinel.join("file")).unwrap(), b"keep");
+            assert_eq!(std::fs::read_dir(&sentinel).unwrap().count(), 1);
+            assert_eq!(std::fs::read(dir.join("sentinel/file")).unwrap(), b"x");
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
     }
 }
