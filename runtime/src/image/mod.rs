@@ -8,14 +8,16 @@
 //!   sizes, modes and mtimes, so an unchanged tree is converted once;
 //! * an OCI image layout or tarball (`oci.rs`): unpacked and converted,
 //!   cached by its manifest digest. Its layers are applied by `layer.rs`,
-//!   which confines every entry to the unpack root.
+//!   which confines every entry to the unpack root, in a work directory
+//!   only root can enter (the image's setuid files stay unreachable for
+//!   other users of the host).
 
 pub mod layer;
 pub mod oci;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::RuntimeConfig;
@@ -201,8 +203,7 @@ fn from_oci(
             ImageRef::OciArchive(_) => {
                 progress(&format!("unpacking {}", path.display()));
                 let d = work.join("layout");
-                std::fs::create_dir_all(&d)
-                    .map_err(|e| ImageError::Build(path.into(), e.to_string()))?;
+                private_dir(&d)?;
                 oci::unpack_archive(path, &d)?;
                 d
             }
@@ -219,9 +220,11 @@ fn from_oci(
         let out = cache.join(format!("oci-{key}.ext4"));
         if !out.is_file() {
             progress(&format!("unpacking the layers of {}", path.display()));
+            // 0755 as before: mkfs.ext4 -d may take the image's `/` mode
+            // from it; the private work dir above keeps others out.
             let root = work.join("rootfs");
-            std::fs::create_dir_all(&root)
-                .map_err(|e| ImageError::Build(path.into(), e.to_string()))?;
+            std::fs::create_dir(&root)
+                .map_err(|e| ImageError::Build(root.clone(), e.to_string()))?;
             layout.unpack(&root)?;
             let (_, bytes, inodes) = tree_key(&root)?;
             build_ext4(&root, &out, bytes, inodes, progress)?;
@@ -239,8 +242,17 @@ fn from_oci(
 /// A fresh private work dir under `cache`.
 fn tempfile_dir(cache: &Path) -> Result<PathBuf, ImageError> {
     let d = cache.join(format!(".work-{}", crate::state::random_hex(8)));
-    std::fs::create_dir(&d).map_err(|e| ImageError::Build(d.clone(), e.to_string()))?;
+    private_dir(&d)?;
     Ok(d)
+}
+
+/// A new directory only its owner (root) can enter: an unpacked image may
+/// hold setuid files, which no other user of the host may reach.
+fn private_dir(d: &Path) -> Result<(), ImageError> {
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(d)
+        .map_err(|e| ImageError::Build(d.to_path_buf(), e.to_string()))
 }
 
 /// Converts `dir` to an ext4 image in `cache` (reused while the tree is
@@ -391,6 +403,14 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .count();
         assert_eq!(leftovers, 0);
+    }
+
+    #[test]
+    fn work_dirs_are_private() {
+        let cache = tempfile::tempdir().unwrap();
+        let work = tempfile_dir(cache.path()).unwrap();
+        assert_eq!(std::fs::metadata(&work).unwrap().mode() & 0o777, 0o700);
+        assert!(work.starts_with(cache.path()));
     }
 
     #[test]
