@@ -180,6 +180,7 @@ pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime:
         console_path: Some(dir.join("console.log")),
         extra_args: vec![],
         die_with_parent: true,
+        stop_grace_secs: 10,
     }
 }
 
