@@ -72,24 +72,35 @@ pub struct Keeper {
     grace: Duration,
 }
 
+/// This process's `oom_score_adj`, opened while `/proc` is in sight (before
+/// the jail): after [`split`], the keeper (the parent, which `self` names
+/// now) writes it.
+pub fn oom_score_file() -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/proc/self/oom_score_adj")
+}
+
 /// Forks the keeper of `memfd` (`bytes` long). Must be called while the
 /// process has one thread. The VMM's half returns with the signal mask it
 /// had; the keeper's with the forwarded signals blocked (they reach it
-/// through a signalfd).
-pub fn split(memfd: File, bytes: u64, grace: Duration) -> Result<Role, KeeperError> {
+/// through a signalfd). `oom` is [`oom_score_file`]'s result.
+pub fn split(
+    memfd: File,
+    bytes: u64,
+    grace: Duration,
+    oom: std::io::Result<File>,
+) -> Result<Role, KeeperError> {
     let mut old = SigSet::empty();
     // Blocked before the fork, so that a SIGTERM in between is not lost.
     nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&forwarded()), Some(&mut old))
         .map_err(KeeperError::Mask)?;
-    // Opened before the fork: `self` is then the keeper, the parent.
-    let oom = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/proc/self/oom_score_adj");
     let keeper = std::process::id();
     // SAFETY: the process has one thread (the caller's contract), so the
     // child may run any code; both halves go on as ordinary programs.
     match unsafe { fork() }.map_err(KeeperError::Fork)? {
         ForkResult::Child => {
+            drop(oom);
             nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None)
                 .map_err(KeeperError::Mask)?;
             // SAFETY: prctl with integer arguments only.
@@ -101,9 +112,8 @@ pub fn split(memfd: File, bytes: u64, grace: Duration) -> Result<Role, KeeperErr
         }
         ForkResult::Parent { child } => {
             // The OOM killer must choose the VMM, never the memory's keeper.
-            match oom.and_then(|mut f| f.write_all(b"-1000")) {
-                Ok(()) => {}
-                Err(e) => tracing::debug!("keeper: oom_score_adj: {e}"),
+            if let Err(e) = oom.and_then(|mut f| f.write_all(b"-1000")) {
+                tracing::warn!("keeper: cannot set its oom_score_adj to -1000: {e}");
             }
             Ok(Role::Keeper(Keeper {
                 vmm: child,

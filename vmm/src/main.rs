@@ -191,6 +191,8 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Opened while /proc is in sight; the keeper writes it after the fork.
+    let oom = keeper::oom_score_file();
     let prepared = match &cli.jail_root {
         Some(root) => {
             let jail = JailConfig {
@@ -214,7 +216,7 @@ fn main() -> ExitCode {
     // Guest memory gets its keeper before the VMM reads any guest input.
     let bytes = config.memory_mib << 20; // validate() bounds it.
     let grace = Duration::from_secs(cli.stop_grace_secs);
-    let role = match keeper::split(memfd, bytes, grace) {
+    let role = match keeper::split(memfd, bytes, grace, oom) {
         Ok(role) => role,
         Err(e) => {
             eprintln!("airlock-vmm: error: {}", error_chain(&e));
