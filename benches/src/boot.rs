@@ -168,6 +168,7 @@ pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime:
             &name,
             &root,
             shape.memory_mib as u32,
+            0,
         )),
         kernel: guest.kernel.clone(),
         initrd: guest.initrd.clone(),

@@ -42,6 +42,10 @@ pub enum JailError {
     Child(&'static str, std::io::Error),
 }
 
+/// What the VMM's logs in the state dir (tmpfs) may take: the console
+/// (capped by the VMM) and its own log (rate-limited).
+pub const LOG_ALLOWANCE_MIB: u64 = 16;
+
 /// One VMM's jail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailSpec {
@@ -56,15 +60,30 @@ pub struct JailSpec {
 }
 
 impl JailSpec {
-    /// The jail of sandbox `id`, whose root is `root` and whose guest has
-    /// `memory_mib` of memory.
-    pub fn new(settings: &JailSettings, id: &str, root: &Path, memory_mib: u32) -> Self {
+    /// The jail of sandbox `id`, whose root is `root`, whose guest has
+    /// `memory_mib` of memory and whose scratch disk `scratch_mib`.
+    ///
+    /// `memory.max` counts all that the VMM is charged for: guest memory,
+    /// its own overhead, the scratch disk (a tmpfs file: the pages the VMM
+    /// writes are charged to it) and its logs. So a guest that fills its
+    /// scratch disk meets a full disk (ENOSPC), never the OOM killer.
+    pub fn new(
+        settings: &JailSettings,
+        id: &str,
+        root: &Path,
+        memory_mib: u32,
+        scratch_mib: u64,
+    ) -> Self {
         JailSpec {
             root: root.to_path_buf(),
             uid: settings.uid,
             gid: settings.gid,
             cgroup: cgroup_dir(settings, id),
-            memory_max: (u64::from(memory_mib) + settings.memory_overhead_mib) << 20,
+            memory_max: (u64::from(memory_mib)
+                + settings.memory_overhead_mib
+                + scratch_mib
+                + LOG_ALLOWANCE_MIB)
+                << 20,
             pids_max: settings.pids_max,
         }
     }

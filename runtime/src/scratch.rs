@@ -22,6 +22,35 @@ pub enum ScratchError {
     /// Cannot scrub the scratch disk {0}: {1}
     #[error("Cannot scrub the scratch disk {0}: {1}")]
     Scrub(PathBuf, std::io::Error),
+    #[error(
+        "the scratch disk would be kept in {0}, which is not in memory (filesystem type {1:#x}): \
+         on a disk, a scrub cannot erase what a sandbox wrote; set state_dir to a tmpfs \
+         (the default for root is /run/airlock)"
+    )]
+    NotInMemory(PathBuf, i64),
+}
+
+/// Filesystems whose files live only in memory: tmpfs and ramfs.
+const MEMORY_FS: [i64; 2] = [0x0102_1994, 0x8584_58f6];
+
+/// Checks that a scratch disk in `dir` would live only in memory.
+///
+/// A scratch disk holds what a sandbox wrote. On a disk, overwriting it
+/// before deletion (the scrub) does not erase it: a copy-on-write
+/// filesystem writes the zeros elsewhere, and an SSD remaps its cells. In
+/// tmpfs the data is only ever in RAM (never in swap: the VMM's cgroup,
+/// which is charged for the pages it writes, has `memory.swap.max` 0), and
+/// the scrub overwrites the pages themselves. Airlock chose memory-backed
+/// scratch over a per-session encryption key because the guest kernel
+/// would then need dm-crypt and the key handling, for the same result.
+pub fn check_memory_backed(dir: &Path) -> Result<(), ScratchError> {
+    let fs = nix::sys::statfs::statfs(dir)
+        .map_err(|e| ScratchError::Create(dir.to_path_buf(), e.into()))?;
+    let kind = fs.filesystem_type().0 as i64;
+    if MEMORY_FS.contains(&kind) {
+        return Ok(());
+    }
+    Err(ScratchError::NotInMemory(dir.to_path_buf(), kind))
 }
 
 /// What a scrub did.
@@ -134,6 +163,16 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+
+    #[test]
+    fn scratch_must_be_in_memory() {
+        check_memory_backed(Path::new("/dev/shm")).unwrap();
+        let err = check_memory_backed(Path::new("/proc")).unwrap_err();
+        assert!(
+            err.to_string().contains("set state_dir to a tmpfs"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn create_makes_a_sparse_ext4() {

@@ -484,10 +484,12 @@ mod tests {
             "abc",
             &dir.path().join("root"),
             128,
+            1024,
         ));
         let jail = spec.jail.as_ref().unwrap();
         assert_eq!(jail.cgroup, Path::new("/sys/fs/cgroup/airlock/abc"));
-        assert_eq!(jail.memory_max, (128 + 64) << 20);
+        // Guest memory, overhead, scratch disk and logs.
+        assert_eq!(jail.memory_max, (128 + 64 + 1024 + 16) << 20);
         let args: Vec<String> = spec
             .command(Path::new("/bin/airlock-vmm"))
             .get_args()

@@ -149,6 +149,7 @@ impl Sandbox {
         // not have been written).
         let mut started: Option<SandboxRecord> = None;
         let result = async {
+            scratch::check_memory_backed(state.path())?;
             scratch::create(&state.scratch_path(), config.scratch_mib)?;
             let guest_cid = random_cid();
             let spec = vmm::VmmSpec {
@@ -180,6 +181,7 @@ impl Sandbox {
                         id.as_str(),
                         &state.jail_root(),
                         opts.memory_mib,
+                        config.scratch_mib,
                     )
                 }),
                 stop_grace_secs: config.timeouts.teardown_secs,

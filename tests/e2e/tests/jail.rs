@@ -77,7 +77,11 @@ fn a_sandbox_vmm_runs_jailed() {
             .trim()
             .parse()
             .unwrap();
-        assert_eq!(memory_max, (256 + 64) << 20, "guest memory + overhead");
+        assert_eq!(
+            memory_max,
+            (256 + 64 + 1024 + 16) << 20,
+            "guest memory + overhead + scratch disk + logs"
+        );
         assert_eq!(
             std::fs::read_to_string(cg.join("pids.max")).unwrap().trim(),
             "64"
