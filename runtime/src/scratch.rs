@@ -24,8 +24,8 @@ pub enum ScratchError {
     Scrub(PathBuf, std::io::Error),
     #[error(
         "the scratch disk would be kept in {0}, which is not in memory (filesystem type {1:#x}): \
-         on a disk, a scrub cannot erase what a sandbox wrote; set state_dir to a tmpfs \
-         (the default for root is /run/airlock)"
+         on a disk, a scrub cannot erase what a sandbox wrote; mount a tmpfs there, or set \
+         state_dir to a directory on one"
     )]
     NotInMemory(PathBuf, i64),
 }

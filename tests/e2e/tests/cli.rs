@@ -526,6 +526,40 @@ fn doctor_tells_whether_this_kvm_can_boot_guests() {
         .find(|c| c["name"] == "guest")
         .unwrap();
     assert_eq!(guest["ok"], true, "{guest}");
+    let find = |checks: &serde_json::Value, name: &str| {
+        checks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} check in {checks}"))
+            .clone()
+    };
+    // Both name what a sandbox needs of them (this machine, the
+    // developers', may lack either).
+    for (name, needle) in [("state dir", "in memory"), ("jail", "cgroup")] {
+        let c = find(&checks, name);
+        let detail = c["detail"].as_str().unwrap();
+        assert!(c["ok"] == true || detail.contains(needle), "{c}");
+    }
+    // A disabled jail passes, with a warning that says what is lost.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "[jail]\nenabled = false\n").unwrap();
+    let out = run(&["--config", config.to_str().unwrap(), "doctor", "--json"]);
+    let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jail = find(&checks, "jail");
+    assert_eq!(
+        (&jail["ok"], &jail["warning"]),
+        (&true.into(), &true.into()),
+        "{jail}"
+    );
+    assert!(
+        jail["detail"].as_str().unwrap().contains("unjailed"),
+        "{jail}"
+    );
+    let out = run(&["--config", config.to_str().unwrap(), "doctor"]);
+    assert!(stdout(&out).contains("WARN jail"), "{}", stdout(&out));
 }
 
 /// The one sandbox dir under /run/airlock, once its record is written.

@@ -8,8 +8,9 @@ use airlock_runtime::config::RuntimeConfig;
 use crate::common;
 
 /// Check this host: KVM (and whether it can boot unmodified guests), the
-/// VMM binary, the guest kernel and initramfs, the images, the state dir.
-/// Exits 1 when a check fails.
+/// VMM binary, the guest kernel and initramfs, the images, the state dir
+/// (writable, in memory), the VMM jail (root, cgroup v2) or a warning that
+/// it is off. Exits 1 when a check fails (a warning does not fail).
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Print JSON (an array of checks)
@@ -21,6 +22,9 @@ pub struct Args {
 struct Check {
     name: &'static str,
     ok: bool,
+    /// Passes, but weakens isolation.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    warning: bool,
     detail: String,
 }
 
@@ -29,11 +33,13 @@ fn check(name: &'static str, result: Result<String, String>) -> Check {
         Ok(detail) => Check {
             name,
             ok: true,
+            warning: false,
             detail,
         },
         Err(detail) => Check {
             name,
             ok: false,
+            warning: false,
             detail,
         },
     }
@@ -73,6 +79,7 @@ pub fn main(config_path: Option<&Path>, args: &Args) -> ExitCode {
         ));
         checks.push(check("images", images(config)));
         checks.push(check("state dir", state_dir(config)));
+        checks.push(jail(config));
     }
     checks.push(check(
         "mkfs.ext4",
@@ -88,7 +95,11 @@ pub fn main(config_path: Option<&Path>, args: &Args) -> ExitCode {
         for c in &checks {
             println!(
                 "{:<4} {:<10} {}",
-                if c.ok { "ok" } else { "FAIL" },
+                match (c.ok, c.warning) {
+                    (true, false) => "ok",
+                    (true, true) => "WARN",
+                    (false, _) => "FAIL",
+                },
                 c.name,
                 c.detail
             );
@@ -140,7 +151,54 @@ fn state_dir(config: &RuntimeConfig) -> Result<String, String> {
     let probe = dir.join(format!(".doctor-{}", std::process::id()));
     std::fs::create_dir(&probe).map_err(|e| format!("{} is not writable: {e}", dir.display()))?;
     std::fs::remove_dir(&probe).ok();
-    Ok(dir.display().to_string())
+    airlock_runtime::scratch::check_memory_backed(dir).map_err(|e| e.to_string())?;
+    Ok(format!("{} (in memory)", dir.display()))
+}
+
+/// The VMM jail: on, and able to run (root, cgroup v2), or off, which is
+/// reported as a warning at every start and here.
+fn jail(config: &RuntimeConfig) -> Check {
+    if !config.jail.enabled {
+        return Check {
+            name: "jail",
+            ok: true,
+            warning: true,
+            detail: "disabled ([jail] enabled = false): each VMM runs unjailed, with its seccomp \
+                     filters only between a guest that escapes KVM and this host"
+                .into(),
+        };
+    }
+    check("jail", jail_ready(config))
+}
+
+fn jail_ready(config: &RuntimeConfig) -> Result<String, String> {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(
+            "the VMM jail needs root: run airlock as root, or set [jail] enabled = false \
+             (weaker isolation)"
+                .into(),
+        );
+    }
+    let parent = &config.jail.cgroup_parent;
+    let mount = parent
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+    let fs = nix::sys::statfs::statfs(mount).map_err(|e| format!("{}: {e}", mount.display()))?;
+    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+        return Err(format!(
+            "{} is not on a cgroup v2 filesystem (a cgroup v1 host?): boot with \
+             systemd.unified_cgroup_hierarchy=1, or set [jail] cgroup_parent to a cgroup v2 directory",
+            mount.display()
+        ));
+    }
+    Ok(format!(
+        "uid {}, cgroups under {}",
+        config.jail.uid,
+        parent.display()
+    ))
 }
 
 fn which(cmd: &str) -> Option<String> {
