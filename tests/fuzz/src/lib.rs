@@ -13,6 +13,7 @@
 pub mod agent;
 pub mod config;
 pub mod guest;
+pub mod layer;
 pub mod virtio;
 
 /// A target's body: takes any bytes, must not panic or hang.
@@ -26,6 +27,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("vsock_connect", virtio::vsock_connect),
     ("agent_request", agent::agent_request),
     ("oci_spec_and_config", config::oci_spec_and_config),
+    ("layer", layer::layer),
 ];
 
 /// Runs target `name` on `data`.
