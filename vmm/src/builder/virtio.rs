@@ -83,10 +83,13 @@ pub(crate) fn attach_virtio_devices(
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
                 .map_err(|e| BuildError::Virtio(Box::new(e)))?;
         }
+        // QueueNotify writes that KVM's ioeventfds do not take (other
+        // widths or values) are served without the transport's lock too.
+        let notifier = transport.notifier();
         let transport = Arc::new(Mutex::new(transport));
         attached
             .bus
-            .insert(transport.clone(), base, MMIO_WINDOW)
+            .insert_with_lock_free_writes(transport.clone(), notifier, base, MMIO_WINDOW)
             .map_err(BuildError::Bus)?;
         attached
             .cmdline

@@ -28,13 +28,28 @@ pub enum BusError {
     Overlap { base: u64, len: u64 },
 }
 
+/// Writes a device serves without its lock. They must not block and must
+/// not need the state behind the device's mutex.
+pub trait LockFreeWrite: Send + Sync {
+    /// Handles a guest write at `offset` if it is one of these; returns
+    /// whether it did (otherwise the device gets it under its lock).
+    fn write(&self, offset: u64, data: &[u8]) -> bool;
+}
+
 type SharedDevice = Arc<Mutex<dyn BusDevice>>;
+
+#[derive(Clone)]
+struct Entry {
+    len: u64,
+    device: SharedDevice,
+    lock_free: Option<Arc<dyn LockFreeWrite>>,
+}
 
 /// A map from address ranges to devices.
 #[derive(Default, Clone)]
 pub struct Bus {
-    // Keyed by base address; the value holds the length and the device.
-    devices: BTreeMap<u64, (u64, SharedDevice)>,
+    // Keyed by base address.
+    devices: BTreeMap<u64, Entry>,
 }
 
 impl Bus {
@@ -45,6 +60,28 @@ impl Bus {
 
     /// Places `device` at `[base, base + len)`.
     pub fn insert(&mut self, device: SharedDevice, base: u64, len: u64) -> Result<(), BusError> {
+        self.insert_entry(device, None, base, len)
+    }
+
+    /// Places `device` at `[base, base + len)`; writes go to `lock_free`
+    /// first, and to the device (under its lock) only if it declines them.
+    pub fn insert_with_lock_free_writes(
+        &mut self,
+        device: SharedDevice,
+        lock_free: Arc<dyn LockFreeWrite>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
+        self.insert_entry(device, Some(lock_free), base, len)
+    }
+
+    fn insert_entry(
+        &mut self,
+        device: SharedDevice,
+        lock_free: Option<Arc<dyn LockFreeWrite>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -53,31 +90,40 @@ impl Bus {
             .devices
             .range(..end)
             .next_back()
-            .is_some_and(|(b, (l, _))| b.saturating_add(*l) > base);
+            .is_some_and(|(b, e)| b.saturating_add(e.len) > base);
         if overlaps_prev {
             return Err(BusError::Overlap { base, len });
         }
-        self.devices.insert(base, (len, device));
+        self.devices.insert(
+            base,
+            Entry {
+                len,
+                device,
+                lock_free,
+            },
+        );
         Ok(())
     }
 
     /// The device whose range holds all of `[addr, addr + len)`, with the offset.
-    fn resolve(&self, addr: u64, len: usize) -> Option<(&SharedDevice, u64)> {
+    fn resolve(&self, addr: u64, len: usize) -> Option<(&Entry, u64)> {
         let len = u64::try_from(len).ok()?;
         let last = addr.checked_add(len.checked_sub(1)?)?;
-        let (base, (dev_len, dev)) = self.devices.range(..=addr).next_back()?;
+        let (base, entry) = self.devices.range(..=addr).next_back()?;
         let offset = addr - base;
-        let dev_last = base.checked_add(dev_len - 1)?;
-        (last <= dev_last).then_some((dev, offset))
+        let dev_last = base.checked_add(entry.len - 1)?;
+        (last <= dev_last).then_some((entry, offset))
     }
 
     /// Dispatches a read. Returns false, leaving `data` untouched, when no
     /// device claims the whole access.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.resolve(addr, data.len()) {
-            Some((dev, offset)) => {
+            Some((entry, offset)) => {
                 data.fill(0);
-                dev.lock()
+                entry
+                    .device
+                    .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .read(offset, data);
                 true
@@ -89,10 +135,18 @@ impl Bus {
     /// Dispatches a write. Returns false when no device claims the access.
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
-            Some((dev, offset)) => {
-                dev.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .write(offset, data);
+            Some((entry, offset)) => {
+                let served = entry
+                    .lock_free
+                    .as_ref()
+                    .is_some_and(|f| f.write(offset, data));
+                if !served {
+                    entry
+                        .device
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .write(offset, data);
+                }
                 true
             }
             None => false,
@@ -196,5 +250,46 @@ mod tests {
             bus.insert(other, u64::MAX, 2),
             Err(BusError::InvalidRange { .. })
         ));
+    }
+
+    /// Counts the writes at offset 4 it takes without the device's lock.
+    #[derive(Default)]
+    struct Doorbell(std::sync::atomic::AtomicU32);
+
+    impl LockFreeWrite for Doorbell {
+        fn write(&self, offset: u64, _data: &[u8]) -> bool {
+            if offset != 4 {
+                return false;
+            }
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            true
+        }
+    }
+
+    #[test]
+    fn lock_free_writes_do_not_wait_for_the_device_lock() {
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        let bell = Arc::new(Doorbell::default());
+        let mut bus = Bus::new();
+        bus.insert_with_lock_free_writes(probe.clone(), bell.clone(), 0x1000, 8)
+            .unwrap();
+        // Another vCPU holds the device's lock (as a reset does).
+        let held = probe.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kicker = bus.clone();
+        let t = std::thread::spawn(move || {
+            tx.send(kicker.write(0x1004, &[1, 0, 0, 0])).unwrap();
+        });
+        // A generous bound: the write takes microseconds, but the machine
+        // running the tests may be busy; a blocked write never returns.
+        let served = rx.recv_timeout(std::time::Duration::from_secs(2));
+        assert_eq!(served, Ok(true), "the kick waited for the device lock");
+        t.join().unwrap();
+        assert_eq!(bell.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(held.last_write.is_none());
+        drop(held);
+        // Other writes still reach the device.
+        assert!(bus.write(0x1000, &[9]));
+        assert_eq!(probe.lock().unwrap().last_write, Some((0, vec![9])));
     }
 }

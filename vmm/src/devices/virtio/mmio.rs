@@ -5,6 +5,14 @@
 //! Every access is guest-controlled. Registers are 32 bits wide and aligned;
 //! other accesses to them are ignored (reads as zero). The configuration
 //! space at 0x100 takes any width and is bounds-checked by the device.
+//!
+//! With two or more vCPUs, one may reset the device (status 0) while
+//! another keeps kicking its queues. The reset holds the transport's lock
+//! while it stops the device's worker; that stop needs nothing the lock
+//! guards (see `worker.rs`), and a kick needs no lock at all: QueueNotify
+//! is served by the [`QueueNotifier`] (a [`LockFreeWrite`] on the bus, when
+//! KVM's ioeventfd did not already take the write), which only signals a
+//! non-blocking eventfd.
 
 use std::sync::Arc;
 
@@ -13,7 +21,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActiveQueues, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
-use crate::devices::bus::BusDevice;
+use crate::devices::bus::{BusDevice, LockFreeWrite};
+use crate::devices::ratelimit::ratelimited;
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -46,13 +55,43 @@ pub enum MmioError {
     QueueSize(u16),
 }
 
+/// The queues' eventfds, signalled on QueueNotify without the transport's
+/// lock: the eventfds are non-blocking, so a kick never waits.
+#[derive(Debug)]
+pub struct QueueNotifier {
+    evts: Vec<EventFd>,
+}
+
+impl QueueNotifier {
+    /// Signals queue `queue`'s eventfd; ignores queues that do not exist.
+    pub fn notify(&self, queue: u32) {
+        if let Some(evt) = usize::try_from(queue).ok().and_then(|q| self.evts.get(q)) {
+            // The only failure is a full counter: the worker is woken anyway.
+            let _ = evt.write(1);
+        }
+    }
+}
+
+impl LockFreeWrite for QueueNotifier {
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        if offset != QUEUE_NOTIFY {
+            return false;
+        }
+        // Registers are 32 bits wide; other widths are ignored.
+        if let Ok(bytes) = <[u8; 4]>::try_from(data) {
+            self.notify(u32::from_le_bytes(bytes));
+        }
+        true
+    }
+}
+
 /// A virtio device behind its virtio-mmio registers.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
     mem: GuestMemoryMmap,
     irq: Arc<IrqTrigger>,
     queues: Vec<Queue>,
-    queue_evts: Vec<EventFd>,
+    notifier: Arc<QueueNotifier>,
     device_features_sel: u32,
     driver_features_sel: u32,
     acked_features: u64,
@@ -80,7 +119,7 @@ impl MmioTransport {
             mem,
             irq: Arc::new(IrqTrigger::new(irq_evt)),
             queues,
-            queue_evts,
+            notifier: Arc::new(QueueNotifier { evts: queue_evts }),
             device_features_sel: 0,
             driver_features_sel: 0,
             acked_features: 0,
@@ -94,7 +133,13 @@ impl MmioTransport {
     /// One eventfd per queue, for KVM ioeventfds on QueueNotify (datamatch
     /// = the queue index).
     pub fn queue_evts(&self) -> &[EventFd] {
-        &self.queue_evts
+        &self.notifier.evts
+    }
+
+    /// What serves QueueNotify without the transport's lock, for
+    /// [`crate::devices::bus::Bus::insert_with_lock_free_writes`].
+    pub fn notifier(&self) -> Arc<QueueNotifier> {
+        self.notifier.clone()
     }
 
     /// The interrupt, for registering its eventfd as an irqfd.
@@ -183,11 +228,9 @@ impl MmioTransport {
     }
 
     fn notify(&self, queue: u32) {
-        // Normally KVM's ioeventfd consumes this write; without one, the
-        // eventfd is signalled here.
-        if let Some(evt) = self.queue_evts.get(queue as usize) {
-            let _ = evt.write(1);
-        }
+        // Normally KVM's ioeventfd consumes this write, or the bus hands it
+        // to the notifier without the lock; otherwise it is served here.
+        self.notifier.notify(queue);
     }
 
     fn write_status(&mut self, value: u32) {
@@ -226,7 +269,8 @@ impl MmioTransport {
         match result {
             Ok(()) => self.active = true,
             Err(e) => {
-                tracing::warn!(
+                ratelimited!(
+                    warn,
                     device = self.device.device_type(),
                     "virtio device not activated: {e}"
                 );
@@ -244,7 +288,8 @@ impl MmioTransport {
             .map(|q| Queue::try_from(q.state()).map_err(|e| format!("{e:?}")))
             .collect::<Result<Vec<_>, _>>()?;
         let queue_evts = self
-            .queue_evts
+            .notifier
+            .evts
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
@@ -262,7 +307,8 @@ impl MmioTransport {
     /// and no longer touches guest memory once this returns.
     pub fn shutdown(&mut self) {
         if self.active && !self.device.reset() {
-            tracing::error!(
+            ratelimited!(
+                error,
                 device = self.device.device_type(),
                 "a virtio device could not be stopped"
             );
@@ -284,7 +330,7 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.queues.iter_mut().for_each(Queue::reset);
         self.irq.ack(u32::MAX);
-        for evt in &self.queue_evts {
+        for evt in &self.notifier.evts {
             let _ = evt.read(); // Drop notifications from before the reset.
         }
     }
@@ -551,5 +597,147 @@ mod tests {
         let mut two = [0xffu8; 2];
         t.read(0x00, &mut two);
         assert_eq!(two, [0xff; 2]);
+    }
+
+    const BASE: u64 = 0xd000_0000;
+
+    fn bus_with(t: MmioTransport) -> (crate::devices::bus::Bus, Arc<Mutex<MmioTransport>>) {
+        let notifier = t.notifier();
+        let t = Arc::new(Mutex::new(t));
+        let mut bus = crate::devices::bus::Bus::new();
+        bus.insert_with_lock_free_writes(t.clone(), notifier, BASE, MMIO_WINDOW)
+            .unwrap();
+        (bus, t)
+    }
+
+    fn bus_w(bus: &crate::devices::bus::Bus, offset: u64, v: u32) {
+        assert!(bus.write(BASE + offset, &v.to_le_bytes()));
+    }
+
+    fn bus_r(bus: &crate::devices::bus::Bus, offset: u64) -> u32 {
+        let mut b = [0u8; 4];
+        assert!(bus.read(BASE + offset, &mut b));
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn a_kick_does_not_wait_for_the_transport_lock() {
+        let (t, _) = transport();
+        let evt = t.queue_evts()[1].try_clone().unwrap();
+        let (bus, t) = bus_with(t);
+        // vCPU 0 holds the lock (as while it resets the device).
+        let held = t.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let kicker = std::thread::spawn(move || {
+            bus_w(&bus, QUEUE_NOTIFY, 1);
+            bus_w(&bus, QUEUE_NOTIFY, 9); // no such queue: ignored
+            assert!(bus.write(BASE + QUEUE_NOTIFY, &[1, 0])); // wrong width: ignored
+            tx.send(()).unwrap();
+        });
+        // Generous: the kick takes microseconds, but the machine running
+        // the tests may be busy; a kick that waits for the lock never ends.
+        rx.recv_timeout(std::time::Duration::from_secs(2))
+            .expect("the kick waited for the transport lock");
+        kicker.join().unwrap();
+        drop(held);
+        assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    /// Two vCPUs: vCPU 0 brings the rng device up and resets it, again and
+    /// again (holding the transport's lock while the device's worker
+    /// stops), while vCPU 1 kicks its queue and reads and writes registers
+    /// in a loop, and the guest keeps the ring full. Both finish.
+    #[test]
+    fn reset_while_another_vcpu_kicks_does_not_deadlock() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::time::{Duration, Instant};
+
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use virtio_queue::mock::MockSplitQueue;
+        use vm_memory::Bytes;
+
+        use crate::devices::virtio::rng::{Rng, QUEUE_SIZE};
+        use crate::devices::virtio::testing::EndlessRing;
+
+        const ROUNDS: usize = 20;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), QUEUE_SIZE);
+        let w = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+        let desc = SplitDescriptor::new(0x10_0000, 4096, w, 0);
+        vq.desc_table().store(0, RawDescriptor::from(desc)).unwrap();
+        let t = MmioTransport::new(
+            Box::new(Rng::new(None)),
+            mem.clone(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        )
+        .unwrap();
+        let kick = t.queue_evts()[0].try_clone().unwrap();
+        let (bus, _t) = bus_with(t);
+        let guest = EndlessRing::start(&mem, vq.avail_addr(), vq.used_addr(), QUEUE_SIZE, 0, &kick);
+        let used_idx = GuestAddress(vq.used_addr().0 + 2);
+        let rings = [vq.desc_table_addr(), vq.avail_addr(), vq.used_addr()];
+
+        let done = Arc::new(AtomicBool::new(false));
+        let (finished_tx, finished) = std::sync::mpsc::channel();
+        let vcpu0 = {
+            let (bus, mem, done, finished_tx) =
+                (bus.clone(), mem.clone(), done.clone(), finished_tx.clone());
+            std::thread::spawn(move || {
+                for round in 0..ROUNDS {
+                    // A driver starts its rings afresh after a reset.
+                    mem.write_obj(0u16, used_idx).unwrap();
+                    bus_w(&bus, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+                    bus_w(&bus, 0x24, 1);
+                    bus_w(&bus, 0x20, 1); // VIRTIO_F_VERSION_1
+                    let features_ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+                    bus_w(&bus, 0x70, features_ok);
+                    bus_w(&bus, 0x30, 0);
+                    bus_w(&bus, 0x38, u32::from(QUEUE_SIZE));
+                    for (reg, addr) in [0x80, 0x90, 0xa0].into_iter().zip(rings) {
+                        bus_w(&bus, reg, addr.0 as u32);
+                        bus_w(&bus, reg + 4, (addr.0 >> 32) as u32);
+                    }
+                    bus_w(&bus, 0x44, 1);
+                    bus_w(&bus, 0x70, features_ok | status::DRIVER_OK);
+                    assert_eq!(bus_r(&bus, 0x70), features_ok | status::DRIVER_OK);
+                    // The worker is busy with the guest's ring.
+                    let start = Instant::now();
+                    while mem.read_obj::<u16>(used_idx).unwrap() < 64 {
+                        assert!(
+                            start.elapsed() < Duration::from_secs(60),
+                            "round {round}: idle"
+                        );
+                        std::thread::yield_now();
+                    }
+                    bus_w(&bus, 0x70, 0);
+                    assert_eq!(bus_r(&bus, 0x70), 0, "round {round}: not reset");
+                }
+                done.store(true, Ordering::SeqCst);
+                finished_tx.send("vcpu0").unwrap();
+            })
+        };
+        let vcpu1 = std::thread::spawn(move || {
+            let mut kicks = 0u64;
+            while !done.load(Ordering::SeqCst) {
+                bus_w(&bus, QUEUE_NOTIFY, 0);
+                bus_w(&bus, 0x64, super::super::INT_VRING); // InterruptACK
+                let _ = bus_r(&bus, 0x60);
+                let _ = bus_r(&bus, 0x70);
+                bus_w(&bus, 0x30, 0); // QueueSel
+                kicks += 1;
+            }
+            finished_tx.send("vcpu1").unwrap();
+            kicks
+        });
+        // Generous, as the machine running the tests may be busy: the
+        // rounds take milliseconds; a deadlock never ends.
+        for _ in 0..2 {
+            finished
+                .recv_timeout(Duration::from_secs(60))
+                .expect("a vCPU is stuck: deadlock between reset and kicks");
+        }
+        vcpu0.join().unwrap();
+        assert!(vcpu1.join().unwrap() > 0);
+        drop(guest);
     }
 }

@@ -16,6 +16,8 @@
 pub mod block;
 pub mod mmio;
 pub mod rng;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod vsock;
 pub mod worker;
 

@@ -7,7 +7,18 @@
 //! filter. Devices are activated from a vCPU thread; a thread spawned there
 //! would inherit the vCPU filter on top of its own. Without a pool (tests
 //! that embed the devices) each worker gets a fresh thread.
+//!
+//! Stopping is bounded by the work between two checks, not by what the
+//! guest queued: [`WorkerHandle::stop`] sets the worker's [`StopFlag`], then
+//! wakes its epoll loop through the kill eventfd. The devices' processing
+//! loops call [`StopFlag::should_stop`] before every *step*: one descriptor
+//! chain, or one bounded piece of a long one (each device documents its
+//! step's bound). Neither the stop nor the worker takes the transport's
+//! lock, so a vCPU that resets a device while holding it waits for one step
+//! at most.
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -19,14 +30,11 @@ use crate::seccomp::{self, SeccompError, ThreadKind};
 /// Errors starting the worker pool.
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
-    /// Cannot start a device worker thread: {0}
-    #[error("Cannot start a device worker thread: {0}")]
+    #[error("cannot start a device worker thread")]
     Thread(#[source] std::io::Error),
-    /// {0}
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
-    /// The device worker pool was already started
-    #[error("The device worker pool was already started")]
+    #[error("the device worker pool was already started")]
     AlreadyStarted,
 }
 
@@ -110,6 +118,115 @@ fn set_thread_name(name: &str) {
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr()) };
 }
 
+/// A worker's stop request, shared by its handle and its processing loops.
+///
+/// Also counts the steps taken, so that tests can measure the work a
+/// worker did after a stop was requested (one relaxed increment per step).
+#[derive(Debug, Clone, Default)]
+pub struct StopFlag(Arc<StopState>);
+
+#[derive(Debug, Default)]
+struct StopState {
+    requested: AtomicBool,
+    steps: AtomicU64,
+}
+
+impl StopFlag {
+    /// A flag not yet raised.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the worker to stop.
+    pub fn request(&self) {
+        self.0.requested.store(true, Ordering::Release);
+    }
+
+    /// Whether a stop was requested.
+    pub fn is_requested(&self) -> bool {
+        self.0.requested.load(Ordering::Acquire)
+    }
+
+    /// Called before each bounded step of work: `true` if the worker must
+    /// stop instead (the step is not taken); otherwise counts the step.
+    pub fn should_stop(&self) -> bool {
+        if self.is_requested() {
+            return true;
+        }
+        self.0.steps.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.0.steps.load(Ordering::Relaxed)
+    }
+}
+
+/// What a worker body gets: the kill eventfd its epoll loop waits on (it
+/// becomes readable once a stop is requested) and the flag its processing
+/// loops check between steps.
+#[derive(Debug)]
+pub struct Stop {
+    evt: EventFd,
+    flag: StopFlag,
+}
+
+impl Stop {
+    /// A stop request nobody has made yet, and the handle that makes it:
+    /// for running a worker body on a thread of one's own (tests).
+    pub fn new() -> std::io::Result<(Stop, StopRequester)> {
+        let evt = EventFd::new(EFD_NONBLOCK)?;
+        let requester = StopRequester {
+            evt: evt.try_clone()?,
+            flag: StopFlag::new(),
+        };
+        let stop = Stop {
+            evt,
+            flag: requester.flag.clone(),
+        };
+        Ok((stop, requester))
+    }
+
+    /// The kill eventfd.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// The stop flag.
+    pub fn flag(&self) -> &StopFlag {
+        &self.flag
+    }
+}
+
+impl AsRawFd for Stop {
+    fn as_raw_fd(&self) -> RawFd {
+        self.evt.as_raw_fd()
+    }
+}
+
+/// The side of a [`Stop`] that requests it.
+#[derive(Debug)]
+pub struct StopRequester {
+    evt: EventFd,
+    flag: StopFlag,
+}
+
+impl StopRequester {
+    /// Raises the flag, then wakes the worker's epoll loop. Never blocks:
+    /// the eventfd is non-blocking, and a full counter (the only failure)
+    /// still wakes the worker.
+    pub fn request(&self) {
+        self.flag.request();
+        let _ = self.evt.write(1);
+    }
+
+    /// The flag (to read the steps taken).
+    pub fn flag(&self) -> &StopFlag {
+        &self.flag
+    }
+}
+
 #[derive(Debug)]
 enum Runner<T> {
     Thread(JoinHandle<T>),
@@ -119,16 +236,17 @@ enum Runner<T> {
 /// A running worker.
 #[derive(Debug)]
 pub struct WorkerHandle<T> {
-    kill: EventFd,
+    stop: StopRequester,
     runner: Runner<T>,
 }
 
 impl<T: Send + 'static> WorkerHandle<T> {
-    /// Starts `body` on a worker thread named `name`. `body` gets the kill
-    /// eventfd and must return once it becomes readable.
+    /// Starts `body` on a worker thread named `name`. `body` gets its
+    /// [`Stop`] and must return once the kill eventfd becomes readable, and
+    /// between two steps of work once the flag is raised.
     pub fn spawn(
         name: &str,
-        body: impl FnOnce(EventFd) -> T + Send + 'static,
+        body: impl FnOnce(Stop) -> T + Send + 'static,
     ) -> std::io::Result<Self> {
         Self::spawn_in(POOL.get(), name, body)
     }
@@ -136,10 +254,9 @@ impl<T: Send + 'static> WorkerHandle<T> {
     fn spawn_in(
         pool: Option<&Pool>,
         name: &str,
-        body: impl FnOnce(EventFd) -> T + Send + 'static,
+        body: impl FnOnce(Stop) -> T + Send + 'static,
     ) -> std::io::Result<Self> {
-        let kill = EventFd::new(EFD_NONBLOCK)?;
-        let worker_kill = kill.try_clone()?;
+        let (worker_kill, stop) = Stop::new()?;
         let runner = match pool {
             Some(pool) => {
                 let (done_tx, done_rx): (SyncSender<Option<T>>, _) = mpsc::sync_channel(1);
@@ -167,14 +284,20 @@ impl<T: Send + 'static> WorkerHandle<T> {
                     .spawn(move || body(worker_kill))?,
             ),
         };
-        Ok(WorkerHandle { kill, runner })
+        Ok(WorkerHandle { stop, runner })
+    }
+
+    /// The worker's stop flag (to read the steps it took).
+    pub fn flag(&self) -> &StopFlag {
+        self.stop.flag()
     }
 
     /// Tells the worker to stop and waits for it. `None` if it panicked
-    /// (only in builds that unwind: release builds abort).
+    /// (only in builds that unwind: release builds abort). The wait is for
+    /// the step in progress, at most: raising the flag and writing the
+    /// eventfd never block, and the worker holds no lock a vCPU may hold.
     pub fn stop(self) -> Option<T> {
-        // The only failure is a full counter, which still wakes the worker.
-        let _ = self.kill.write(1);
+        self.stop.request();
         match self.runner {
             Runner::Thread(thread) => thread.join().ok(),
             Runner::Pooled(done) => done.recv().ok().flatten(),
@@ -191,7 +314,7 @@ mod tests {
     use super::*;
 
     /// A worker body: waits until its kill eventfd is readable, returns 42.
-    fn wait_for_kill(kill: EventFd) -> u32 {
+    fn wait_for_kill(kill: Stop) -> u32 {
         let epoll = Epoll::new().unwrap();
         epoll
             .ctl(
@@ -229,7 +352,7 @@ mod tests {
     #[test]
     fn a_panicking_pooled_worker_reports_none() {
         let pool = Pool::start(2).unwrap();
-        let w = WorkerHandle::spawn_in(Some(&pool), "test-panic", |_kill: EventFd| -> u32 {
+        let w = WorkerHandle::spawn_in(Some(&pool), "test-panic", |_kill: Stop| -> u32 {
             panic!("worker panics")
         })
         .unwrap();
@@ -237,5 +360,36 @@ mod tests {
         // The other pool thread still takes jobs.
         let w = WorkerHandle::spawn_in(Some(&pool), "test-after", wait_for_kill).unwrap();
         assert_eq!(w.stop(), Some(42));
+    }
+
+    #[test]
+    fn a_worker_that_checks_its_flag_stops_between_steps() {
+        // A body that never looks at its eventfd: it works in steps, as
+        // the devices' processing loops do, until the flag says stop.
+        let worker = WorkerHandle::spawn_in(None, "test-steps", |stop: Stop| {
+            while !stop.flag().should_stop() {
+                std::hint::spin_loop();
+            }
+            7
+        })
+        .unwrap();
+        let flag = worker.flag().clone();
+        while flag.steps() < 1000 {
+            std::thread::yield_now();
+        }
+        assert_eq!(worker.stop(), Some(7));
+        let steps = flag.steps();
+        assert!(flag.is_requested());
+        assert!(flag.should_stop());
+        assert_eq!(flag.steps(), steps, "no step is counted after a stop");
+    }
+
+    #[test]
+    fn a_stop_before_the_job_runs_is_seen_at_once() {
+        let (stop, requester) = Stop::new().unwrap();
+        requester.request();
+        assert!(stop.flag().should_stop());
+        assert_eq!(stop.flag().steps(), 0);
+        assert_eq!(stop.eventfd().read().unwrap(), 1);
     }
 }

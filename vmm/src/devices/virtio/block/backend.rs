@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 use super::{BlockError, SECTOR_SIZE};
 
 /// The bounce buffer: the most bytes copied per system call.
-const BOUNCE_SIZE: usize = 64 * 1024;
+pub const BOUNCE_SIZE: usize = 64 * 1024;
 
 /// Errors from I/O between the image and guest memory.
 #[derive(Debug, thiserror::Error)]

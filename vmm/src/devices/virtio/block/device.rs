@@ -6,7 +6,8 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_S_OK,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
@@ -14,15 +15,16 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::DiskFile;
-use super::request::parse;
-use super::{BlockError, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
-use crate::devices::virtio::worker::WorkerHandle;
+use super::request::{parse, RequestError};
+use super::{BlockError, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEGMENT_MAX_BYTES, SEG_MAX};
+use crate::devices::ratelimit::ratelimited;
+use crate::devices::virtio::worker::{Stop, StopFlag, WorkerHandle};
 use crate::devices::virtio::{
     device_type, wants_interrupt, ActivateError, ActiveQueues, IrqTrigger, SingleQueue,
     VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
 };
 
-/// Length of the configuration space we fill (capacity .. seg_max).
+/// Length of the configuration space we fill (capacity, size_max, seg_max).
 const CONFIG_LEN: usize = 16;
 
 /// The queue and the image, owned by the worker while the device is active.
@@ -32,15 +34,26 @@ pub(super) struct BlockQueue {
 }
 
 impl BlockQueue {
-    /// Serves every available request; returns whether any was completed
-    /// (the guest needs an interrupt).
-    pub(super) fn process_queue(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue) -> bool {
+    /// Serves every available request, checking `stop` before each step
+    /// (see the module doc); returns whether any was completed (the guest
+    /// needs an interrupt).
+    pub(super) fn process_queue(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        stop: &StopFlag,
+    ) -> bool {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while !stop.should_stop() {
+            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
-            let len = self.handle(mem, chain);
+            let Some(len) = self.handle(mem, chain, stop) else {
+                break; // Stopped: the request is abandoned.
+            };
             if let Err(e) = queue.add_used(mem, head, len) {
-                tracing::error!("virtio-blk: cannot add a used buffer: {e}");
+                ratelimited!(error, "virtio-blk: cannot add a used buffer: {e}");
                 break;
             }
             used = true;
@@ -48,34 +61,37 @@ impl BlockQueue {
         used
     }
 
-    /// Handles one chain; returns the used length.
+    /// Handles one chain; returns the used length, or `None` if `stop` was
+    /// raised before it was done.
     fn handle(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
+        stop: &StopFlag,
+    ) -> Option<u32> {
         let parsed = parse(mem, chain, self.disk.size());
         let Some(status_addr) = parsed.status else {
             if let Err(e) = parsed.request {
-                tracing::warn!("virtio-blk: dropping request: {e}");
+                ratelimited!(warn, "virtio-blk: dropping request: {e}");
             }
-            return 0;
+            return Some(0);
         };
         let (status, data_len) = match parsed
             .request
-            .and_then(|r| r.execute(mem, &mut self.disk, &self.id))
+            .and_then(|r| r.execute_until(mem, &mut self.disk, &self.id, stop))
         {
             Ok(len) => (VIRTIO_BLK_S_OK as u8, len),
+            Err(RequestError::Stopped) => return None,
             Err(e) => {
                 tracing::debug!("virtio-blk: request failed: {e}");
                 (e.status(), 0)
             }
         };
         if let Err(e) = mem.write_obj(status, status_addr) {
-            tracing::warn!("virtio-blk: cannot write the status: {e}");
-            return 0;
+            ratelimited!(warn, "virtio-blk: cannot write the status: {e}");
+            return Some(0);
         }
-        data_len.saturating_add(1)
+        Some(data_len.saturating_add(1))
     }
 }
 
@@ -93,7 +109,7 @@ fn run(
     queue: &mut Queue,
     queue_evt: &EventFd,
     irq: &IrqTrigger,
-    kill: &EventFd,
+    kill: &Stop,
 ) -> io::Result<()> {
     let epoll = Epoll::new()?;
     for (fd, token) in [
@@ -123,9 +139,12 @@ fn run(
                 process = true;
             }
         }
-        if process && q.process_queue(mem, queue) && wants_interrupt(queue, mem) {
+        if kill.flag().is_requested() {
+            return Ok(());
+        }
+        if process && q.process_queue(mem, queue, kill.flag()) && wants_interrupt(queue, mem) {
             if let Err(e) = irq.trigger(INT_VRING) {
-                tracing::error!("virtio-blk: cannot interrupt the guest: {e}");
+                ratelimited!(error, "virtio-blk: cannot interrupt the guest: {e}");
             }
         }
     }
@@ -148,6 +167,7 @@ impl Block {
         let mut config = [0u8; CONFIG_LEN];
         let capacity = disk.size() / SECTOR_SIZE;
         config[0..8].copy_from_slice(&capacity.to_le_bytes());
+        config[8..12].copy_from_slice(&SEGMENT_MAX_BYTES.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
         let mut serial = [0u8; ID_BYTES];
         let n = id.len().min(ID_BYTES);
@@ -174,7 +194,10 @@ impl VirtioDevice for Block {
     }
 
     fn avail_features(&self) -> u64 {
-        let mut features = VIRTIO_F_VERSION_1 | 1 << VIRTIO_BLK_F_FLUSH | 1 << VIRTIO_BLK_F_SEG_MAX;
+        let mut features = VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX;
         if self.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -209,9 +232,9 @@ impl VirtioDevice for Block {
         let Some(mut q) = self.state.take() else {
             return Err(ActivateError::Backend("the drive's image was lost".into()));
         };
-        let worker = WorkerHandle::spawn("airlock-blk", move |kill: EventFd| {
+        let worker = WorkerHandle::spawn("airlock-blk", move |kill: Stop| {
             if let Err(e) = run(&mut q, &mem, &mut queue, &queue_evt, &irq, &kill) {
-                tracing::error!("virtio-blk worker stopped: {e}");
+                ratelimited!(error, "virtio-blk worker stopped: {e}");
             }
             q
         });

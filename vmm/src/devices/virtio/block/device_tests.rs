@@ -15,6 +15,8 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
+use crate::devices::virtio::block::{MAX_REQUEST_BYTES, SEGMENT_MAX_BYTES};
+use crate::devices::virtio::testing::{steps_after_stop, wait_for_steps, EndlessRing};
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const R: u16 = 0;
@@ -34,6 +36,17 @@ impl Image {
         let path =
             std::env::temp_dir().join(format!("airlock-blk-dev-{}-{name}", std::process::id()));
         std::fs::write(&path, contents()).unwrap();
+        Image(path)
+    }
+
+    /// A sparse image of `bytes` (zeros), for large requests.
+    fn sparse(name: &str, bytes: u64) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("airlock-blk-dev-{}-{name}", std::process::id()));
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
         Image(path)
     }
 
@@ -97,7 +110,9 @@ impl Drive {
         let vq = MockSplitQueue::new(&self.mem, 16);
         vq.add_desc_chains(descs, 0).unwrap();
         let mut queue: Queue = vq.create_queue().unwrap();
-        assert!(self.q.process_queue(&self.mem, &mut queue));
+        assert!(self
+            .q
+            .process_queue(&self.mem, &mut queue, &StopFlag::new()));
         assert_eq!(vq.used().idx().load(), 1);
         let elem = vq.used().ring().ref_at(0).unwrap().load();
         assert_eq!(elem.id(), 0);
@@ -435,4 +450,123 @@ fn worker_serves_and_reactivates_after_reset() {
         assert_eq!(got[..], contents()[512..1024]);
         assert!(block.reset());
     }
+}
+
+#[test]
+fn io_is_checked_for_a_stop_every_64_kib() {
+    let img = Image::sparse("steps", 1 << 20);
+    let mut drv = drive(&img, false);
+    drv.header(VIRTIO_BLK_T_IN, 0);
+    let vq = MockSplitQueue::new(&drv.mem, 16);
+    let descs = [
+        (HDR, 16, R, 1),
+        (DATA, 3 * 64 * 1024, W, 2), // three pieces
+        (DATA, 512, W, 3),           // and one more
+        (STATUS, 1, W, 0),
+    ];
+    let descs: Vec<RawDescriptor> = descs
+        .iter()
+        .map(|&(a, l, f, n)| {
+            let f = if n != 0 {
+                f | VRING_DESC_F_NEXT as u16
+            } else {
+                f
+            };
+            RawDescriptor::from(SplitDescriptor::new(a, l, f, n))
+        })
+        .collect();
+    vq.add_desc_chains(&descs, 0).unwrap();
+    let mut queue: Queue = vq.create_queue().unwrap();
+    let stop = StopFlag::new();
+    assert!(drv.q.process_queue(&drv.mem, &mut queue, &stop));
+    assert_eq!(
+        vq.used().ring().ref_at(0).unwrap().load().len(),
+        3 * 65536 + 512 + 1
+    );
+    // One step per chain taken from the ring (the last finds it empty) and
+    // one per piece of I/O.
+    assert_eq!(stop.steps(), 2 + 4);
+    // Raised before the pass: nothing is taken from the ring.
+    vq.add_desc_chains(&descs, 0).unwrap();
+    stop.request();
+    assert!(!drv.q.process_queue(&drv.mem, &mut queue, &stop));
+    assert_eq!(vq.used().idx().load(), 1);
+}
+
+#[test]
+fn requests_over_the_maximum_are_io_errors() {
+    let img = Image::sparse("toolarge", 512 << 20);
+    let mut drv = drive(&img, false);
+    // Fourteen descriptors of 20 MiB over the same buffer: 280 MiB.
+    drv.mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+    drv.header(VIRTIO_BLK_T_IN, 0);
+    let data: Vec<_> = (0..14).map(|_| d(0x10_0000, 20 << 20, W)).collect();
+    const { assert!(14 * (20 << 20) > MAX_REQUEST_BYTES) };
+    assert_eq!(drv.request(VIRTIO_BLK_T_IN, 0, &data), (1, IOERR));
+    // Just under it is served.
+    let data: Vec<_> = (0..12).map(|_| d(0x10_0000, 20 << 20, W)).collect();
+    assert_eq!(
+        drv.request(VIRTIO_BLK_T_IN, 0, &data),
+        (240 * (1 << 20) + 1, OK)
+    );
+    // The device says so: size_max and seg_max.
+    let block = Block::new(&img.0, false, "x".into()).unwrap();
+    assert_ne!(block.avail_features() & (1 << VIRTIO_BLK_F_SIZE_MAX), 0);
+    let mut size_max = [0u8; 4];
+    block.read_config(8, &mut size_max);
+    assert_eq!(u32::from_le_bytes(size_max), SEGMENT_MAX_BYTES);
+    assert_eq!(
+        MAX_REQUEST_BYTES,
+        u64::from(SEG_MAX) * u64::from(SEGMENT_MAX_BYTES)
+    );
+}
+
+/// The guest queues the largest requests the device takes (254 data
+/// descriptors of 1 MiB over one buffer: 254 MiB each), the same chain in
+/// every slot of a ring it keeps full. A stop, from another thread, lets
+/// the worker finish one step at most (64 KiB of I/O).
+#[test]
+fn a_stop_interrupts_huge_requests_within_a_step() {
+    let img = Image::sparse("huge", MAX_REQUEST_BYTES + (1 << 20));
+    let mut block = Block::new(&img.0, false, "w".into()).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mut raw = [0u8; 16];
+    raw[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    mem.write_slice(&raw, GuestAddress(HDR)).unwrap();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let next = VRING_DESC_F_NEXT as u16;
+    let mut descs = vec![RawDescriptor::from(SplitDescriptor::new(HDR, 16, next, 1))];
+    for i in 1..=SEG_MAX as u16 {
+        let desc = SplitDescriptor::new(0x10_0000, SEGMENT_MAX_BYTES, W | next, i + 1);
+        descs.push(RawDescriptor::from(desc));
+    }
+    descs.push(RawDescriptor::from(SplitDescriptor::new(STATUS, 1, W, 0)));
+    assert_eq!(descs.len(), usize::from(QUEUE_SIZE));
+    for (i, desc) in descs.into_iter().enumerate() {
+        vq.desc_table().store(i as u16, desc).unwrap();
+    }
+    let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+    let guest = EndlessRing::start(&mem, vq.avail_addr(), vq.used_addr(), QUEUE_SIZE, 0, &evt);
+    block
+        .activate(ActiveQueues {
+            mem: mem.clone(),
+            queues: vec![vq.create_queue().unwrap()],
+            queue_evts: vec![evt.try_clone().unwrap()],
+            irq: Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            acked_features: block.avail_features(),
+        })
+        .unwrap();
+    let flag = block.worker.as_ref().unwrap().flag().clone();
+    // Inside the first request: 100 pieces of 64 KiB into it.
+    wait_for_steps(&flag, 100);
+    let (after, took) = steps_after_stop(&flag, || block.reset());
+    drop(guest);
+    assert!(after <= 1, "{after} steps after the stop");
+    // The queue held 63.5 GiB of reads; the stop waited for 64 KiB of it.
+    // Time only as a backstop (the count above is the bound): generous,
+    // as the machine running the tests may be busy.
+    assert!(took < Duration::from_secs(2), "the stop took {took:?}");
+    // Abandoned mid-request: no status written for it.
+    let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+    assert_eq!(status, if vq.used().idx().load() == 0 { 0 } else { OK });
 }

@@ -8,6 +8,14 @@
 //! usable status byte, is returned with nothing written).
 //!
 //! Several drives are several `Block` devices, each with its own transport.
+//!
+//! The worker checks for a stop before each step: a chain's parsing (at
+//! most 257 descriptors read) and each piece of at most 64 KiB of its I/O
+//! ([`backend::BOUNCE_SIZE`]). A stop waits for one step at most (one
+//! `pread`/`pwrite` of 64 KiB, or one `fdatasync` for a flush), however
+//! large the requests the guest queued. The request being served when the
+//! stop comes is abandoned: no status, no used buffer (the driver reset the
+//! device, or the VM is going away).
 
 pub mod backend;
 pub mod device;
@@ -26,6 +34,15 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 /// Length of the drive ID returned by GET_ID (the guest's serial).
 pub const ID_BYTES: usize = 20;
+/// The largest data descriptor (segment) the driver may use (`size_max`,
+/// offered with VIRTIO_BLK_F_SIZE_MAX). Linux merges pages into segments of
+/// at most this; its requests are 1.25 MiB (6.1) to 4 MiB by default.
+pub const SEGMENT_MAX_BYTES: u32 = 1 << 20;
+/// The most data one request may carry: `seg_max` segments of `size_max`
+/// bytes, all a driver that honours the configuration space can send (254
+/// MiB). A larger request is failed with VIRTIO_BLK_S_IOERR, so one chain
+/// is bounded work, whatever the drive's size.
+pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SEGMENT_MAX_BYTES as u64;
 
 /// Errors from opening a drive's image.
 #[derive(Debug, thiserror::Error)]

@@ -13,10 +13,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::backend::{DiskError, DiskFile};
-use super::{ID_BYTES, QUEUE_SIZE, SECTOR_SIZE};
+use super::backend::{DiskError, DiskFile, BOUNCE_SIZE};
+use super::{ID_BYTES, MAX_REQUEST_BYTES, QUEUE_SIZE, SECTOR_SIZE};
+use crate::devices::virtio::worker::StopFlag;
 
 /// Size of the request header.
 const HEADER_LEN: u32 = 16;
@@ -56,6 +57,9 @@ pub enum RequestError {
     /// The data length is not a multiple of the sector size.
     #[error("data length {0} is not a multiple of {SECTOR_SIZE}")]
     Unaligned(u64),
+    /// The request carries more data than the device allows.
+    #[error("request of {0} bytes is over the maximum of {MAX_REQUEST_BYTES}")]
+    TooLarge(u64),
     /// The request reaches beyond the end of the drive.
     #[error("sector {sector} + {len} bytes is beyond the end of the drive")]
     OutOfRange { sector: u64, len: u64 },
@@ -65,6 +69,9 @@ pub enum RequestError {
     /// The I/O failed.
     #[error("I/O failed")]
     Disk(#[source] DiskError),
+    /// The device was stopped before the request was done.
+    #[error("the device was stopped during the request")]
+    Stopped,
 }
 
 impl RequestError {
@@ -196,6 +203,9 @@ fn check(
         buffers.push((desc.addr(), desc.len()));
     }
     if matches!(kind, RequestType::In | RequestType::Out) {
+        if data_len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge(data_len));
+        }
         if data_len == 0 {
             return Err(RequestError::NoData);
         }
@@ -229,24 +239,48 @@ impl Request {
         disk: &mut DiskFile,
         id: &[u8; ID_BYTES],
     ) -> Result<u32, RequestError> {
+        self.execute_until(mem, disk, id, &StopFlag::new())
+    }
+
+    /// [`Request::execute`], checking `stop` before each piece of at most
+    /// [`BOUNCE_SIZE`] bytes of I/O: [`RequestError::Stopped`] once it is
+    /// raised, with the request partly done.
+    pub fn execute_until(
+        &self,
+        mem: &GuestMemoryMmap,
+        disk: &mut DiskFile,
+        id: &[u8; ID_BYTES],
+        stop: &StopFlag,
+    ) -> Result<u32, RequestError> {
         match self.kind {
             RequestType::In | RequestType::Out => {
                 if self.kind == RequestType::Out && disk.read_only() {
                     return Err(RequestError::ReadOnly);
                 }
+                let overflow = || RequestError::Disk(DiskError::Overflow);
                 // Checked against the capacity in `parse`.
-                let mut offset = self.sector * SECTOR_SIZE;
+                let mut offset = self.sector.checked_mul(SECTOR_SIZE).ok_or_else(overflow)?;
                 for &(addr, len) in &self.data {
-                    let res = if self.kind == RequestType::In {
-                        disk.read_to_guest(mem, offset, addr, len as usize)
-                    } else {
-                        disk.write_from_guest(mem, offset, addr, len as usize)
-                    };
-                    res.map_err(RequestError::Disk)?;
-                    offset += u64::from(len);
+                    let len = len as usize;
+                    let mut done = 0usize;
+                    while done < len {
+                        if stop.should_stop() {
+                            return Err(RequestError::Stopped);
+                        }
+                        let n = (len - done).min(BOUNCE_SIZE);
+                        let at = addr.checked_add(done as u64).ok_or_else(overflow)?;
+                        let res = if self.kind == RequestType::In {
+                            disk.read_to_guest(mem, offset, at, n)
+                        } else {
+                            disk.write_from_guest(mem, offset, at, n)
+                        };
+                        res.map_err(RequestError::Disk)?;
+                        offset = offset.checked_add(n as u64).ok_or_else(overflow)?;
+                        done += n;
+                    }
                 }
                 if self.kind == RequestType::In {
-                    u32::try_from(self.data_len).map_err(|_| RequestError::TooLong)
+                    u32::try_from(self.data_len).map_err(|_| RequestError::TooLarge(self.data_len))
                 } else {
                     Ok(0)
                 }

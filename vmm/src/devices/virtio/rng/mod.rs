@@ -5,6 +5,11 @@
 //! rate so that a guest cannot make the host burn CPU on its behalf: when it
 //! runs dry the worker stops taking requests and arms a timerfd, and resumes
 //! when enough tokens have accumulated.
+//!
+//! The worker checks for a stop before each chain: a step of at most
+//! [`MAX_CHAIN_DESCS`] + 1 descriptors read and [`MAX_REQUEST`] random
+//! bytes written, whatever the guest queued (and however fast it refills
+//! the ring), so a stop waits for one such step at most.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -16,16 +21,17 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::worker::WorkerHandle;
+use super::worker::{Stop, StopFlag, WorkerHandle};
 use super::{device_type, ActivateError, ActiveQueues, IrqTrigger, SingleQueue, VirtioDevice};
 use super::{wants_interrupt, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::ratelimit::ratelimited;
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// The most bytes one request gets; a larger buffer is filled partially.
 pub const MAX_REQUEST: usize = 64 * 1024;
 /// Descriptors accepted in one chain (indirect tables can be longer).
-const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
+pub const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
 /// When throttled, wait until the bucket holds this many bytes (or the
 /// burst, if smaller) rather than waking up for every byte.
 const REFILL_WAKE: u64 = 4096;
@@ -174,6 +180,8 @@ struct RngQueue {
     queue: Queue,
     bucket: Option<TokenBucket>,
     buf: Vec<u8>,
+    /// Checked before each chain.
+    stop: StopFlag,
 }
 
 impl RngQueue {
@@ -183,14 +191,18 @@ impl RngQueue {
             queue,
             bucket,
             buf: vec![0; MAX_REQUEST],
+            stop: StopFlag::new(),
         }
     }
 
-    /// Serves the available requests until the queue is empty or the
-    /// bucket runs dry.
+    /// Serves the available requests until the queue is empty, the bucket
+    /// runs dry or a stop is requested.
     fn process_queue(&mut self, now: Instant) -> Processed {
         let mut done = Processed::default();
-        while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+        while !self.stop.should_stop() {
+            let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) else {
+                break;
+            };
             let allowance = match self.bucket.as_mut() {
                 Some(bucket) => bucket.available(now).min(MAX_REQUEST as u64) as usize,
                 None => MAX_REQUEST,
@@ -204,7 +216,7 @@ impl RngQueue {
             let len = match fill_chain(&self.mem, chain, &mut self.buf, allowance) {
                 Ok(len) => len,
                 Err(e) => {
-                    tracing::warn!("virtio-rng: {e}");
+                    ratelimited!(warn, "virtio-rng: {e}");
                     0
                 }
             };
@@ -212,7 +224,7 @@ impl RngQueue {
                 bucket.consume(u64::from(len).max(MIN_REQUEST_COST));
             }
             if let Err(e) = self.queue.add_used(&self.mem, head, len) {
-                tracing::error!("virtio-rng: cannot add a used buffer: {e}");
+                ratelimited!(error, "virtio-rng: cannot add a used buffer: {e}");
                 break;
             }
             done.needs_irq = true;
@@ -289,7 +301,7 @@ fn run(
     q: &mut RngQueue,
     queue_evt: &EventFd,
     irq: &IrqTrigger,
-    kill: &EventFd,
+    kill: &Stop,
 ) -> Result<(), RngError> {
     let mut timer = TimerFd::new().map_err(timer_err)?;
     let epoll = Epoll::new().map_err(RngError::EventLoop)?;
@@ -333,10 +345,13 @@ fn run(
         if !process {
             continue;
         }
+        if kill.flag().is_requested() {
+            return Ok(());
+        }
         let done = q.process_queue(Instant::now());
         if done.needs_irq && wants_interrupt(&mut q.queue, &q.mem) {
             if let Err(e) = irq.trigger(INT_VRING) {
-                tracing::error!("virtio-rng: cannot interrupt the guest: {e}");
+                ratelimited!(error, "virtio-rng: cannot interrupt the guest: {e}");
             }
         }
         if let Some(wait) = done.throttle {
@@ -398,10 +413,11 @@ impl VirtioDevice for Rng {
             .bucket
             .take()
             .or_else(|| self.rate_limit.map(|l| TokenBucket::new(l, Instant::now())));
-        let worker = WorkerHandle::spawn("airlock-rng", move |kill: EventFd| {
+        let worker = WorkerHandle::spawn("airlock-rng", move |kill: Stop| {
             let mut q = RngQueue::new(mem, queue, bucket);
+            q.stop = kill.flag().clone();
             if let Err(e) = run(&mut q, &queue_evt, &irq, &kill) {
-                tracing::error!("virtio-rng worker stopped: {e}");
+                ratelimited!(error, "virtio-rng worker stopped: {e}");
             }
             q.bucket
         })

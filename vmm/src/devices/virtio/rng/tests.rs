@@ -9,6 +9,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 use super::*;
+use crate::devices::virtio::testing::{steps_after_stop, wait_for_steps, EndlessRing};
 
 const W: u16 = VRING_DESC_F_WRITE as u16;
 const MEM_SIZE: usize = 0x10_0000;
@@ -291,4 +292,47 @@ fn activate_rejects_wrong_queue_count() {
             got: 0
         }
     ));
+}
+
+#[test]
+fn chains_are_checked_for_a_stop() {
+    let mem = memory();
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(&[desc(0x1_0000, 64, W, 0), desc(0x2_0000, 64, W, 0)], 0)
+        .unwrap();
+    let mut q = unlimited(&mem, &vq);
+    // One step per chain taken from the ring (the last finds it empty).
+    q.process_queue(Instant::now());
+    assert_eq!(q.stop.steps(), 3);
+    vq.add_desc_chains(&[desc(0x1_0000, 64, W, 0)], 2).unwrap();
+    q.stop.request();
+    assert_eq!(q.process_queue(Instant::now()), Processed::default());
+    assert_eq!(vq.used().idx().load(), 2);
+}
+
+/// The guest keeps an unlimited device's ring full of the longest chains
+/// it takes (256 descriptors of 64 KiB over one buffer), forever. A stop,
+/// from another thread, lets the worker finish one chain at most.
+#[test]
+fn a_stop_interrupts_an_endless_ring_within_a_chain() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+    let vq = MockSplitQueue::new(&mem, QUEUE_SIZE);
+    let next = VRING_DESC_F_NEXT as u16;
+    for i in 0..QUEUE_SIZE {
+        let flags = if i + 1 < QUEUE_SIZE { W | next } else { W };
+        let d = desc(0x10_0000, MAX_REQUEST as u32, flags, i + 1);
+        vq.desc_table().store(i, d).unwrap();
+    }
+    let mut rng = Rng::new(None);
+    let (evt, _irq) = activate(&mut rng, &mem, vq.create_queue().unwrap());
+    let guest = EndlessRing::start(&mem, vq.avail_addr(), vq.used_addr(), QUEUE_SIZE, 0, &evt);
+    let flag = rng.worker.as_ref().unwrap().flag().clone();
+    // Past a whole ring: the guest's refills are being served.
+    wait_for_steps(&flag, 2 * u64::from(QUEUE_SIZE));
+    let (after, took) = steps_after_stop(&flag, || rng.reset());
+    drop(guest);
+    assert!(after <= 1, "{after} chains after the stop");
+    // Time only as a backstop (the count above is the bound): generous,
+    // as the machine running the tests may be busy.
+    assert!(took < Duration::from_secs(2), "the stop took {took:?}");
 }

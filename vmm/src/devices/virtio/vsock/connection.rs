@@ -17,6 +17,7 @@ use std::time::Instant;
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::*;
+use crate::devices::ratelimit::ratelimited;
 
 /// The buffer space we advertise to the guest per connection.
 pub const BUF_ALLOC: u32 = 256 * 1024;
@@ -210,7 +211,7 @@ impl Connection {
     /// Ends the connection and logs why (the host side sees only EOF).
     fn kill_because(&mut self, rst: bool, why: &str) {
         if self.state != State::Killed {
-            tracing::info!(port = self.local_port, state = ?self.state, "vsock: closing a connection: {why}");
+            ratelimited!(info, port = self.local_port, state = ?self.state, "vsock: closing a connection: {why}");
         }
         self.kill(rst);
     }
@@ -326,7 +327,8 @@ impl Connection {
         let rest = data.get(written..).unwrap_or_default();
         // Bytes the guest has in flight are bounded by the credit we gave it.
         if self.tx_buf.len().saturating_add(rest.len()) > BUF_ALLOC as usize + MAX_CONNECT_OK_LINE {
-            tracing::warn!(
+            ratelimited!(
+                warn,
                 port = self.local_port,
                 "vsock: guest overran its credit, resetting"
             );

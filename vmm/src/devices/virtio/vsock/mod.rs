@@ -10,6 +10,12 @@
 //! Queues: rx (0), tx (1), event (2, unused). The worker thread waits on
 //! the queue eventfds and on the [`muxer::Muxer`]'s epoll fd; the queue
 //! processing is in the plain functions [`process_tx`] and [`process_rx`].
+//!
+//! The worker checks for a stop before each chain, on either queue: a step
+//! of at most [`MAX_CHAIN_DESCS`] descriptors and one packet of at most
+//! [`MAX_PKT_DATA`] bytes (copied, and written to or read from one host
+//! socket without blocking), whatever the guest queued and however fast it
+//! refills its rings; a longer tx chain is dropped as malformed.
 
 pub mod connect;
 pub mod connection;
@@ -26,15 +32,15 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::EventFd;
 
 use self::muxer::Muxer;
 use self::packet::{Header, HEADER_SIZE, MAX_PKT_DATA, OP_RW};
-use super::worker::WorkerHandle;
+use super::worker::{Stop, StopFlag, WorkerHandle};
 use super::{
     device_type, wants_interrupt, ActivateError, ActiveQueues, IrqTrigger, VirtioDevice, INT_VRING,
     VIRTIO_F_VERSION_1,
 };
+use crate::devices::ratelimit::ratelimited;
 
 /// Queue size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -42,6 +48,9 @@ const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
+/// Descriptors walked in one tx chain at most (the queue size: a longer
+/// chain, possible only through an indirect table, is invalid).
+pub const MAX_CHAIN_DESCS: usize = QUEUE_SIZE as usize;
 
 /// Errors creating the device.
 #[derive(Debug, thiserror::Error)]
@@ -145,8 +154,9 @@ impl VirtioDevice for Vsock {
         let muxer = self.muxer.take().ok_or_else(|| {
             ActivateError::Backend("vsock already active or lost after a worker panic".into())
         })?;
-        let worker = WorkerHandle::spawn("vsock", move |kill| run_worker(kill, active, muxer))
-            .map_err(ActivateError::Worker)?;
+        let worker =
+            WorkerHandle::spawn("vsock", move |kill: Stop| run_worker(kill, active, muxer))
+                .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -169,18 +179,16 @@ impl VirtioDevice for Vsock {
 /// Why a TX chain was not a packet.
 #[derive(Debug, thiserror::Error)]
 pub enum TxError {
-    /// a device-writable descriptor in a TX chain
     #[error("a device-writable descriptor in a TX chain")]
     WriteOnly,
-    /// the chain holds fewer bytes than the header and its length field
     #[error("the chain holds fewer bytes than the header and its length field")]
     TooShort,
-    /// data length {0} is over the maximum
     #[error("data length {0} is over the maximum")]
     TooLong(u32),
-    /// a descriptor points outside guest memory
     #[error("a descriptor points outside guest memory")]
     Memory,
+    #[error("the chain has more than {MAX_CHAIN_DESCS} descriptors")]
+    ChainTooLong,
 }
 
 /// Reads one TX packet: its header, then `len` bytes of data gathered from
@@ -202,7 +210,10 @@ where
     let mut head_len = 0usize;
     let mut want: Option<usize> = None;
     data.clear();
-    for desc in chain {
+    for (walked, desc) in chain.enumerate() {
+        if walked >= MAX_CHAIN_DESCS {
+            return Err(TxError::ChainTooLong);
+        }
         if desc.is_write_only() {
             return Err(TxError::WriteOnly);
         }
@@ -246,16 +257,29 @@ where
 /// Moves the guest's tx packets to the muxer. Returns whether any
 /// descriptor was used (the guest should be interrupted).
 pub fn process_tx(mem: &GuestMemoryMmap, queue: &mut Queue, muxer: &mut Muxer) -> bool {
+    process_tx_until(mem, queue, muxer, &StopFlag::new())
+}
+
+/// [`process_tx`], checking `stop` before each chain.
+pub fn process_tx_until(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    muxer: &mut Muxer,
+    stop: &StopFlag,
+) -> bool {
     let mut used = false;
     let mut data = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+    while !stop.should_stop() {
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            break;
+        };
         let head = chain.head_index();
         match read_tx_packet(mem, chain, &mut data) {
             Ok(hdr) => muxer.send_from_guest(&hdr, &data),
             Err(e) => tracing::debug!("vsock: dropping malformed tx packet: {e}"),
         }
         if let Err(e) = queue.add_used(mem, head, 0) {
-            tracing::warn!("vsock: tx add_used: {e}");
+            ratelimited!(warn, "vsock: tx add_used: {e}");
         }
         used = true;
     }
@@ -272,8 +296,19 @@ pub fn process_rx(
     muxer: &mut Muxer,
     data: &mut [u8],
 ) -> bool {
+    process_rx_until(mem, queue, muxer, data, &StopFlag::new())
+}
+
+/// [`process_rx`], checking `stop` before each chain.
+pub fn process_rx_until(
+    mem: &GuestMemoryMmap,
+    queue: &mut Queue,
+    muxer: &mut Muxer,
+    data: &mut [u8],
+    stop: &StopFlag,
+) -> bool {
     let mut used = false;
-    while muxer.has_pending_rx() {
+    while muxer.has_pending_rx() && !stop.should_stop() {
         let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
             break;
         };
@@ -302,7 +337,7 @@ pub fn process_rx(
                 if wrote && pkt.set_header_from_raw(&hdr.to_bytes()).is_ok() {
                     (HEADER_SIZE + n) as u32
                 } else {
-                    tracing::warn!("vsock: cannot write an rx packet to guest memory");
+                    ratelimited!(warn, "vsock: cannot write an rx packet to guest memory");
                     0
                 }
             }
@@ -312,7 +347,7 @@ pub fn process_rx(
             }
         };
         if let Err(e) = queue.add_used(mem, head, len) {
-            tracing::warn!("vsock: rx add_used: {e}");
+            ratelimited!(warn, "vsock: rx add_used: {e}");
         }
         used = true;
     }
@@ -337,7 +372,7 @@ const TOKENS: [Token; 5] = [
     Token::Muxer,
 ];
 
-fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
+fn run_worker(kill: Stop, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
     let ActiveQueues {
         mem,
         mut queues,
@@ -348,7 +383,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
-            tracing::error!("vsock: epoll: {e}");
+            ratelimited!(error, "vsock: epoll: {e}");
             return muxer;
         }
     };
@@ -365,7 +400,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
             fd,
             EpollEvent::new(EventSet::IN, token as u64),
         ) {
-            tracing::error!("vsock: epoll_ctl: {e}");
+            ratelimited!(error, "vsock: epoll_ctl: {e}");
             return muxer;
         }
     }
@@ -375,7 +410,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
     };
     let signal = |irq: &Arc<IrqTrigger>| {
         if let Err(e) = irq.trigger(INT_VRING) {
-            tracing::warn!("vsock: irq: {e}");
+            ratelimited!(warn, "vsock: irq: {e}");
         }
     };
     let mut events = [EpollEvent::default(); 8];
@@ -385,7 +420,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                tracing::error!("vsock: epoll_wait: {e}");
+                ratelimited!(error, "vsock: epoll_wait: {e}");
                 return muxer;
             }
         };
@@ -401,7 +436,7 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
                 }
                 Token::TxQueue => {
                     let _ = queue_evts[TXQ].read();
-                    tx_used |= process_tx(&mem, txq, &mut muxer);
+                    tx_used |= process_tx_until(&mem, txq, &mut muxer, kill.flag());
                 }
                 Token::EvQueue => {
                     let _ = queue_evts[EVQ].read();
@@ -409,8 +444,11 @@ fn run_worker(kill: EventFd, active: ActiveQueues, mut muxer: Muxer) -> Muxer {
                 Token::Muxer => muxer.process_events(),
             }
         }
+        if kill.flag().is_requested() {
+            return muxer;
+        }
         // Whatever happened may have produced packets for the guest.
-        let rx_used = process_rx(&mem, rxq, &mut muxer, &mut rx_data);
+        let rx_used = process_rx_until(&mem, rxq, &mut muxer, &mut rx_data, kill.flag());
         if (tx_used && wants_interrupt(txq, &mem)) || (rx_used && wants_interrupt(rxq, &mem)) {
             signal(&irq);
         }

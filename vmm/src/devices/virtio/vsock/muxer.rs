@@ -22,6 +22,7 @@ use super::connect::{parse_connect, MAX_CONNECT_LINE};
 use super::connection::Connection;
 use super::packet::*;
 use super::VsockError;
+use crate::devices::ratelimit::ratelimited;
 
 /// Connections (including clients still handshaking) at most.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -237,7 +238,7 @@ impl Muxer {
         let n = match self.epoll.wait(0, &mut events) {
             Ok(n) => n,
             Err(e) => {
-                tracing::warn!("vsock: muxer epoll: {e}");
+                ratelimited!(warn, "vsock: muxer epoll: {e}");
                 return;
             }
         };
@@ -270,14 +271,14 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // E.g. EMFILE: leave it in the backlog for later.
-                    tracing::warn!("vsock: accept: {e}");
+                    ratelimited!(warn, "vsock: accept: {e}");
                     return;
                 }
             };
             if self.handshakes.len() >= MAX_HANDSHAKES
                 || self.handshakes.len() + self.conns.len() >= MAX_CONNECTIONS
             {
-                tracing::warn!("vsock: too many connections, refusing a host client");
+                ratelimited!(warn, "vsock: too many connections, refusing a host client");
                 continue;
             }
             let fd = stream.as_raw_fd();
@@ -413,7 +414,7 @@ impl Muxer {
                 self.epoll
                     .ctl(op, fd, EpollEvent::new(want, TOKEN_CONN | fd as u32 as u64))
             {
-                tracing::warn!("vsock: epoll_ctl: {e}");
+                ratelimited!(warn, "vsock: epoll_ctl: {e}");
                 conn.kill(true);
             } else {
                 conn.registered = want;
@@ -433,7 +434,7 @@ impl Muxer {
             let tick = self.timeouts.tick;
             match self.timer.reset(tick, Some(tick)) {
                 Ok(()) => self.timer_armed = true,
-                Err(e) => tracing::warn!("vsock: timerfd: {e}"),
+                Err(e) => ratelimited!(warn, "vsock: timerfd: {e}"),
             }
         }
     }

@@ -18,6 +18,7 @@ use super::connection::BUF_ALLOC;
 use super::muxer::{bind_listener, Muxer, Timeouts};
 use super::packet::*;
 use super::*;
+use crate::devices::virtio::testing::{steps_after_stop, wait_for_steps, EndlessRing};
 
 const CID: u64 = 3;
 const MEM_SIZE: u64 = 0x100_0000;
@@ -786,4 +787,113 @@ fn worker_interrupts_only_when_the_driver_wants_it() {
     assert!(dev.reset());
     assert_closed(&mut first);
     assert_closed(&mut second);
+}
+
+#[test]
+fn tx_chains_longer_than_the_queue_are_dropped_and_stops_are_checked() {
+    let mut g = Guest::new();
+    // An indirect table of 300 descriptors: header, then 299 of one byte.
+    let table = g.alloc(300 * 16);
+    let hdr_addr = g.alloc(HEADER_SIZE as u64);
+    let byte = g.alloc(1);
+    let mut hdr = g.pkt(OP_RW, 5000, 1234);
+    hdr.len = 299;
+    g.mem
+        .write_slice(&hdr.to_bytes(), GuestAddress(hdr_addr))
+        .unwrap();
+    for i in 0..300u16 {
+        let (addr, len) = if i == 0 {
+            (hdr_addr, HEADER_SIZE as u32)
+        } else {
+            (byte, 1)
+        };
+        let flags = if i < 299 { NEXT } else { 0 };
+        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i + 1));
+        g.mem
+            .write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
+    }
+    let indirect = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
+    Guest::publish(&g.txvq, &[(0, table, 300 * 16, indirect)]);
+    let stop = StopFlag::new();
+    assert!(process_tx_until(g.mem, &mut g.txq, &mut g.muxer, &stop));
+    // Dropped as malformed: no RST queued for it, as for a packet read.
+    assert!(!g.muxer.has_pending_rx());
+    // One step per chain taken (the last finds the ring empty).
+    assert_eq!(stop.steps(), 2);
+    Guest::publish(&g.txvq, &[(0, table, 300 * 16, indirect)]);
+    stop.request();
+    assert!(!process_tx_until(g.mem, &mut g.txq, &mut g.muxer, &stop));
+    assert_eq!(g.txvq.used().idx().load(), 1);
+}
+
+/// The guest keeps the tx ring full of the longest packets it takes (a
+/// header and 255 descriptors of 256 bytes), forever, each answered with
+/// an RST. A stop, from another thread, lets the worker finish one chain
+/// at most.
+#[test]
+fn a_stop_interrupts_an_endless_tx_ring_within_a_chain() {
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let dir = TempDir::new();
+    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let vqs: Vec<_> = [0u64, 0x1_0000, 0x2_0000]
+        .iter()
+        .map(|&at| MockSplitQueue::create(&mem, GuestAddress(at), QUEUE_SIZE))
+        .collect();
+    let txvq = &vqs[TXQ];
+    let hdr_addr = 0x10_0000u64;
+    let data_addr = 0x11_0000u64;
+    let data_descs = QUEUE_SIZE - 1;
+    let hdr = Header {
+        src_cid: CID,
+        dst_cid: HOST_CID,
+        src_port: 5000,
+        dst_port: 1234,
+        len: u32::from(data_descs) * 256,
+        type_: TYPE_STREAM,
+        op: OP_RW,
+        ..Header::default()
+    };
+    mem.write_slice(&hdr.to_bytes(), GuestAddress(hdr_addr))
+        .unwrap();
+    for i in 0..QUEUE_SIZE {
+        let (addr, len) = if i == 0 {
+            (hdr_addr, HEADER_SIZE as u32)
+        } else {
+            (data_addr, 256)
+        };
+        let flags = if i + 1 < QUEUE_SIZE { NEXT } else { 0 };
+        let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, i + 1));
+        txvq.desc_table().store(i, d).unwrap();
+    }
+    let evts: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let tx_kick = evts[TXQ].try_clone().unwrap();
+    dev.activate(ActiveQueues {
+        mem: mem.clone(),
+        queues: vqs.iter().map(|vq| vq.create_queue().unwrap()).collect(),
+        queue_evts: evts,
+        irq: Arc::new(IrqTrigger::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+        acked_features: VIRTIO_F_VERSION_1,
+    })
+    .unwrap();
+    let guest = EndlessRing::start(
+        &mem,
+        txvq.avail_addr(),
+        txvq.used_addr(),
+        QUEUE_SIZE,
+        0,
+        &tx_kick,
+    );
+    let flag = dev.worker.as_ref().unwrap().flag().clone();
+    // Past a whole ring: the guest's refills are being served.
+    wait_for_steps(&flag, 2 * u64::from(QUEUE_SIZE));
+    let (after, took) = steps_after_stop(&flag, || dev.reset());
+    drop(guest);
+    assert!(after <= 1, "{after} chains after the stop");
+    // Time only as a backstop (the count above is the bound): generous,
+    // as the machine running the tests may be busy.
+    assert!(took < Duration::from_secs(2), "the stop took {took:?}");
 }
