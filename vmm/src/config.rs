@@ -14,6 +14,10 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k,panic_warm panic=-1 pci=o
 /// Smallest guest the default kernel and initramfs boot in.
 pub const MIN_MEMORY_MIB: u64 = 32;
 
+/// Default cap on the console file: 1 MiB, far more than a boot and an
+/// agent write, small enough that a guest cannot fill the host's disk.
+pub const DEFAULT_CONSOLE_MAX_BYTES: u64 = 1 << 20;
+
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -60,6 +64,10 @@ pub struct VmConfig {
     pub extra_args: Vec<String>,
     /// Serial console destination.
     pub console: ConsoleOutput,
+    /// Most bytes of guest output written to a [`ConsoleOutput::File`];
+    /// past it, output is dropped after one line saying so (standard
+    /// output is not capped: whoever reads it owns its storage).
+    pub console_max_bytes: u64,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
     /// Block devices, in the order the guest sees them (`/dev/vda`, ...).
@@ -102,6 +110,7 @@ impl VmConfig {
             memory_mib: 128,
             extra_args: Vec::new(),
             console: ConsoleOutput::Stdout,
+            console_max_bytes: DEFAULT_CONSOLE_MAX_BYTES,
             vsock: None,
             drives: Vec::new(),
             rng: true,
@@ -216,6 +225,11 @@ mod tests {
             c.validate(),
             Err(ConfigError::MemoryTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn the_console_file_is_capped_at_1_mib_by_default() {
+        assert_eq!(VmConfig::with_defaults().console_max_bytes, 1 << 20);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use airlock_vmm::config::default_guest_dir;
+use airlock_vmm::config::{default_guest_dir, DEFAULT_CONSOLE_MAX_BYTES};
 use airlock_vmm::config::{DriveConfig, VsockConfig};
 use airlock_vmm::jail::JailConfig;
 use airlock_vmm::keeper::{self, Role};
@@ -68,6 +68,10 @@ struct Cli {
     /// Where the serial console goes: `stdout`, `off`, or a file path
     #[arg(long, default_value = "stdout", value_name = "stdout|off|PATH")]
     console: String,
+    /// Most bytes of guest output written to the `--console` file; past
+    /// it, output is dropped after one line saying so (stdout is not capped)
+    #[arg(long, default_value_t = DEFAULT_CONSOLE_MAX_BYTES, value_name = "BYTES")]
+    console_max_bytes: u64,
     /// Jail the VMM in this directory before it builds the VM: a private
     /// mount namespace, the directory as its root (holding bind mounts of
     /// only the kernel, initrd, drives, console and /dev/kvm; the vsock
@@ -148,6 +152,7 @@ fn config_from(cli: &Cli) -> VmConfig {
             "off" => ConsoleOutput::Off,
             path => ConsoleOutput::File(path.into()),
         },
+        console_max_bytes: cli.console_max_bytes,
         vsock: cli.vsock_uds.clone().map(|uds| VsockConfig {
             guest_cid: cli.vsock_cid,
             uds,

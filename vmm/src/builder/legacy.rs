@@ -11,7 +11,7 @@ use super::BuildError;
 use crate::config::{ConsoleOutput, VmConfig};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::{self, I8042};
-use crate::devices::legacy::serial::{self, SerialDevice};
+use crate::devices::legacy::serial::{self, CappedWriter, SerialDevice};
 use crate::devices::pseudo::boot_timer::{self, BootClock, BootTimer};
 use crate::exit::ExitSignal;
 use crate::vstate::vm::Vm;
@@ -26,11 +26,13 @@ pub(super) fn legacy_devices(
 ) -> Result<Bus, BuildError> {
     let out: Box<dyn Write + Send> = match &config.console {
         ConsoleOutput::Stdout => Box::new(std::io::stdout()),
+        // A file is capped: the guest writes what it likes to it.
         ConsoleOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| BuildError::Console {
+            let file = File::create(path).map_err(|source| BuildError::Console {
                 path: path.clone(),
                 source,
-            })?)
+            })?;
+            Box::new(CappedWriter::new(file, config.console_max_bytes))
         }
         ConsoleOutput::Off => Box::new(std::io::sink()),
     };

@@ -1,7 +1,8 @@
 //! The 8250 UART at COM1 (port 0x3f8, IRQ 4), as the guest's console.
 //!
 //! The register model is `vm-superio`'s; this file only adapts it to the bus
-//! and to an eventfd that KVM injects as the interrupt (irqfd).
+//! and to an eventfd that KVM injects as the interrupt (irqfd), and caps
+//! what a guest can write to a console file ([`CappedWriter`]).
 
 use std::io::{self, Write};
 
@@ -31,6 +32,71 @@ impl Trigger for EventFdTrigger {
 
 /// Where console output goes.
 pub type ConsoleOut = Box<dyn Write + Send>;
+
+/// A writer that takes at most `cap` bytes. The first byte past the cap
+/// writes one line saying so (`[airlock: console output truncated at N
+/// bytes]`, after a newline if the output stopped mid-line); everything
+/// after it is dropped, reported as written so that the guest's console
+/// goes on. The output is at most `cap` bytes plus that line.
+#[derive(Debug)]
+pub struct CappedWriter<W> {
+    inner: W,
+    cap: u64,
+    written: u64,
+    last: Option<u8>,
+    truncated: bool,
+}
+
+impl<W: Write> CappedWriter<W> {
+    /// `inner`, taking at most `cap` bytes.
+    pub fn new(inner: W, cap: u64) -> Self {
+        CappedWriter {
+            inner,
+            cap,
+            written: 0,
+            last: None,
+            truncated: false,
+        }
+    }
+
+    /// The line written once the cap is reached.
+    pub fn marker(cap: u64) -> String {
+        format!("[airlock: console output truncated at {cap} bytes]\n")
+    }
+}
+
+impl<W: Write> Write for CappedWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.truncated || buf.is_empty() {
+            return Ok(buf.len());
+        }
+        let room = self.cap.saturating_sub(self.written);
+        let n = usize::try_from(room).unwrap_or(usize::MAX).min(buf.len());
+        if n > 0 {
+            let wrote = self.inner.write(&buf[..n])?;
+            self.written = self.written.saturating_add(wrote as u64);
+            if let Some(last) = wrote.checked_sub(1).and_then(|i| buf.get(i)) {
+                self.last = Some(*last);
+            }
+            return Ok(wrote);
+        }
+        // The cap is reached and there is more: say so, once.
+        self.truncated = true;
+        let newline = if self.last.is_some_and(|b| b != b'\n') {
+            "\n"
+        } else {
+            ""
+        };
+        let marker = format!("{newline}{}", Self::marker(self.cap));
+        // Nothing more can be done if even this fails (a full disk).
+        let _ = self.inner.write_all(marker.as_bytes());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
 
 /// COM1 on the port-I/O bus.
 pub struct SerialDevice {
@@ -120,6 +186,38 @@ mod tests {
             dev.write(0, &[*b]);
         }
         assert_eq!(&*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn output_past_the_cap_is_dropped_after_one_line() {
+        let out = SharedBuf::default();
+        let capped = CappedWriter::new(out.clone(), 10);
+        let mut dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), Box::new(capped));
+        for b in b"hello world, and more\nand more\n" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(
+            String::from_utf8(out.0.lock().unwrap().clone()).unwrap(),
+            "hello worl\n[airlock: console output truncated at 10 bytes]\n"
+        );
+        // Output that ends exactly at the cap, at the end of a line: no
+        // marker until more comes, and then no extra newline.
+        let out = SharedBuf::default();
+        let mut capped = CappedWriter::new(out.clone(), 3);
+        capped.write_all(b"ok\n").unwrap();
+        assert_eq!(&*out.0.lock().unwrap(), b"ok\n");
+        capped.write_all(b"more").unwrap();
+        capped.write_all(b"and more").unwrap();
+        let want = format!("ok\n{}", CappedWriter::<SharedBuf>::marker(3));
+        assert_eq!(*out.0.lock().unwrap(), want.as_bytes());
+        // A cap of 0: the marker alone.
+        let out = SharedBuf::default();
+        let mut capped = CappedWriter::new(out.clone(), 0);
+        capped.write_all(b"x").unwrap();
+        assert_eq!(
+            *out.0.lock().unwrap(),
+            CappedWriter::<SharedBuf>::marker(0).as_bytes()
+        );
     }
 
     #[test]
