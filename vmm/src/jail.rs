@@ -12,7 +12,8 @@
 //! 3. each file the VMM needs bind-mounted in: kernel and initrd read-only,
 //!    drives as configured, `/dev/kvm`, the console file; no `/proc`;
 //! 4. `pivot_root` into it, the old root detached;
-//! 5. rlimits: no core dumps (they would hold guest memory), bounded files;
+//! 5. rlimits: no core dumps (they would hold guest memory), bounded files
+//!    (how many, and how large: `file_size_limit`; SIGXFSZ ignored);
 //! 6. every capability dropped (bounding, ambient, effective, permitted,
 //!    inheritable), the jail uid/gid (unless `/dev/kvm` cannot be opened by
 //!    them: then uid 0 without any capability), `no_new_privs`.
@@ -99,6 +100,35 @@ impl Jailed {
 const KVM: &str = "/dev/kvm";
 /// Open files allowed: devices, eventfds, a few hundred vsock connections.
 const MAX_FILES: u64 = 4096;
+/// RLIMIT_FSIZE's headroom above the largest file the VMM writes on purpose.
+const FSIZE_HEADROOM: u64 = 64 << 20;
+
+/// RLIMIT_FSIZE for the VMM and its keeper: a backstop against a runaway
+/// log (the console file is capped by the VMM, its stderr log, opened by
+/// the runtime, is not). The limit is on the offset written, not on
+/// growth, so it must cover every file written on purpose: the guest memory
+/// file (the keeper's wipe `pwrite`s every page of it), each writable drive
+/// (writes land at their offset in the image) and the console file (its cap
+/// plus the truncation line); it is the largest of those plus 64 MiB. A
+/// writable drive that cannot be sized leaves the limit off: the drive's
+/// own open reports the problem, and no write of it may fail.
+fn file_size_limit(config: &VmConfig) -> u64 {
+    let mut largest = config
+        .memory_mib
+        .saturating_mul(1 << 20)
+        // The console's truncation line is under 100 bytes.
+        .max(config.console_max_bytes.saturating_add(256));
+    for drive in config.drives.iter().filter(|d| !d.read_only) {
+        // A block device's size is where its end is, not its inode's.
+        let size = std::fs::File::open(&drive.path)
+            .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)));
+        match size {
+            Ok(size) => largest = largest.max(size),
+            Err(_) => return libc::RLIM_INFINITY,
+        }
+    }
+    largest.saturating_add(FSIZE_HEADROOM)
+}
 
 fn step<'a>(step: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> JailError + 'a {
     move |e| JailError::Step {
@@ -222,6 +252,16 @@ pub fn prepare(jail: &JailConfig, config: &mut VmConfig) -> Result<Prepared, Jai
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(step("setrlimit CORE", root))?;
     setrlimit(Resource::RLIMIT_NOFILE, MAX_FILES, MAX_FILES)
         .map_err(step("setrlimit NOFILE", root))?;
+    // A write past RLIMIT_FSIZE fails with EFBIG instead of killing the
+    // process with SIGXFSZ. Ignored before the keeper forks and before any
+    // seccomp filter: both processes inherit it.
+    // SAFETY: sets a signal's disposition to SIG_IGN; no handler runs.
+    if unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) } == libc::SIG_ERR {
+        let e = std::io::Error::last_os_error();
+        return Err(io_step("ignore SIGXFSZ", root)(e));
+    }
+    let fsize = file_size_limit(config);
+    setrlimit(Resource::RLIMIT_FSIZE, fsize, fsize).map_err(step("setrlimit FSIZE", root))?;
 
     Ok(Prepared {
         run_uid,
@@ -346,6 +386,39 @@ fn drop_privileges(uid: Uid, gid: Gid, groups: &[Gid]) -> Result<(), JailError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_file_size_limit_covers_memory_writable_drives_and_the_console() {
+        let dir = std::env::temp_dir().join(format!("airlock-fsize-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sparse = |name: &str, bytes: u64| {
+            let p = dir.join(name);
+            std::fs::File::create(&p).unwrap().set_len(bytes).unwrap();
+            p
+        };
+        let drive = |path, read_only| crate::config::DriveConfig {
+            path,
+            read_only,
+            id: String::new(),
+        };
+        let mut config = VmConfig::with_defaults();
+        config.memory_mib = 128;
+        assert_eq!(file_size_limit(&config), (128 << 20) + FSIZE_HEADROOM);
+        // A read-only drive is never written: it does not count.
+        config.drives = vec![
+            drive(sparse("ro", 8 << 30), true),
+            drive(sparse("rw", 300 << 20), false),
+        ];
+        assert_eq!(file_size_limit(&config), (300 << 20) + FSIZE_HEADROOM);
+        config.memory_mib = 1024;
+        assert_eq!(file_size_limit(&config), (1024 << 20) + FSIZE_HEADROOM);
+        config.console_max_bytes = 2 << 30;
+        assert_eq!(file_size_limit(&config), (2 << 30) + 256 + FSIZE_HEADROOM);
+        // A writable drive that cannot be sized: no limit.
+        config.drives.push(drive(dir.join("missing"), false));
+        assert_eq!(file_size_limit(&config), libc::RLIM_INFINITY);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn root_keeps_root_without_a_kvm_check() {

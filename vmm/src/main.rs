@@ -124,6 +124,11 @@ fn init_logging(cli: &Cli) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_ansi(std::io::stderr().is_terminal())
+        // A log that cannot be written (EFBIG past the jail's RLIMIT_FSIZE,
+        // a full disk) loses the line. With internal errors logged, the
+        // subscriber would report it with eprintln!, which panics when
+        // stderr fails: an abort in release builds.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => builder.init(),
