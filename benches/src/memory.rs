@@ -1,6 +1,7 @@
 //! VMM memory overhead: RSS and PSS of the VMM process minus the guest
 //! memory it has touched, for an idle booted guest (the agent serving, a
-//! vsock device attached under every VMM).
+//! vsock device attached under every VMM). Airlock's VMM is two processes,
+//! the keeper of guest memory and its child, the VMM: both count.
 
 use std::time::Duration;
 
@@ -45,8 +46,9 @@ impl Usage {
     }
 }
 
-/// Sums `/proc/PID/smaps`. Guest memory is the largest anonymous mapping
-/// at least `guest_mib` large: every VMM here maps guest RAM that way.
+/// Sums `/proc/PID/smaps` (of one or more processes). Guest memory is the
+/// largest anonymous or memfd mapping at least `guest_mib` large: every
+/// VMM here maps guest RAM one of those ways.
 pub fn parse_smaps(smaps: &str, guest_mib: u64) -> anyhow::Result<Usage> {
     struct Map {
         anonymous: bool,
@@ -62,7 +64,7 @@ pub fn parse_smaps(smaps: &str, guest_mib: u64) -> anyhow::Result<Usage> {
             // "start-end perms offset dev inode [path]"
             let path = words.nth(4);
             maps.push(Map {
-                anonymous: path.is_none(),
+                anonymous: path.is_none_or(|p| p.starts_with("/memfd:")),
                 size: 0,
                 rss: 0,
                 pss: 0,
@@ -85,7 +87,9 @@ pub fn parse_smaps(smaps: &str, guest_mib: u64) -> anyhow::Result<Usage> {
         .iter()
         .filter(|m| m.anonymous && m.size >= guest_mib * 1024)
         .max_by_key(|m| m.size)
-        .with_context(|| format!("no anonymous mapping of at least {guest_mib} MiB (guest RAM)"))?;
+        .with_context(|| {
+            format!("no anonymous or memfd mapping of at least {guest_mib} MiB (guest RAM)")
+        })?;
     Ok(Usage {
         rss_kib: maps.iter().map(|m| m.rss).sum(),
         pss_kib: maps.iter().map(|m| m.pss).sum(),
@@ -94,10 +98,16 @@ pub fn parse_smaps(smaps: &str, guest_mib: u64) -> anyhow::Result<Usage> {
     })
 }
 
+/// The usage of `pid` and its children (Airlock's keeper and VMM).
 fn measure(pid: u32, shape: Shape, settle: Duration) -> anyhow::Result<Usage> {
     std::thread::sleep(settle);
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("cannot read /proc/{pid}/smaps"))?;
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let mut smaps = String::new();
+    for p in std::iter::once(pid.to_string()).chain(children.split_whitespace().map(String::from)) {
+        smaps += &std::fs::read_to_string(format!("/proc/{p}/smaps"))
+            .with_context(|| format!("cannot read /proc/{p}/smaps"))?;
+    }
     parse_smaps(&smaps, shape.memory_mib)
 }
 
@@ -232,5 +242,27 @@ Pss:                  16 kB
         assert_eq!((u.overhead_rss_kib(), u.overhead_pss_kib()), (1116, 716));
         assert!(parse_smaps(smaps, 256).is_err());
         assert!(parse_smaps("", 1).is_err());
+    }
+
+    #[test]
+    fn guest_ram_may_be_a_memfd_over_two_processes() {
+        // Airlock: the keeper (small) and the VMM, whose guest RAM is the
+        // keeper's memfd mapped shared.
+        let smaps = "55d0c0000000-55d0c0100000 r-xp 00000000 08:01 42 /usr/bin/airlock-vmm
+Size:               1024 kB
+Rss:                 500 kB
+Pss:                 250 kB
+7f0000000000-7f0008000000 rw-s 00000000 00:01 7 /memfd:airlock-guest-ram (deleted)
+Size:             131072 kB
+Rss:               20480 kB
+Pss:               20480 kB
+55d0c0000000-55d0c0100000 r-xp 00000000 08:01 42 /usr/bin/airlock-vmm
+Size:               1024 kB
+Rss:                 500 kB
+Pss:                 250 kB
+";
+        let u = parse_smaps(smaps, 128).unwrap();
+        assert_eq!(u.guest_rss_kib, 20480);
+        assert_eq!(u.overhead_rss_kib(), 1000);
     }
 }

@@ -11,7 +11,8 @@
 //! * overwrites every page of the memfd that holds data, logs the wipe, and
 //!   exits with the VMM's status (128 + N for a VMM killed by signal N).
 //!
-//! It is what the runtime knows as the VMM's process (pid 1 of the jail's
+//! It is what the runtime knows as the VMM's process (named
+//! `airlock-keeper` in `/proc/PID/comm`; pid 1 of the jail's
 //! pid namespace), jailed like the VMM (same root and user, no
 //! capabilities), exempt from the OOM killer (`oom_score_adj` -1000, set
 //! while it may), and under a seccomp filter of its own that allows no
@@ -111,6 +112,10 @@ pub fn split(
             Ok(Role::Vmm { keeper, memfd })
         }
         ForkResult::Parent { child } => {
+            // `ps` and /proc/PID/comm tell keeper and VMM apart.
+            // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most
+            // 16 bytes; the literal is 15 with its NUL.
+            unsafe { libc::prctl(libc::PR_SET_NAME, c"airlock-keeper".as_ptr()) };
             // The OOM killer must choose the VMM, never the memory's keeper.
             if let Err(e) = oom.and_then(|mut f| f.write_all(b"-1000")) {
                 tracing::warn!("keeper: cannot set its oom_score_adj to -1000: {e}");

@@ -159,6 +159,19 @@ pub fn assert_no_sandbox_left() {
     );
 }
 
+/// `PID cmdline` of every running VMM: `airlock-vmm` processes other than
+/// the keepers of guest memory (one VMM, and one keeper, per VM).
+pub fn vmm_processes() -> Vec<String> {
+    processes_mentioning("airlock-vmm")
+        .into_iter()
+        .filter(|p| {
+            let pid = p.split(' ').next().unwrap_or_default();
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() != "airlock-keeper")
+        })
+        .collect()
+}
+
 /// `PID cmdline` of every process whose command line mentions `needle`
 /// (not the test harness's own re-run of a test).
 pub fn processes_mentioning(needle: &str) -> Vec<String> {

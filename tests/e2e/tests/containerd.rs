@@ -6,7 +6,7 @@ use std::io::Write;
 use std::process::Stdio;
 
 use airlock_e2e::containerd::{Containerd, RUNTIME};
-use airlock_e2e::{on_real_kvm, processes_mentioning};
+use airlock_e2e::{on_real_kvm, processes_mentioning, vmm_processes};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -282,7 +282,8 @@ fn a_killed_vmm_and_a_containerd_restart() {
             .spawn()
             .unwrap();
         c.wait_for_task("r2", Some("RUNNING"), 120);
-        let vmm = processes_mentioning("airlock-vmm");
+        // The VMM itself, not the keeper of its memory (which wipes it).
+        let vmm = vmm_processes();
         assert_eq!(vmm.len(), 1, "{vmm:?}");
         let pid: i32 = vmm[0].split(' ').next().unwrap().parse().unwrap();
         // SAFETY: kill only reads its arguments.
@@ -358,7 +359,7 @@ fn containers_of_one_pod_share_one_vm() {
         assert!(run("c1", false, true, &["sleep", "1000"]).status.success());
         assert_eq!(c.task_status("pod1").as_deref(), Some("RUNNING"));
         assert_eq!(c.task_status("c1").as_deref(), Some("RUNNING"));
-        let vmms = processes_mentioning("airlock-vmm");
+        let vmms = vmm_processes();
         assert_eq!(vmms.len(), 1, "one VM for the pod: {vmms:?}");
 
         // c1 is a container of its own in that VM: its own pid namespace
@@ -395,7 +396,7 @@ fn containers_of_one_pod_share_one_vm() {
         let out = run("c2", false, false, &["sh", "-c", "echo c2 here; exit 4"]);
         assert_eq!(out.status.code(), Some(4));
         assert_eq!(text(&out.stdout), "c2 here\n");
-        assert_eq!(processes_mentioning("airlock-vmm").len(), 1);
+        assert_eq!(vmm_processes().len(), 1);
 
         for id in ["c1", "pod1"] {
             assert!(c

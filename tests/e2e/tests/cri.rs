@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use airlock_e2e::containerd::{Containerd, CRI_IMAGE};
-use airlock_e2e::{on_real_kvm, processes_mentioning};
+use airlock_e2e::{on_real_kvm, processes_mentioning, vmm_processes};
 use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
@@ -151,7 +151,7 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
                 }
 
                 // One VM (one VMM process, one shim) for the whole pod.
-                let vmms = processes_mentioning("airlock-vmm");
+                let vmms = vmm_processes();
                 assert_eq!(vmms.len(), 1, "{vmms:?}");
                 let shims: Vec<_> = processes_mentioning("containerd-shim-airlock-v2")
                     .into_iter()

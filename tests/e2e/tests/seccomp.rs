@@ -4,7 +4,6 @@
 //! feature, whose vCPU thread makes such a call when the guest asks).
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -56,7 +55,18 @@ fn every_vmm_thread_runs_under_a_seccomp_filter() {
             let _ = child.kill();
             panic!("the agent never became ready");
         }
-        let threads = thread_seccomp(child.id());
+        // The process started is the keeper of guest memory; the VMM is
+        // its only child.
+        let keeper = thread_seccomp(child.id());
+        println!("keeper threads: {keeper:?}");
+        assert_eq!(
+            keeper,
+            vec![("airlock-keeper".to_string(), "2".to_string())]
+        );
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id())).unwrap();
+        let vmm: u32 = children.trim().parse().expect("the keeper has one child");
+        let threads = thread_seccomp(vmm);
         println!("threads: {threads:?}");
         // SAFETY: kill only reads its arguments.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -96,12 +106,19 @@ fn a_syscall_outside_the_vcpu_filter_kills_the_vmm_with_sigsys() {
             assert!(stdout.contains("PROBE writing 0xee"), "the probe never ran");
             assert!(stderr.contains("seccomp probe: calling getppid"));
             assert!(!stdout.contains("RESULT"), "the VMM survived the probe");
+            // The keeper outlives the VMM, wipes guest memory and reports
+            // the kill in its exit status (128 + SIGSYS).
             assert_eq!(
-                out.status.signal(),
-                Some(libc::SIGSYS),
+                out.status.code(),
+                Some(128 + libc::SIGSYS),
                 "the VMM was not killed by SIGSYS: {}",
                 out.status
             );
+            assert!(
+                stderr.contains("the VMM process was killed by SIGSYS"),
+                "{stderr}"
+            );
+            assert!(stderr.contains("guest memory wiped"), "{stderr}");
         },
     );
 }

