@@ -108,9 +108,27 @@ pub fn cgroup_dir(settings: &JailSettings, id: &str) -> PathBuf {
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
-/// Creates the VMM's cgroup with its limits; returns its `cgroup.procs`,
-/// open for the child to write itself into.
-pub fn create_cgroup(spec: &JailSpec) -> Result<File, JailError> {
+/// The `cgroup.procs` files of a sandbox's two cgroups, open for writing:
+/// the keeper of guest memory is started in `keeper`, and the VMM moves
+/// itself into `vmm` once forked (`airlock-vmm --vmm-cgroup-fd`).
+#[derive(Debug)]
+pub struct CgroupProcs {
+    pub keeper: File,
+    pub vmm: File,
+}
+
+/// The keeper's own `memory.max`: it holds guest memory (charged to the
+/// VMM, which touched it) and needs a few MiB of its own.
+const KEEPER_MEMORY_MAX: u64 = 64 << 20;
+
+/// Creates the sandbox's cgroup `<parent>/<id>` (`pids.max` for both
+/// processes) with two leaves: `vmm` (`memory.max` and `memory.swap.max`
+/// 0: guest memory, scratch disk and logs) and `keeper`. The keeper must
+/// never share the VMM's memory limit: once the OOM killer has taken the
+/// VMM, guest memory stays charged until the keeper has wiped it, and a
+/// keeper charged to that full cgroup would wait forever for memory to
+/// wipe it with.
+pub fn create_cgroup(spec: &JailSpec) -> Result<CgroupProcs, JailError> {
     let dir = &spec.cgroup;
     let err = |p: &Path| {
         let p = p.to_path_buf();
@@ -124,43 +142,72 @@ pub fn create_cgroup(spec: &JailSpec) -> Result<File, JailError> {
         return Err(JailError::NoCgroup2(parent.into()));
     }
     // Controllers must be enabled in every ancestor's subtree_control, from
-    // the cgroup2 mount's root down to the parent.
+    // the cgroup2 mount's root down to the sandbox's own cgroup.
+    let enable = |control: &Path| -> Result<(), JailError> {
+        let enabled = std::fs::read_to_string(control).map_err(err(control))?;
+        if !(enabled.contains("memory") && enabled.contains("pids")) {
+            std::fs::write(control, "+memory +pids").map_err(err(control))?;
+        }
+        Ok(())
+    };
     let mut chain: Vec<&Path> = parent.ancestors().collect();
     chain.reverse();
     for ancestor in chain {
         let control = ancestor.join("cgroup.subtree_control");
-        if !control.exists() {
-            continue;
-        }
-        let enabled = std::fs::read_to_string(&control).map_err(err(&control))?;
-        if !(enabled.contains("memory") && enabled.contains("pids")) {
-            std::fs::write(&control, "+memory +pids").map_err(err(&control))?;
+        if control.exists() {
+            enable(&control)?;
         }
     }
     match std::fs::create_dir(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(err(dir)(e)),
         _ => {}
     }
-    let limit = |file: &str, value: String| {
+    let limit = |dir: &Path, file: &str, value: String| {
         let path = dir.join(file);
         std::fs::write(&path, value).map_err(err(&path))
     };
-    limit("memory.max", spec.memory_max.to_string())?;
-    limit("pids.max", spec.pids_max.to_string())?;
-    // Guest memory must never reach a swap device, where a wipe cannot
-    // follow it once the VMM is gone.
-    if dir.join("memory.swap.max").exists() {
-        limit("memory.swap.max", "0".into())?;
+    limit(dir, "pids.max", spec.pids_max.to_string())?;
+    enable(&dir.join("cgroup.subtree_control"))?;
+    let mut procs = Vec::new();
+    for (leaf, memory_max) in [("keeper", KEEPER_MEMORY_MAX), ("vmm", spec.memory_max)] {
+        let leaf = dir.join(leaf);
+        match std::fs::create_dir(&leaf) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(err(&leaf)(e)),
+            _ => {}
+        }
+        limit(&leaf, "memory.max", memory_max.to_string())?;
+        // Guest memory must never reach a swap device, where a wipe cannot
+        // follow it.
+        if leaf.join("memory.swap.max").exists() {
+            limit(&leaf, "memory.swap.max", "0".into())?;
+        }
+        let path = leaf.join("cgroup.procs");
+        procs.push(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(err(&path))?,
+        );
     }
-    let procs = dir.join("cgroup.procs");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&procs)
-        .map_err(err(&procs))
+    let vmm = procs
+        .pop()
+        .ok_or_else(|| err(dir)(std::io::ErrorKind::NotFound.into()))?;
+    let keeper = procs
+        .pop()
+        .ok_or_else(|| err(dir)(std::io::ErrorKind::NotFound.into()))?;
+    Ok(CgroupProcs { keeper, vmm })
 }
 
-/// Removes a VMM's cgroup once the VMM is gone; a missing one is fine.
+/// Removes a sandbox's cgroup (its leaves first) once its processes are
+/// gone; a missing one is fine.
 pub fn remove_cgroup(dir: &Path) -> std::io::Result<()> {
+    for leaf in ["keeper", "vmm"] {
+        remove_dir_when_empty(&dir.join(leaf))?;
+    }
+    remove_dir_when_empty(dir)
+}
+
+fn remove_dir_when_empty(dir: &Path) -> std::io::Result<()> {
     // The kernel may take a moment to see the cgroup empty after the exit.
     let mut last = Ok(());
     for _ in 0..50 {
@@ -193,7 +240,7 @@ pub fn spawn(
     argv: &[OsString],
     stdout: File,
     stderr: File,
-    cgroup_procs: &File,
+    cgroup_procs: &CgroupProcs,
     die_with_parent: bool,
 ) -> Result<u32, JailError> {
     // SAFETY: geteuid has no preconditions.
@@ -203,9 +250,14 @@ pub fn spawn(
     // Everything the child needs is made here: between clone and execve it
     // may only make async-signal-safe calls (the runtime is multi-threaded).
     let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|_| JailError::Nul);
+    // The VMM moves itself into its own cgroup through this descriptor,
+    // which the child keeps open across execve.
+    let vmm_cgroup = cgroup_procs.vmm.as_raw_fd();
     let args = argv
         .iter()
-        .map(|a| cstr(a))
+        .cloned()
+        .chain(["--vmm-cgroup-fd".into(), vmm_cgroup.to_string().into()])
+        .map(|a| cstr(&a))
         .collect::<Result<Vec<_>, _>>()?;
     let env = std::env::vars_os()
         .map(|(k, v)| {
@@ -226,7 +278,8 @@ pub fn spawn(
         stdin: devnull.as_raw_fd(),
         stdout: stdout.as_raw_fd(),
         stderr: stderr.as_raw_fd(),
-        cgroup: cgroup_procs.as_raw_fd(),
+        cgroup: cgroup_procs.keeper.as_raw_fd(),
+        vmm_cgroup,
         report: err_write.as_raw_fd(),
     };
     let (argv_p, envp_p) = (arg_ptrs.as_ptr(), env_ptrs.as_ptr());
@@ -277,6 +330,7 @@ struct ChildFds {
     stdout: i32,
     stderr: i32,
     cgroup: i32,
+    vmm_cgroup: i32,
     report: i32,
 }
 
@@ -314,7 +368,9 @@ fn child_main(
             return fail(1);
         }
         // "0" moves the writer itself.
-        if libc::write(fds.cgroup, b"0".as_ptr().cast(), 1) != 1 {
+        if libc::write(fds.cgroup, b"0".as_ptr().cast(), 1) != 1
+            || libc::fcntl(fds.vmm_cgroup, libc::F_SETFD, 0) != 0
+        {
             return fail(2);
         }
         if libc::dup2(fds.stdin, 0) < 0

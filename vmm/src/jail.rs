@@ -58,6 +58,35 @@ pub enum JailError {
     Caps(String),
 }
 
+/// The `cgroup.procs` file that the runtime handed over as descriptor
+/// `fd` (`--vmm-cgroup-fd`): the VMM, once forked from its keeper, writes
+/// itself into it (see [`join_cgroup`]).
+pub fn cgroup_procs_from_fd(fd: i32) -> Result<std::fs::File, JailError> {
+    let path = PathBuf::from(format!("fd {fd}"));
+    // SAFETY: F_GETFD only checks that the descriptor is open.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(JailError::Step {
+            step: "use the VMM's cgroup.procs",
+            path,
+            source: std::io::Error::from_raw_os_error(libc::EBADF),
+        });
+    }
+    // SAFETY: the descriptor is open (checked above), was handed to this
+    // process for this use only, and is owned by the returned File alone.
+    Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is
+/// `procs`, and closes it.
+pub fn join_cgroup(mut procs: std::fs::File) -> Result<(), JailError> {
+    use std::io::Write;
+    procs.write_all(b"0").map_err(|source| JailError::Step {
+        step: "join the VMM's cgroup",
+        path: PathBuf::from("cgroup.procs"),
+        source,
+    })
+}
+
 /// Where the VMM is jailed, and as whom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailConfig {

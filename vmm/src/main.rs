@@ -97,6 +97,11 @@ struct Cli {
         requires = "jail_root"
     )]
     jail_gid: u32,
+    /// A descriptor of the `cgroup.procs` file that the VMM (not its
+    /// keeper) moves itself into after the fork; airlock-runtime passes it
+    /// with the jail, so that the keeper never shares the VMM's memory limit
+    #[arg(long, value_name = "FD")]
+    vmm_cgroup_fd: Option<i32>,
     /// How long the VMM has to stop after SIGTERM before its keeper
     /// SIGKILLs it (the keeper still wipes guest memory then)
     #[arg(long, default_value_t = 10, value_name = "SECS")]
@@ -201,6 +206,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let vmm_cgroup = match cli
+        .vmm_cgroup_fd
+        .map(airlock_vmm::jail::cgroup_procs_from_fd)
+    {
+        Some(Err(e)) => {
+            eprintln!("airlock-vmm: error: {}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+        Some(Ok(f)) => Some(f),
+        None => None,
+    };
     // Opened while /proc is in sight; the keeper writes it after the fork.
     let oom = keeper::oom_score_file();
     let prepared = match &cli.jail_root {
@@ -233,6 +249,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // The VMM leaves the keeper's cgroup for its own before it touches
+    // guest memory: the pages it faults in are charged there.
+    let joined = match (&role, vmm_cgroup) {
+        (Role::Vmm { .. }, Some(procs)) => airlock_vmm::jail::join_cgroup(procs),
+        _ => Ok(()),
+    };
     let jailed = prepared.map(|p| p.drop_privileges()).transpose();
     let (keeper, memfd) = match role {
         Role::Keeper(k) => {
@@ -245,6 +267,10 @@ fn main() -> ExitCode {
         }
         Role::Vmm { keeper, memfd } => (keeper, memfd),
     };
+    if let Err(e) = joined {
+        eprintln!("airlock-vmm: error: {}", error_chain(&e));
+        return ExitCode::from(2);
+    }
     let jailed_as = match jailed {
         Ok(Some(jailed)) => {
             if let Some(why) = &jailed.kept_root {

@@ -65,14 +65,16 @@ fn a_sandbox_vmm_runs_jailed() {
         let children =
             std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
         let vmm: u64 = children.trim().parse().expect("the keeper has one child");
-        for pid in [keeper, vmm] {
-            assert_jailed(&id, pid);
+        // Each in its own leaf of the sandbox's cgroup: the keeper never
+        // shares the VMM's memory limit.
+        for (pid, leaf) in [(keeper, "keeper"), (vmm, "vmm")] {
+            assert_jailed(&id, pid, leaf);
         }
         assert!(status_field(vmm, "Threads").parse::<u32>().unwrap() > 2);
         assert_eq!(status_field(keeper, "Threads"), "1");
 
         let cg = Path::new("/sys/fs/cgroup/airlock").join(&id);
-        let memory_max: u64 = std::fs::read_to_string(cg.join("memory.max"))
+        let memory_max: u64 = std::fs::read_to_string(cg.join("vmm/memory.max"))
             .unwrap()
             .trim()
             .parse()
@@ -101,9 +103,9 @@ fn a_sandbox_vmm_runs_jailed() {
 
 /// Process `pid` of sandbox `id` runs without capabilities, with
 /// `no_new_privs`, a seccomp filter, the jail user, only the sandbox's
-/// files as its root, namespaces of its own, the sandbox's cgroup and no
-/// core dumps.
-fn assert_jailed(id: &str, pid: u64) {
+/// files as its root, namespaces of its own, the `leaf` of the sandbox's
+/// cgroup and no core dumps.
+fn assert_jailed(id: &str, pid: u64, leaf: &str) {
     println!("checking pid {pid}");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
@@ -149,7 +151,7 @@ fn assert_jailed(id: &str, pid: u64) {
     }
 
     let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    assert_eq!(cgroup.trim(), format!("0::/airlock/{id}"));
+    assert_eq!(cgroup.trim(), format!("0::/airlock/{id}/{leaf}"));
 
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let core = limits

@@ -304,7 +304,8 @@ fn wipe_on_vmm_abort() {
 fn wipe_on_vmm_oom_kill() {
     on_real_kvm("wipe_on_vmm_oom_kill", || {
         let m = marked(false);
-        let cg = Path::new("/sys/fs/cgroup/airlock").join(&m.id);
+        // The VMM's own cgroup (its keeper has another).
+        let cg = Path::new("/sys/fs/cgroup/airlock").join(&m.id).join("vmm");
         let current: u64 = std::fs::read_to_string(cg.join("memory.current"))
             .unwrap()
             .trim()
