@@ -193,7 +193,11 @@ impl LogWaker {
 /// Watches a growing log file for a line, re-reading it only when it grew.
 struct LogWatch<'a> {
     path: &'a Path,
+    /// Bytes of the log read so far.
     len: u64,
+    /// The end of what was read, as long as the needle less one byte: a
+    /// needle split across two reads is still found.
+    tail: Vec<u8>,
     found: bool,
 }
 
@@ -202,20 +206,41 @@ impl<'a> LogWatch<'a> {
         LogWatch {
             path,
             len: 0,
+            tail: Vec::new(),
             found: false,
         }
     }
 
+    /// Whether the log holds `needle`, reading only what was added since
+    /// the last call (the log grows while the guest boots).
     fn contains(&mut self, needle: &str) -> bool {
+        use std::io::{Read, Seek, SeekFrom};
         if self.found {
             return true;
         }
-        let len = std::fs::metadata(self.path).map_or(0, |m| m.len());
-        if len != self.len {
-            self.len = len;
-            self.found = std::fs::read_to_string(self.path).is_ok_and(|t| t.contains(needle));
+        let needle = needle.as_bytes();
+        let Ok(mut file) = std::fs::File::open(self.path) else {
+            return false;
+        };
+        if file.seek(SeekFrom::Start(self.len)).is_err() {
+            return false;
         }
-        self.found
+        let mut chunk = [0u8; 64 << 10];
+        loop {
+            let n = match file.read(&mut chunk) {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            self.len += n as u64;
+            let mut window = std::mem::take(&mut self.tail);
+            window.extend_from_slice(&chunk[..n]);
+            if window.windows(needle.len()).any(|w| w == needle) {
+                self.found = true;
+                return true;
+            }
+            let keep = needle.len().saturating_sub(1).min(window.len());
+            self.tail = window.split_off(window.len() - keep);
+        }
     }
 }
 
@@ -378,6 +403,23 @@ mod tests {
             err.contains("upgrade the guest image or the runtime"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_log_is_read_incrementally_and_a_split_needle_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("vmm.log");
+        std::fs::write(&log, "boot: line one\nagent re").unwrap();
+        let mut watch = LogWatch::new(&log);
+        assert!(!watch.contains("agent ready"));
+        let read = watch.len;
+        assert_eq!(read, 23);
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        std::io::Write::write_all(&mut f, b"ady\n").unwrap();
+        assert!(watch.contains("agent ready"));
+        // Only the new bytes were read.
+        assert_eq!(watch.len, read + 4);
+        assert!(watch.contains("agent ready"));
     }
 
     #[tokio::test]
