@@ -114,9 +114,12 @@ impl Vmm {
             })
         })?;
         let running = build_and_start(&self.config, self.start, memfd)?;
-        if let Err(e) = seccomp::apply(ThreadKind::Main) {
-            // Never run unfiltered in a process that asked for filters.
-            running.exit.signal(VmExit::Error(e.to_string()));
+        match seccomp::apply(ThreadKind::Main) {
+            // Every thread is filtered now: the vCPUs may run the guest.
+            Ok(()) => running.gate.open(),
+            // Never run unfiltered in a process that asked for filters; the
+            // gate opens at teardown, for the vCPUs to end.
+            Err(e) => running.exit.signal(VmExit::Error(e.to_string())),
         }
         // Whoever started the VMM may wait for this line (airlock-runtime
         // does): past it, setup errors are behind us.
@@ -158,7 +161,10 @@ impl Vmm {
             virtio,
             exit: _,
             clock: _,
+            gate,
         } = running;
+        // A vCPU still at the gate sees its stop flag once through it.
+        gate.open();
         vcpus.into_iter().for_each(|v| v.stop_and_join());
         // Device workers write guest memory: stop them before the wipe.
         virtio.iter().for_each(crate::builder::virtio::stop);

@@ -16,7 +16,7 @@ use crate::devices::virtio::worker::{self, PoolError};
 use crate::exit::ExitSignal;
 use crate::seccomp;
 use crate::vstate::memory::{self, GuestRam, MemoryError};
-use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError, VcpuHandle};
+use crate::vstate::vcpu::{StartGate, Vcpu, VcpuContext, VcpuError, VcpuHandle};
 use crate::vstate::vm::{Vm, VmError};
 
 /// Errors from building a VM. Each wraps the module error that says what
@@ -70,9 +70,12 @@ pub struct RunningVm {
     pub(crate) virtio: Vec<virtio::SharedTransport>,
     pub(crate) exit: ExitSignal,
     pub(crate) clock: Arc<BootClock>,
+    /// Holds the vCPUs before their first `KVM_RUN` (see [`StartGate`]).
+    pub(crate) gate: Arc<StartGate>,
 }
 
-/// Builds the VM described by `config` and starts its vCPUs. `start` is the
+/// Builds the VM described by `config` and starts its vCPUs, which wait at
+/// the returned VM's `gate` before they run the guest. `start` is the
 /// moment boot timing counts from (normally the VMM process's start).
 /// Guest RAM is `memfd` (made by [`memory::guest_memfd`], held by a keeper
 /// that wipes it) or, without one, a memfd of the VM's own.
@@ -124,11 +127,13 @@ pub fn build_and_start(
     let exit = ExitSignal::new().map_err(BuildError::EventFd)?;
     let clock = BootClock::new(start);
     let pio = legacy::legacy_devices(&vm, config, &mem, &exit, &clock)?;
+    let gate = Arc::new(StartGate::default());
     let ctx = VcpuContext {
         pio,
         mmio: virtio.bus,
         exit: exit.clone(),
         clock: clock.clone(),
+        gate: gate.clone(),
     };
     phase("devices attached");
     let vcpus = (0..num_vcpus)
@@ -140,6 +145,7 @@ pub fn build_and_start(
         match vcpu.start(ctx.clone()) {
             Ok(h) => handles.push(h),
             Err(e) => {
+                gate.open();
                 handles.into_iter().for_each(VcpuHandle::stop_and_join);
                 virtio.transports.iter().for_each(virtio::stop);
                 mem.wipe();
@@ -154,5 +160,6 @@ pub fn build_and_start(
         virtio: virtio.transports,
         exit,
         clock,
+        gate,
     })
 }

@@ -2,7 +2,7 @@
 //! dispatches its exits to the device buses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -85,6 +85,33 @@ pub struct VcpuContext {
     pub exit: ExitSignal,
     /// Boot-phase timestamps.
     pub clock: Arc<BootClock>,
+    /// Holds the vCPU before its first `KVM_RUN`.
+    pub gate: Arc<StartGate>,
+}
+
+/// Holds every vCPU, filtered already, before its first `KVM_RUN` until
+/// the main thread is filtered too (see `Vmm::run`): no guest instruction
+/// runs while any VMM thread is unfiltered. Opened once, never closed.
+#[derive(Debug, Default)]
+pub struct StartGate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl StartGate {
+    /// Lets every vCPU run (or, once they are told to stop, end).
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    /// Waits until the gate is open.
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// A configured vCPU, not yet running.
@@ -157,6 +184,7 @@ impl Vcpu {
                 .signal(VmExit::Error(format!("vCPU {}: {e}", self.id)));
             return;
         }
+        ctx.gate.wait();
         if self.id == 0 {
             // The boot vCPU's first KVM_RUN enters the guest kernel.
             ctx.clock.mark_kernel_entry();
@@ -291,6 +319,24 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    #[test]
+    fn the_gate_holds_until_opened() {
+        let gate = Arc::new(StartGate::default());
+        let passed = Arc::new(AtomicBool::new(false));
+        let (g, p) = (gate.clone(), passed.clone());
+        let t = std::thread::spawn(move || {
+            g.wait();
+            p.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!passed.load(Ordering::SeqCst), "through a closed gate");
+        gate.open();
+        t.join().unwrap();
+        assert!(passed.load(Ordering::SeqCst));
+        // Open for good.
+        gate.wait();
+    }
     use crate::devices::bus::BusDevice;
 
     struct Echo;
