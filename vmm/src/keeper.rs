@@ -26,7 +26,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
@@ -137,29 +136,31 @@ impl Keeper {
     }
 
     /// Filters itself, waits for the VMM to end (forwarding termination
-    /// signals, killing it after the grace), wipes guest memory and returns
-    /// the exit status to leave with.
-    pub fn run(self) -> ExitCode {
-        let watch = match self.watchers() {
-            Ok(w) => w,
+    /// signals, killing it after the grace), wipes guest memory and exits
+    /// with the VMM's status.
+    pub fn run(self) -> ! {
+        let status = match self.watchers() {
+            Ok(watch) => watch_vmm(self.vmm, &watch, self.grace),
             Err(e) => {
                 // Without its watchers the keeper cannot forward a stop:
                 // stop the VMM now, and still wipe.
                 eprintln!("airlock-vmm: error: {e}");
                 let _ = nix::sys::signal::kill(self.vmm, Signal::SIGKILL);
-                let status = waitpid(self.vmm, None).ok();
-                self.wipe();
-                return ExitCode::from(exit_code(status).max(1));
+                waitpid(self.vmm, None).ok()
             }
         };
-        let status = watch_vmm(self.vmm, &watch, self.grace);
         self.wipe();
         if let Some(WaitStatus::Signaled(_, sig, _)) = status {
             eprintln!(
                 "airlock-vmm: error: the VMM process was killed by {sig}; guest memory was wiped"
             );
         }
-        ExitCode::from(exit_code(status))
+        let code = exit_code(status);
+        // Straight out: no exit handlers or destructors, whose system calls
+        // the keeper's filter does not allow (they killed it with SIGSYS
+        // after the wipe). Its output is unbuffered and written already.
+        // SAFETY: _exit ends the process at once; nothing after it runs.
+        unsafe { libc::_exit(i32::from(code)) }
     }
 
     fn watchers(&self) -> Result<Watchers, KeeperError> {

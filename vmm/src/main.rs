@@ -263,7 +263,7 @@ fn main() -> ExitCode {
                 // waits for it and wipes.
                 tracing::error!("keeper: {}", error_chain(e));
             }
-            return k.run();
+            k.run();
         }
         Role::Vmm { keeper, memfd } => (keeper, memfd),
     };
