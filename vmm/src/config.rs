@@ -85,6 +85,10 @@ pub struct VsockConfig {
     pub guest_cid: u64,
     /// The host-side Unix socket.
     pub uds: PathBuf,
+    /// Whether the guest may connect to host ports (`<uds>_P` sockets).
+    /// Off for sandboxes: the device then opens no socket, and its seccomp
+    /// filter allows none.
+    pub guest_connect: bool,
 }
 
 /// A block device backed by a raw image file.
@@ -270,11 +274,13 @@ mod tests {
         c.vsock = Some(VsockConfig {
             guest_cid: 2,
             uds: "/tmp/v.sock".into(),
+            guest_connect: false,
         });
         assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
         c.vsock = Some(VsockConfig {
             guest_cid: 3,
             uds: "/tmp/v.sock".into(),
+            guest_connect: false,
         });
         assert_eq!(c.validate(), Ok(()));
     }

@@ -472,6 +472,7 @@ mod tests {
         config.vsock = Some(crate::config::VsockConfig {
             guest_cid: 3,
             uds: "/elsewhere/v.sock".into(),
+            guest_connect: false,
         });
         let jail = JailConfig {
             root: "/tmp/airlock-jail-test-root".into(),

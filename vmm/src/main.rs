@@ -58,6 +58,12 @@ struct Cli {
     /// The guest's vsock context ID
     #[arg(long, default_value_t = 3, value_name = "CID", requires = "vsock_uds")]
     vsock_cid: u64,
+    /// Let the guest connect to host ports: a guest connection to port P
+    /// reaches the Unix socket `<vsock-uds>_P`. Off by default: the vsock
+    /// device then opens no socket for the guest (its seccomp filter allows
+    /// none), and airlock-runtime never turns it on
+    #[arg(long, requires = "vsock_uds")]
+    vsock_guest_connect: bool,
     /// Attach a block device: `path=IMAGE[,ro][,id=SERIAL]` (repeatable;
     /// the first is /dev/vda)
     #[arg(long = "drive", value_name = "SPEC")]
@@ -166,6 +172,7 @@ fn config_from(cli: &Cli) -> VmConfig {
         vsock: cli.vsock_uds.clone().map(|uds| VsockConfig {
             guest_cid: cli.vsock_cid,
             uds,
+            guest_connect: cli.vsock_guest_connect,
         }),
         drives: cli.drives.clone(),
         rng: !cli.no_rng,
@@ -237,8 +244,10 @@ fn main() -> ExitCode {
         None => None,
     };
     // Every VMM thread, and the keeper, runs under its seccomp filter;
-    // nothing turns this off.
+    // nothing turns this off. Device threads may open Unix sockets only
+    // for a guest that may connect to host ports.
     airlock_vmm::seccomp::enable();
+    airlock_vmm::seccomp::allow_device_connect(cli.vsock_guest_connect);
     // Guest memory gets its keeper before the VMM reads any guest input.
     let bytes = config.memory_mib << 20; // validate() bounds it.
     let grace = Duration::from_secs(cli.stop_grace_secs);

@@ -60,6 +60,15 @@ pub fn enable() {
     ENABLED.store(true, Ordering::SeqCst);
 }
 
+static DEVICE_CONNECT: AtomicBool = AtomicBool::new(false);
+
+/// Lets device threads open connections (`socket(AF_UNIX)` and `connect`):
+/// only for a vsock device whose guest may connect to host ports. Call
+/// before any thread installs its filter.
+pub fn allow_device_connect(allowed: bool) {
+    DEVICE_CONNECT.store(allowed, Ordering::SeqCst);
+}
+
 /// Whether this process installs filters.
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
@@ -84,6 +93,11 @@ const FIONBIO: u64 = 0x5421;
 /// The compiled filter of `kind`: its syscalls are allowed, anything else
 /// kills the process.
 pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    filter_with(kind, DEVICE_CONNECT.load(Ordering::SeqCst))
+}
+
+/// [`filter`], with device threads allowed to connect or not.
+fn filter_with(kind: ThreadKind, device_connect: bool) -> Result<BpfProgram, SeccompError> {
     let build = |e| SeccompError::Build(kind, e);
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for nr in COMMON {
@@ -130,11 +144,14 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
                 rules.insert(*nr, Vec::new());
             }
             rules.insert(libc::SYS_ioctl, vec![arg_eq(1, FIONBIO).map_err(build)?]);
-            // Guest connections to the host reach Unix sockets only.
-            rules.insert(
-                libc::SYS_socket,
-                vec![arg_eq(0, libc::AF_UNIX as u64).map_err(build)?],
-            );
+            if device_connect {
+                // Guest connections to the host reach Unix sockets only.
+                rules.insert(
+                    libc::SYS_socket,
+                    vec![arg_eq(0, libc::AF_UNIX as u64).map_err(build)?],
+                );
+                rules.insert(libc::SYS_connect, Vec::new());
+            }
         }
     }
     let filter = SeccompFilter::new(
@@ -290,8 +307,8 @@ pub fn apply_keeper(child: u32) -> Result<(), SeccompError> {
 const DEVICE_CONTROL: &[i64] = &[libc::SYS_timerfd_settime];
 
 /// A device worker's extra syscalls: the disk image, the vsock Unix
-/// sockets (listener, host and guest-initiated connections) and the vsock
-/// handshake timer.
+/// sockets (the listener and its connections; `socket` and `connect` only
+/// with [`allow_device_connect`]) and the vsock handshake timer.
 const DEVICE: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_pwrite64,
@@ -300,7 +317,6 @@ const DEVICE: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_accept4,
-    libc::SYS_connect,
     libc::SYS_recvfrom,
     libc::SYS_sendto,
     libc::SYS_recvmsg,
@@ -317,7 +333,10 @@ mod tests {
     /// Runs `body` in a forked child that first installs the filter of
     /// `kind`; returns the child's wait status.
     fn in_filtered_child(kind: ThreadKind, body: fn()) -> i32 {
-        let program = filter(kind).unwrap();
+        in_child_under(filter(kind).unwrap(), body)
+    }
+
+    fn in_child_under(program: BpfProgram, body: fn()) -> i32 {
         // The child allocates nothing, so the test process's other threads
         // do not matter.
         // SAFETY: the child only installs the prepared filter, makes raw
@@ -415,10 +434,14 @@ mod tests {
             ThreadKind::Device,
             inet_socket
         )));
-        assert!(exited_ok(in_filtered_child(
+        // Device threads open sockets only for a guest that may connect.
+        assert!(killed_by_sigsys(in_filtered_child(
             ThreadKind::Device,
             unix_socket
         )));
+        let connecting = filter_with(ThreadKind::Device, true).unwrap();
+        assert!(exited_ok(in_child_under(connecting.clone(), unix_socket)));
+        assert!(killed_by_sigsys(in_child_under(connecting, inet_socket)));
         assert!(killed_by_sigsys(in_filtered_child(
             ThreadKind::Vcpu,
             unix_socket

@@ -226,7 +226,12 @@ fn vsock_guest_initiated_64mib() {
             std::io::copy(&mut reader, &mut writer).unwrap();
             writer.shutdown(std::net::Shutdown::Write).unwrap();
         });
-        let args = vec!["--vsock-uds".to_string(), uds.display().to_string()];
+        // Guest-initiated connections are off unless asked for.
+        let args = vec![
+            "--vsock-uds".to_string(),
+            uds.display().to_string(),
+            "--vsock-guest-connect".to_string(),
+        ];
         let (child, rx) = start_guest(
             &dir,
             "vsock-echo",

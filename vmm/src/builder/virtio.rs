@@ -47,7 +47,7 @@ pub(crate) fn devices_from_config(
     }
     if let Some(v) = &config.vsock {
         devices.push(Box::new(
-            Vsock::new(v.guest_cid, v.uds.clone()).map_err(|e| boxed(&e))?,
+            Vsock::new(v.guest_cid, v.uds.clone(), v.guest_connect).map_err(|e| boxed(&e))?,
         ));
     }
     if config.rng {

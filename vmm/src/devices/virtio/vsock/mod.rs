@@ -83,12 +83,20 @@ pub struct Vsock {
 impl Vsock {
     /// A device for a guest with `guest_cid`, listening for host clients on
     /// `uds_path` from now on (connections queue until the driver starts).
-    pub fn new(guest_cid: u64, uds_path: PathBuf) -> Result<Vsock, VsockError> {
+    /// With `guest_connect`, the guest may also connect to host ports
+    /// (`<uds_path>_P`).
+    pub fn new(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        guest_connect: bool,
+    ) -> Result<Vsock, VsockError> {
         if !(3..=0xffff_fffe).contains(&guest_cid) {
             return Err(VsockError::InvalidCid(guest_cid));
         }
         let listener = muxer::bind_listener(&uds_path)?;
-        let muxer = Muxer::new(guest_cid, uds_path.clone(), listener).map_err(VsockError::Epoll)?;
+        let mut muxer =
+            Muxer::new(guest_cid, uds_path.clone(), listener).map_err(VsockError::Epoll)?;
+        muxer.set_guest_connect(guest_connect);
         Ok(Vsock {
             guest_cid,
             uds_path,

@@ -91,6 +91,8 @@ pub struct Muxer {
     rxq: VecDeque<ConnKey>,
     next_local_port: u32,
     timeouts: Timeouts,
+    /// Whether the guest may connect to host ports (`<uds_path>_P`).
+    guest_connect: bool,
 }
 
 /// Binds the listening socket at `path`, replacing a stale socket file
@@ -190,7 +192,15 @@ impl Muxer {
             rxq: VecDeque::new(),
             next_local_port: LOCAL_PORT_BASE,
             timeouts: Timeouts::default(),
+            guest_connect: true,
         })
+    }
+
+    /// Lets the guest connect to host ports, or not (then every guest
+    /// connection request is answered with a reset, and the device opens
+    /// no socket for the guest). On unless turned off here.
+    pub fn set_guest_connect(&mut self, allowed: bool) {
+        self.guest_connect = allowed;
     }
 
     /// Overrides the timeouts.
@@ -508,6 +518,10 @@ impl Muxer {
 
     /// The guest connects to host port P: `<uds_path>_P`.
     fn connect_to_host(&mut self, hdr: &Header) {
+        if !self.guest_connect {
+            self.push_ctrl(hdr.rst_reply());
+            return;
+        }
         if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
             self.push_ctrl(hdr.rst_reply());
             return;

@@ -452,6 +452,27 @@ fn guest_initiated_connect() {
 }
 
 #[test]
+fn a_guest_that_may_not_connect_is_reset_and_no_socket_is_opened() {
+    let mut g = Guest::new();
+    g.muxer.set_guest_connect(false);
+    let mut path = g.uds.clone().into_os_string();
+    path.push("_1234");
+    let listener = UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    g.send(g.pkt(OP_REQUEST, 40000, 1234), &[]);
+    g.give_rx(1, 4096);
+    let got = g.wait_rx();
+    let h = got[0].0;
+    assert_eq!((h.op, h.src_port, h.dst_port), (OP_RST, 1234, 40000));
+    assert_eq!(g.muxer.connection_count(), 0);
+    // Nothing ever connected to the host socket.
+    assert_eq!(
+        listener.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+}
+
+#[test]
 fn shutdowns_both_ways() {
     let mut g = Guest::new();
     let (mut host, local) = g.host_connect(5);
@@ -634,25 +655,25 @@ fn device_construction_and_config() {
     let dir = TempDir::new();
     let long = dir.0.join("x".repeat(120));
     assert!(matches!(
-        Vsock::new(3, long),
+        Vsock::new(3, long, true),
         Err(VsockError::PathTooLong(_))
     ));
     assert!(matches!(
-        Vsock::new(2, dir.sock()),
+        Vsock::new(2, dir.sock(), true),
         Err(VsockError::InvalidCid(2))
     ));
     let file = dir.0.join("file");
     std::fs::write(&file, b"").unwrap();
     assert!(matches!(
-        Vsock::new(3, file),
+        Vsock::new(3, file, true),
         Err(VsockError::PathExists(_))
     ));
     // A stale socket file is replaced; a live one is refused.
     let stale = dir.0.join("stale.sock");
     drop(UnixListener::bind(&stale).unwrap());
-    let dev = Vsock::new(0x1234_5678, stale.clone()).unwrap();
+    let dev = Vsock::new(0x1234_5678, stale.clone(), true).unwrap();
     assert!(matches!(
-        Vsock::new(3, stale.clone()),
+        Vsock::new(3, stale.clone(), true),
         Err(VsockError::PathInUse(_))
     ));
     assert_eq!(dev.device_type(), 19);
@@ -733,7 +754,7 @@ impl<'a> Worker<'a> {
 #[test]
 fn worker_activate_reset_activate() {
     let dir = TempDir::new();
-    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
+    let mut dev = Vsock::new(CID, dir.sock(), true).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     for _round in 0..2 {
         let worker = Worker::activate(&mut dev, &mem);
@@ -755,7 +776,7 @@ fn worker_activate_reset_activate() {
 fn worker_interrupts_only_when_the_driver_wants_it() {
     const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
     let dir = TempDir::new();
-    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
+    let mut dev = Vsock::new(CID, dir.sock(), true).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let worker = Worker::activate(&mut dev, &mem);
     let flags = worker.rxvq.avail_addr();
@@ -835,7 +856,7 @@ fn tx_chains_longer_than_the_queue_are_dropped_and_stops_are_checked() {
 fn a_stop_interrupts_an_endless_tx_ring_within_a_chain() {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
     let dir = TempDir::new();
-    let mut dev = Vsock::new(CID, dir.sock()).unwrap();
+    let mut dev = Vsock::new(CID, dir.sock(), true).unwrap();
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let vqs: Vec<_> = [0u64, 0x1_0000, 0x2_0000]
         .iter()
