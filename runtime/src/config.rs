@@ -129,9 +129,16 @@ pub struct JailSettings {
     /// and rlimits. Needs root. `false` leaves only the VMM's seccomp
     /// filters between a guest that escapes KVM and the host.
     pub enabled: bool,
-    /// The user and group each VMM runs as.
+    /// The user and group each VMM runs as when `uid_count` is 0.
     pub uid: u32,
     pub gid: u32,
+    /// Each VMM (and its keeper) runs as a uid of its own, with the gid of
+    /// the same number, from `uid_base` .. `uid_base + uid_count`: no two
+    /// sandboxes share the per-user limits of the kernel (pending signals,
+    /// locked memory, pipe buffers) or anything else a uid owns. 0: they
+    /// all run as `uid`/`gid`.
+    pub uid_base: u32,
+    pub uid_count: u32,
     /// The cgroup v2 directory under which each VMM gets `<sandbox id>/`.
     pub cgroup_parent: PathBuf,
     /// The VMM's memory.max: guest memory plus this much.
@@ -146,6 +153,8 @@ impl Default for JailSettings {
             enabled: true,
             uid: 65534,
             gid: 65534,
+            uid_base: 524_288,
+            uid_count: 65_536,
             cgroup_parent: PathBuf::from("/sys/fs/cgroup/airlock"),
             memory_overhead_mib: 64,
             pids_max: 64,
@@ -294,8 +303,15 @@ impl RuntimeConfig {
         let socket_len = self.state_dir.as_os_str().len() + "/0123456789ab/root/vsock.sock".len();
         if socket_len > 107 {
             return Err(ConfigError::Invalid(format!(
-                "state_dir = {:?} is too long: a sandbox's vsock socket under it would be a                  {socket_len}-byte path, and Unix socket paths hold at most 107; use a shorter state_dir",
+                "state_dir = {:?} is too long: a sandbox's vsock socket under it would be a {socket_len}-byte path, and Unix socket paths hold at most 107; use a shorter state_dir",
                 self.state_dir
+            )));
+        }
+        let (base, count) = (self.jail.uid_base, self.jail.uid_count);
+        if count > 0 && (base == 0 || base.checked_add(count).is_none_or(|end| end == u32::MAX)) {
+            return Err(ConfigError::Invalid(format!(
+                "jail.uid_base = {base}, jail.uid_count = {count}: the range must start above 0 \
+                 and end below 4294967295 (uid_count = 0 runs every VMM as jail.uid)"
             )));
         }
         if self.jail.enabled && self.jail.pids_max < 8 {

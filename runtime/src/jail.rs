@@ -28,6 +28,13 @@ pub enum JailError {
     /// {0} is not on a cgroup v2 filesystem: mount cgroup2 on /sys/fs/cgroup, or set `[jail] cgroup_parent`
     #[error("{0} is not on a cgroup v2 filesystem: mount cgroup2 on /sys/fs/cgroup, or set `[jail] cgroup_parent`")]
     NoCgroup2(PathBuf),
+    #[error("cannot reserve a uid for the VMM ({0}): {1}")]
+    Uid(PathBuf, #[source] std::io::Error),
+    #[error(
+        "every uid of [jail] uid_base = {0}, uid_count = {1} is held by a live sandbox: \
+         remove sandboxes, or widen the range"
+    )]
+    NoUid(u32, u32),
     /// cgroup {0}: {1}
     #[error("cgroup {0}: {1}")]
     Cgroup(PathBuf, std::io::Error),
@@ -98,6 +105,58 @@ impl JailSpec {
             "--jail-gid".into(),
             self.gid.to_string().into(),
         ]
+    }
+}
+
+/// The uid (and gid of the same number) of sandbox `id`'s VMM: one of
+/// `[jail] uid_base .. uid_base + uid_count` that no other live sandbox
+/// holds, reserved by creating `<state_root>/.uid-<uid>` (holding the id)
+/// exclusively; [`release_uid`] removes it at teardown. With `uid_count`
+/// 0, the shared `uid`/`gid`.
+pub fn reserve_uid(
+    settings: &JailSettings,
+    state_root: &Path,
+    id: &str,
+) -> Result<(u32, u32), JailError> {
+    use sha2::Digest;
+    if settings.uid_count == 0 {
+        return Ok((settings.uid, settings.gid));
+    }
+    let hash = sha2::Sha256::digest(id.as_bytes());
+    let first = u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % settings.uid_count;
+    for i in 0..settings.uid_count {
+        let uid = settings.uid_base + (first + i) % settings.uid_count;
+        let path = state_root.join(format!(".uid-{uid}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                f.write_all(id.as_bytes())
+                    .map_err(|e| JailError::Cgroup(path.clone(), e))?;
+                return Ok((uid, uid));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(JailError::Uid(path, e)),
+        }
+    }
+    Err(JailError::NoUid(settings.uid_base, settings.uid_count))
+}
+
+/// Frees the uid that sandbox `id` reserved, if any.
+pub fn release_uid(state_root: &Path, id: &str) {
+    let Ok(entries) = std::fs::read_dir(state_root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if name.to_string_lossy().starts_with(".uid-")
+            && std::fs::read(e.path()).is_ok_and(|held| held == id.as_bytes())
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -382,4 +441,41 @@ fn child_main(
         libc::execve(*argv, argv, envp);
     }
     fail(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_sandbox_gets_a_uid_of_its_own_until_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = JailSettings {
+            uid_base: 1000,
+            uid_count: 3,
+            ..Default::default()
+        };
+        let mut held = Vec::new();
+        for id in ["a", "b", "c"] {
+            let (uid, gid) = reserve_uid(&settings, dir.path(), id).unwrap();
+            assert_eq!(uid, gid);
+            assert!((1000..1003).contains(&uid));
+            assert!(!held.contains(&uid), "{uid} given twice");
+            held.push(uid);
+        }
+        let err = reserve_uid(&settings, dir.path(), "d").unwrap_err();
+        assert!(err.to_string().contains("widen the range"), "{err}");
+        release_uid(dir.path(), "b");
+        let (uid, _) = reserve_uid(&settings, dir.path(), "d").unwrap();
+        assert_eq!(uid, held[1], "b's uid is free again");
+        // Shared, when asked for.
+        let shared = JailSettings {
+            uid_count: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            reserve_uid(&shared, dir.path(), "e").unwrap(),
+            (65534, 65534)
+        );
+    }
 }

@@ -169,7 +169,7 @@ mod tests {
         check_memory_backed(Path::new("/dev/shm")).unwrap();
         let err = check_memory_backed(Path::new("/proc")).unwrap_err();
         assert!(
-            err.to_string().contains("set state_dir to a tmpfs"),
+            err.to_string().contains("mount a tmpfs there"),
             "{err}"
         );
     }

@@ -152,6 +152,22 @@ impl Sandbox {
             scratch::check_memory_backed(state.path())?;
             scratch::create(&state.scratch_path(), config.scratch_mib)?;
             let guest_cid = random_cid();
+            let jail = match config.jail.enabled {
+                true => {
+                    let mut jail = crate::jail::JailSpec::new(
+                        &config.jail,
+                        id.as_str(),
+                        &state.jail_root(),
+                        opts.memory_mib,
+                        config.scratch_mib,
+                    );
+                    (jail.uid, jail.gid) =
+                        crate::jail::reserve_uid(&config.jail, &config.state_dir, id.as_str())
+                            .map_err(vmm::VmmError::from)?;
+                    Some(jail)
+                }
+                false => None,
+            };
             let spec = vmm::VmmSpec {
                 kernel: config.kernel.clone(),
                 initrd: config.initrd.clone(),
@@ -175,15 +191,7 @@ impl Sandbox {
                 console_path: Some(state.console_path()),
                 extra_args: vec![],
                 die_with_parent: opts.ephemeral,
-                jail: config.jail.enabled.then(|| {
-                    crate::jail::JailSpec::new(
-                        &config.jail,
-                        id.as_str(),
-                        &state.jail_root(),
-                        opts.memory_mib,
-                        config.scratch_mib,
-                    )
-                }),
+                jail,
                 stop_grace_secs: config.timeouts.teardown_secs,
             };
             if !config.jail.enabled {
@@ -384,6 +392,7 @@ pub async fn teardown_state(
             Err(e) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
         }
     }
+    crate::jail::release_uid(&config.state_dir, state.id().as_str());
     let cgroup = crate::jail::cgroup_dir(&config.jail, state.id().as_str());
     if let Err(e) = crate::jail::remove_cgroup(&cgroup) {
         tracing::warn!(

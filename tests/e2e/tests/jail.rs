@@ -93,6 +93,29 @@ fn a_sandbox_vmm_runs_jailed() {
         assert_eq!(oom(keeper).trim(), "-1000");
         assert_eq!(oom(vmm).trim(), "0");
 
+        // Keeper and VMM share their sandbox's uid; another sandbox has
+        // its own.
+        assert_eq!(status_field(keeper, "Uid"), status_field(vmm, "Uid"));
+        let out = airlock(&["create"]);
+        assert_eq!(out.status.code(), Some(0));
+        let other = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let out = airlock(&["ls", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let other_keeper = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["id"] == other.as_str())
+            .expect("the other sandbox is listed")["vmm_pid"]
+            .as_u64()
+            .unwrap();
+        assert_ne!(
+            status_field(keeper, "Uid"),
+            status_field(other_keeper, "Uid"),
+            "two sandboxes share a uid"
+        );
+        assert_eq!(airlock(&["rm", &other]).status.code(), Some(0));
+
         let out = airlock(&["exec", &id, "--", "echo", "from the jailed VM"]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "from the jailed VM\n");
         let out = airlock(&["rm", &id]);
@@ -117,9 +140,13 @@ fn assert_jailed(id: &str, pid: u64, leaf: &str) {
         .lines()
         .any(|l| l.starts_with("kvm:"));
     if kvm_group {
-        // The default jail user, since /dev/kvm is root:kvm 0660.
-        assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
-        assert!(status_field(pid, "Gid").starts_with("65534\t65534"));
+        // A uid of the sandbox's own from the default range (and the gid
+        // of the same number), since /dev/kvm is root:kvm 0660.
+        let uid = status_field(pid, "Uid");
+        let ids: Vec<u32> = uid.split('\t').map(|u| u.parse().unwrap()).collect();
+        assert!(ids.iter().all(|u| *u == ids[0]), "{uid}");
+        assert!((524_288..524_288 + 65_536).contains(&ids[0]), "{uid}");
+        assert!(status_field(pid, "Gid").starts_with(&format!("{}\t", ids[0])));
     }
 
     let root = Path::new("/proc").join(pid.to_string()).join("root");
