@@ -340,6 +340,48 @@ fn a_vsock_connection_flood_is_contained() {
 }
 
 #[test]
+fn a_host_side_connection_flood_meets_the_handshake_cap() {
+    on_real_kvm(
+        "a_host_side_connection_flood_meets_the_handshake_cap",
+        || {
+            // 200 clients of the sandbox's vsock socket that never send
+            // CONNECT: the VMM keeps 64 handshakes pending and refuses the rest
+            // at once (the handshake timeout, 2 s, closes the 64 later); the
+            // sandbox goes on.
+            let out = airlock(&["create"], 300);
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let sock = std::path::Path::new("/run/airlock")
+                .join(&id)
+                .join("root/vsock.sock");
+            let idle: Vec<std::os::unix::net::UnixStream> = (0..200)
+                .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
+                .collect();
+            assert_eq!(idle.len(), 200, "the listener's backlog refused clients");
+            std::thread::sleep(Duration::from_millis(500));
+            let closed = |s: &std::os::unix::net::UnixStream| {
+                s.set_nonblocking(true).unwrap();
+                let mut b = [0u8; 1];
+                let mut r = s;
+                match r.read(&mut b) {
+                    Ok(0) => true,
+                    Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                    Ok(_) => false,
+                }
+            };
+            let refused = idle.iter().filter(|s| closed(s)).count();
+            println!("{refused} of 200 idle clients closed after 0.5 s");
+            assert!(refused >= 136, "only {refused} refused: no handshake cap");
+            drop(idle);
+            let out = airlock(&["exec", &id, "--", "echo", "still here"], 120);
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
+            assert_eq!(airlock(&["rm", &id], 120).status.code(), Some(0));
+            airlock_e2e::assert_no_sandbox_left();
+        },
+    );
+}
+
+#[test]
 fn a_guest_that_never_answers_the_agent_handshake_is_given_up_on() {
     on_real_kvm(
         "a_guest_that_never_answers_the_agent_handshake_is_given_up_on",

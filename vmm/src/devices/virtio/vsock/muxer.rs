@@ -29,7 +29,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// Clients still handshaking at most.
 pub const MAX_HANDSHAKES: usize = 64;
 /// Queued RSTs for unknown connections at most (more are dropped).
-const MAX_RX_CTRL: usize = 1024;
+pub const MAX_RX_CTRL: usize = 1024;
 /// First host-side port for host-initiated connections.
 const LOCAL_PORT_BASE: u32 = 1 << 30;
 /// sun_path size.

@@ -615,6 +615,53 @@ fn bad_or_missing_connect_line_closes_the_client() {
     assert_eq!(g.muxer.connection_count(), 0);
 }
 
+/// Whether the host socket was closed by the device (without waiting).
+fn closed_now(host: &UnixStream) -> bool {
+    host.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 1];
+    let mut reader = host;
+    match reader.read(&mut b) {
+        Ok(0) => true,
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
+#[test]
+fn host_clients_beyond_the_handshake_cap_are_refused_at_once() {
+    use super::muxer::MAX_HANDSHAKES;
+    let mut g = Guest::new();
+    // Clients that connect and never send CONNECT.
+    let idle: Vec<UnixStream> = (0..MAX_HANDSHAKES + 36)
+        .map(|_| UnixStream::connect(&g.uds).unwrap())
+        .collect();
+    g.muxer.process_events();
+    let refused = idle.iter().filter(|s| closed_now(s)).count();
+    // The handshake timeout (2 s) is far off: only the cap closed them.
+    assert_eq!(refused, 36, "the cap of {MAX_HANDSHAKES} handshakes");
+    assert_eq!(g.muxer.connection_count(), 0);
+}
+
+#[test]
+fn resets_for_unknown_connections_are_capped() {
+    use super::muxer::MAX_RX_CTRL;
+    let mut g = Guest::new();
+    // Data for connections that do not exist, and no rx buffer to answer
+    // into: each would queue a reset.
+    for port in 0..(MAX_RX_CTRL as u32 + 500) {
+        let mut h = g.pkt(OP_RW, 50_000 + port, 7);
+        h.len = 0;
+        g.muxer.send_from_guest(&h, &[]);
+    }
+    let mut queued = 0;
+    let mut data = vec![0u8; 4096];
+    while let Some(h) = g.muxer.next_rx(&mut data) {
+        assert_eq!(h.op, OP_RST);
+        queued += 1;
+    }
+    assert_eq!(queued, MAX_RX_CTRL, "resets queued at most");
+}
+
 #[test]
 fn unanswered_request_times_out() {
     let t = Timeouts {
