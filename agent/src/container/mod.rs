@@ -315,10 +315,18 @@ async fn start_process(
     let (tx, rx) = Process::exit_channel();
     let cgroup = cgroup.clone();
     tokio::spawn(async move {
-        if let Ok(exit) = exited.await {
-            let oom_killed = exit.signal() == libc::SIGKILL && cgroup.oom_kills() > oom_before;
-            tx.send(Some(ExitInfo { exit, oom_killed })).ok();
-        }
+        let exit = process::exits::exit_of(exited, pid)
+            .await
+            .unwrap_or_else(|| {
+                // Its status went elsewhere: say it was killed rather than
+                // leave every waiter hanging.
+                crate::init::console::warn(format_args!(
+                    "airlock-agent: the exit status of pid {pid} was lost; reporting SIGKILL"
+                ));
+                process::exits::Exit::Signal(libc::SIGKILL)
+            });
+        let oom_killed = exit.signal() == libc::SIGKILL && cgroup.oom_kills() > oom_before;
+        tx.send(Some(ExitInfo { exit, oom_killed })).ok();
     });
     Ok(Process::new(pid, stdio, rx))
 }

@@ -121,9 +121,89 @@ impl Exits {
     }
 }
 
+/// How long a process that has ended may take to reach [`Exits::reap`].
+const REAP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `pid`'s exit from `exited` (an [`Exits::watch`] receiver), with a
+/// liveness check so that the wait cannot hang: the process is also
+/// watched through a pidfd, and if it has ended but its status has not
+/// come within [`REAP_GRACE`] (something other than PID 1 reaped it, e.g.
+/// a launcher it was still the child of), `None`. A status that came
+/// before is always returned.
+pub async fn exit_of(mut exited: oneshot::Receiver<Exit>, pid: i32) -> Option<Exit> {
+    if let Ok(Some(fd)) = pidfd_open(pid) {
+        let interest = tokio::io::Interest::READABLE;
+        // SAFETY: `fd` is an open pidfd that the AsyncFd owns, unchanged,
+        // for its whole life.
+        let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, interest) };
+        if let Ok(fd) = registered {
+            // Readable once the process has ended (zombie or reaped).
+            tokio::select! {
+                r = &mut exited => return r.ok(),
+                _ = fd.readable() => {}
+            }
+        }
+    }
+    // Ended (or gone before we looked): the reaper has the status at once,
+    // unless it never will.
+    tokio::time::timeout(REAP_GRACE, exited).await.ok()?.ok()
+}
+
+/// A pidfd for `pid`; `None` if it no longer exists.
+fn pidfd_open(pid: i32) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes integers; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ESRCH) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    // SAFETY: a new descriptor that nothing else owns.
+    Ok(Some(unsafe {
+        std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_status_that_arrives_is_returned() {
+        let exits = Exits::default();
+        let child = std::process::Command::new("sleep")
+            .arg("0.2")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let rx = exits.watch(pid);
+        let waiter = tokio::spawn(exit_of(rx, pid));
+        // As PID 1's reaper would, once the process has ended.
+        let status = tokio::task::spawn_blocking(move || {
+            let mut child = child;
+            child.wait().unwrap()
+        })
+        .await
+        .unwrap();
+        exits.record(pid, Exit::Code(status.code().unwrap()));
+        assert_eq!(waiter.await.unwrap(), Some(Exit::Code(0)));
+    }
+
+    #[tokio::test]
+    async fn a_status_reaped_elsewhere_does_not_hang_the_wait() {
+        let exits = Exits::default();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let rx = exits.watch(pid);
+        // Someone else reaps it: its status never reaches `exits`.
+        child.wait().unwrap();
+        let start = std::time::Instant::now();
+        assert_eq!(exit_of(rx, pid).await, None);
+        assert!(start.elapsed() < REAP_GRACE * 3);
+    }
 
     #[test]
     fn exit_conventions() {
