@@ -174,7 +174,8 @@ pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime:
         initrd: guest.initrd.clone(),
         vcpus: shape.vcpus as u8,
         memory_mib: shape.memory_mib as u32,
-        vsock_uds: root.join("vsock.sock"),
+        // Beside the jail root, as the runtime keeps it: bound by the runtime.
+        vsock_uds: dir.join("vsock.sock"),
         guest_cid: 3,
         drives: vec![],
         log_path: dir.join("vmm.log"),

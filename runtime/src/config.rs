@@ -300,7 +300,7 @@ impl RuntimeConfig {
         }
         // A sandbox's vsock socket is <state_dir>/<12-hex id>/root/vsock.sock,
         // and a Unix socket's path holds at most 107 bytes.
-        let socket_len = self.state_dir.as_os_str().len() + "/0123456789ab/root/vsock.sock".len();
+        let socket_len = self.state_dir.as_os_str().len() + "/0123456789ab/vsock.sock".len();
         if socket_len > 107 {
             return Err(ConfigError::Invalid(format!(
                 "state_dir = {:?} is too long: a sandbox's vsock socket under it would be a {socket_len}-byte path, and Unix socket paths hold at most 107; use a shorter state_dir",

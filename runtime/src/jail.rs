@@ -300,6 +300,7 @@ pub fn spawn(
     stdout: File,
     stderr: File,
     cgroup_procs: &CgroupProcs,
+    vsock_listener: Option<&std::os::unix::net::UnixListener>,
     die_with_parent: bool,
 ) -> Result<u32, JailError> {
     // SAFETY: geteuid has no preconditions.
@@ -312,10 +313,18 @@ pub fn spawn(
     // The VMM moves itself into its own cgroup through this descriptor,
     // which the child keeps open across execve.
     let vmm_cgroup = cgroup_procs.vmm.as_raw_fd();
+    // The vsock listener, bound by us where the jailed VMM cannot reach
+    // the path: it gets the descriptor, kept open across execve too.
+    let listener = vsock_listener.map_or(-1, |l| l.as_raw_fd());
+    let listener_args: Vec<OsString> = match vsock_listener {
+        Some(_) => vec!["--vsock-listen-fd".into(), listener.to_string().into()],
+        None => vec![],
+    };
     let args = argv
         .iter()
         .cloned()
         .chain(["--vmm-cgroup-fd".into(), vmm_cgroup.to_string().into()])
+        .chain(listener_args)
         .map(|a| cstr(&a))
         .collect::<Result<Vec<_>, _>>()?;
     let env = std::env::vars_os()
@@ -339,6 +348,7 @@ pub fn spawn(
         stderr: stderr.as_raw_fd(),
         cgroup: cgroup_procs.keeper.as_raw_fd(),
         vmm_cgroup,
+        listener,
         report: err_write.as_raw_fd(),
     };
     let (argv_p, envp_p) = (arg_ptrs.as_ptr(), env_ptrs.as_ptr());
@@ -390,6 +400,8 @@ struct ChildFds {
     stderr: i32,
     cgroup: i32,
     vmm_cgroup: i32,
+    /// -1: none.
+    listener: i32,
     report: i32,
 }
 
@@ -429,6 +441,7 @@ fn child_main(
         // "0" moves the writer itself.
         if libc::write(fds.cgroup, b"0".as_ptr().cast(), 1) != 1
             || libc::fcntl(fds.vmm_cgroup, libc::F_SETFD, 0) != 0
+            || (fds.listener >= 0 && libc::fcntl(fds.listener, libc::F_SETFD, 0) != 0)
         {
             return fail(2);
         }

@@ -175,8 +175,11 @@ impl StateDir {
 
     /// The host end of the guest's vsock (hybrid vsock's Unix socket),
     /// inside the jail root so that the jailed VMM can create it.
+    /// The VMM's vsock socket: in the state dir, which only root may
+    /// change, not in the jail root, which the jailed VMM owns (the runtime
+    /// binds it and hands the VMM the listening descriptor).
     pub fn vsock_uds(&self) -> PathBuf {
-        self.jail_root().join("vsock.sock")
+        self.path().join("vsock.sock")
     }
 
     pub fn scratch_path(&self) -> PathBuf {

@@ -39,6 +39,8 @@ pub enum VmmError {
     Wait(u32, #[source] std::io::Error),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    #[error("cannot bind the VMM's vsock socket {0}")]
+    Vsock(PathBuf, #[source] std::io::Error),
 }
 
 /// A drive of the VM.
@@ -136,7 +138,13 @@ impl VmmProcess {
                 let cmd = spec.command(binary);
                 let mut argv = vec![binary.as_os_str().to_os_string()];
                 argv.extend(cmd.get_args().map(|a| a.to_os_string()));
-                let spawned = crate::jail::spawn(&argv, log, log2, &procs, spec.die_with_parent);
+                // Bound here, by root, in a directory the jailed VMM can
+                // neither see nor change; the VMM gets the descriptor.
+                let listener = bind_vsock(&spec.vsock_uds);
+                let spawned = listener.and_then(|l| {
+                    crate::jail::spawn(&argv, log, log2, &procs, Some(&l), spec.die_with_parent)
+                        .map_err(VmmError::from)
+                });
                 if spawned.is_err() {
                     let _ = crate::jail::remove_cgroup(&jail.cgroup);
                 }
@@ -192,6 +200,16 @@ impl VmmProcess {
     pub fn start_time(&self) -> u64 {
         self.start_time
     }
+}
+
+/// Binds the VMM's vsock socket at `path`, replacing a socket left there
+/// by an earlier VMM (never anything else).
+fn bind_vsock(path: &Path) -> Result<std::os::unix::net::UnixListener, VmmError> {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path).map_err(|e| VmmError::Vsock(path.to_path_buf(), e))?;
+    }
+    std::os::unix::net::UnixListener::bind(path).map_err(|e| VmmError::Vsock(path.to_path_buf(), e))
 }
 
 /// Starts the VMM unjailed (`[jail] enabled = false`); returns its pid.

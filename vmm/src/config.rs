@@ -36,6 +36,30 @@ pub enum ConfigError {
     /// More memory than the host has.
     #[error("invalid memory size {requested} MiB: this host has only {host} MiB of RAM")]
     MemoryTooLarge { requested: u64, host: u64 },
+    #[error("--vsock-listen-fd {0}: not an open socket handed to this process")]
+    ListenFd(i32),
+}
+
+/// Whether `fd` is an open socket (above stdio).
+fn is_socket(fd: i32) -> bool {
+    // SAFETY: an all-zero `stat` is a valid value to be overwritten.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat`, which lives across the call.
+    fd > 2
+        && unsafe { libc::fstat(fd, &mut st) } == 0
+        && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+}
+
+/// Takes the listening socket handed over as `fd` (`VsockConfig::listen_fd`).
+/// Called once, when the device is built.
+pub fn take_listener(fd: i32) -> Result<std::os::unix::net::UnixListener, ConfigError> {
+    use std::os::fd::FromRawFd;
+    if !is_socket(fd) {
+        return Err(ConfigError::ListenFd(fd));
+    }
+    // SAFETY: `fd` is an open socket (checked above) that was handed to this
+    // process for the vsock device alone, and is taken here once.
+    Ok(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }
 
 /// Where the guest's serial console goes.
@@ -89,6 +113,11 @@ pub struct VsockConfig {
     /// Off for sandboxes: the device then opens no socket, and its seccomp
     /// filter allows none.
     pub guest_connect: bool,
+    /// A listening Unix socket, bound at `uds` by whoever started the VMM
+    /// and handed over as this descriptor: the VMM then binds nothing, and
+    /// `uds` need not be in its jail (airlock-runtime keeps it in a
+    /// directory that only root may change).
+    pub listen_fd: Option<i32>,
 }
 
 /// A block device backed by a raw image file.
@@ -125,6 +154,11 @@ impl VmConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > u32::from(MAX_VCPUS) {
             return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if let Some(fd) = self.vsock.as_ref().and_then(|v| v.listen_fd) {
+            if !is_socket(fd) {
+                return Err(ConfigError::ListenFd(fd));
+            }
         }
         if let Some(v) = &self.vsock {
             if v.guest_cid < 3 || v.guest_cid > u64::from(u32::MAX) {
@@ -269,18 +303,49 @@ mod tests {
     }
 
     #[test]
+    fn a_handed_over_listener_must_be_an_open_socket() {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let dir = std::env::temp_dir().join(format!("airlock-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("v.sock");
+        let _ = std::fs::remove_file(&sock);
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let mut c = VmConfig::with_defaults();
+        for (fd, ok) in [
+            (listener.as_raw_fd(), true),
+            (file.as_raw_fd(), false),
+            (9999, false),
+        ] {
+            c.vsock = Some(VsockConfig {
+                guest_cid: 3,
+                uds: sock.clone(),
+                guest_connect: false,
+                listen_fd: Some(fd),
+            });
+            assert_eq!(c.validate().is_ok(), ok, "fd {fd}");
+        }
+        assert!(take_listener(file.as_raw_fd()).is_err());
+        let taken = take_listener(listener.into_raw_fd()).unwrap();
+        drop(taken);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn reserved_vsock_cids_are_refused() {
         let mut c = VmConfig::with_defaults();
         c.vsock = Some(VsockConfig {
             guest_cid: 2,
             uds: "/tmp/v.sock".into(),
             guest_connect: false,
+            listen_fd: None,
         });
         assert_eq!(c.validate(), Err(ConfigError::VsockCid(2)));
         c.vsock = Some(VsockConfig {
             guest_cid: 3,
             uds: "/tmp/v.sock".into(),
             guest_connect: false,
+            listen_fd: None,
         });
         assert_eq!(c.validate(), Ok(()));
     }

@@ -203,6 +203,10 @@ pub fn prepare(jail: &JailConfig, config: &mut VmConfig) -> Result<Prepared, Jai
     let root = &jail.root;
     let (uid, gid) = (Uid::from_raw(jail.uid), Gid::from_raw(jail.gid));
     let vsock_inside = match &config.vsock {
+        // A listener handed over is used through its descriptor, never its
+        // path (but for guest connections, `<uds>_P`, which then must be
+        // inside the jail too).
+        Some(v) if v.listen_fd.is_some() && !v.guest_connect => None,
         Some(v) => Some(
             v.uds
                 .strip_prefix(root)
@@ -473,6 +477,7 @@ mod tests {
             guest_cid: 3,
             uds: "/elsewhere/v.sock".into(),
             guest_connect: false,
+            listen_fd: None,
         });
         let jail = JailConfig {
             root: "/tmp/airlock-jail-test-root".into(),

@@ -58,6 +58,11 @@ struct Cli {
     /// The guest's vsock context ID
     #[arg(long, default_value_t = 3, value_name = "CID", requires = "vsock_uds")]
     vsock_cid: u64,
+    /// A Unix socket already bound at --vsock-uds and listening, handed
+    /// over as this descriptor: the VMM binds nothing (airlock-runtime
+    /// passes it with the jail, and keeps the socket out of the jail root)
+    #[arg(long, value_name = "FD", requires = "vsock_uds")]
+    vsock_listen_fd: Option<i32>,
     /// Let the guest connect to host ports: a guest connection to port P
     /// reaches the Unix socket `<vsock-uds>_P`. Off by default: the vsock
     /// device then opens no socket for the guest (its seccomp filter allows
@@ -173,6 +178,7 @@ fn config_from(cli: &Cli) -> VmConfig {
             guest_cid: cli.vsock_cid,
             uds,
             guest_connect: cli.vsock_guest_connect,
+            listen_fd: cli.vsock_listen_fd,
         }),
         drives: cli.drives.clone(),
         rng: !cli.no_rng,
@@ -267,6 +273,11 @@ fn main() -> ExitCode {
     let jailed = prepared.map(|p| p.drop_privileges()).transpose();
     let (keeper, memfd) = match role {
         Role::Keeper(k) => {
+            if let Some(fd) = cli.vsock_listen_fd {
+                // The VMM's listener: the keeper must not keep it open.
+                // SAFETY: close on a descriptor this process does not use.
+                unsafe { libc::close(fd) };
+            }
             if let Err(e) = &jailed {
                 // The VMM fails the same step and exits; the keeper still
                 // waits for it and wipes.

@@ -353,7 +353,7 @@ fn a_host_side_connection_flood_meets_the_handshake_cap() {
             let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
             let sock = std::path::Path::new("/run/airlock")
                 .join(&id)
-                .join("root/vsock.sock");
+                .join("vsock.sock");
             let idle: Vec<std::os::unix::net::UnixStream> = (0..200)
                 .filter_map(|_| std::os::unix::net::UnixStream::connect(&sock).ok())
                 .collect();

@@ -47,7 +47,16 @@ pub(crate) fn devices_from_config(
     }
     if let Some(v) = &config.vsock {
         devices.push(Box::new(
-            Vsock::new(v.guest_cid, v.uds.clone(), v.guest_connect).map_err(|e| boxed(&e))?,
+            match v.listen_fd {
+                Some(fd) => Vsock::with_listener(
+                    v.guest_cid,
+                    v.uds.clone(),
+                    crate::config::take_listener(fd).map_err(|e| boxed(&e))?,
+                    v.guest_connect,
+                ),
+                None => Vsock::new(v.guest_cid, v.uds.clone(), v.guest_connect),
+            }
+            .map_err(|e| boxed(&e))?,
         ));
     }
     if config.rng {

@@ -94,6 +94,23 @@ impl Vsock {
             return Err(VsockError::InvalidCid(guest_cid));
         }
         let listener = muxer::bind_listener(&uds_path)?;
+        Self::with_listener(guest_cid, uds_path, listener, guest_connect)
+    }
+
+    /// As [`Vsock::new`], with `listener` already bound at `uds_path` and
+    /// listening (by whoever started the VMM).
+    pub fn with_listener(
+        guest_cid: u64,
+        uds_path: PathBuf,
+        listener: std::os::unix::net::UnixListener,
+        guest_connect: bool,
+    ) -> Result<Vsock, VsockError> {
+        if !(3..=0xffff_fffe).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| VsockError::Bind(uds_path.clone(), e))?;
         let mut muxer =
             Muxer::new(guest_cid, uds_path.clone(), listener).map_err(VsockError::Epoll)?;
         muxer.set_guest_connect(guest_connect);
