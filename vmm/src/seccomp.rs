@@ -281,6 +281,12 @@ pub fn keeper_filter(child: u32) -> Result<BpfProgram, SeccompError> {
     for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
         rules.insert(nr, vec![no_exec().map_err(build)?]);
     }
+    // Debug builds of std check that a descriptor is open (F_GETFD)
+    // before they use it (seen killing the keeper of a debug build).
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![arg_eq(1, libc::F_GETFD as u64).map_err(build)?],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
