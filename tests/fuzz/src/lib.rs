@@ -11,10 +11,15 @@
 //! ```
 
 pub mod agent;
+pub mod blk_dev;
 pub mod config;
+pub mod driver;
 pub mod guest;
 pub mod layer;
+pub mod mmio;
 pub mod virtio;
+pub mod vsock_conn;
+pub mod workers;
 
 /// A target's body: takes any bytes, must not panic or hang.
 pub type Body = fn(&[u8]);
@@ -28,6 +33,9 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("agent_request", agent::agent_request),
     ("oci_spec_and_config", config::oci_spec_and_config),
     ("layer", layer::layer),
+    ("vsock_connection", vsock_conn::vsock_connection),
+    ("blk_device", blk_dev::blk_device),
+    ("mmio_transport", mmio::mmio_transport),
 ];
 
 /// Runs target `name` on `data`.

@@ -1,0 +1,156 @@
+//! The seeds of the targets that drive a device through its life reach
+//! what they are meant to: these are the evidence that the fuzzer starts
+//! from established vsock connections, requests served by virtio-blk's
+//! `process_queue`, and devices activated through the MMIO transport.
+
+use std::path::Path;
+
+use airlock_fuzz::{blk_dev, mmio, vsock_conn};
+use airlock_vmm::devices::virtio::vsock::packet::{
+    OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+fn seed(target: &str, name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fuzz/corpus")
+        .join(target)
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn vsock_lifecycle_establishes_a_connection_and_runs_credit_and_shutdown() {
+    let t = vsock_conn::vsock_connection_trace(&seed("vsock_connection", "lifecycle"));
+    // The host's CONNECT became a REQUEST to the guest; the guest's
+    // RESPONSE established it: the host client read "OK <port>".
+    assert_eq!(t.to_guest.first(), Some(&OP_REQUEST), "{t:?}");
+    assert_eq!(t.host_ok, 1, "{t:?}");
+    assert_eq!(t.max_connections, 1, "{t:?}");
+    // Host data reached the guest, guest data the host.
+    assert!(t.to_guest.contains(&OP_RW), "{t:?}");
+    assert_eq!(t.guest_bytes, 1000, "{t:?}");
+    assert!(t.host_bytes > 300, "{t:?}");
+    // The credit request was answered; the full shutdown ended with an RST
+    // and the host client saw the end.
+    assert!(t.to_guest.contains(&OP_CREDIT_UPDATE), "{t:?}");
+    assert_eq!(t.to_guest.last(), Some(&OP_RST), "{t:?}");
+    assert_eq!(t.host_eof, 1, "{t:?}");
+}
+
+#[test]
+fn vsock_host_close_sends_the_guest_a_shutdown() {
+    let t = vsock_conn::vsock_connection_trace(&seed("vsock_connection", "host_close"));
+    assert_eq!(t.host_ok, 1, "{t:?}");
+    assert!(t.to_guest.contains(&OP_SHUTDOWN), "{t:?}");
+}
+
+#[test]
+fn vsock_guest_connect_reaches_the_host_listener() {
+    let t = vsock_conn::vsock_connection_trace(&seed("vsock_connection", "guest_connect"));
+    assert_eq!(t.host_accepted, 1, "{t:?}");
+    assert_eq!(t.to_guest.first(), Some(&OP_RESPONSE), "{t:?}");
+    assert_eq!(t.guest_bytes, 500, "{t:?}");
+    assert_eq!(t.host_bytes, 64, "{t:?}");
+    assert_eq!(t.to_guest.last(), Some(&OP_RST), "{t:?}");
+}
+
+#[test]
+fn vsock_refused_guest_connections_get_resets() {
+    let t = vsock_conn::vsock_connection_trace(&seed("vsock_connection", "refused"));
+    assert_eq!(t.host_accepted, 0, "{t:?}");
+    assert_eq!(t.max_connections, 0, "{t:?}");
+    assert!(!t.to_guest.is_empty(), "{t:?}");
+    assert!(t.to_guest.iter().all(|&op| op == OP_RST), "{t:?}");
+}
+
+#[test]
+fn vsock_guest_overrunning_its_credit_is_reset() {
+    let t = vsock_conn::vsock_connection_trace(&seed("vsock_connection", "overrun"));
+    assert_eq!(t.host_ok, 1, "{t:?}");
+    assert_eq!(t.to_guest.last(), Some(&OP_RST), "{t:?}");
+}
+
+#[test]
+fn vsock_unanswered_request_times_out() {
+    let t = vsock_conn::vsock_connection_trace(&seed("vsock_connection", "timeouts"));
+    assert_eq!(t.to_guest, [OP_REQUEST, OP_RST], "{t:?}");
+    assert_eq!(t.host_ok, 0, "{t:?}");
+}
+
+const BLK_OK: u8 = 0;
+const BLK_IOERR: u8 = 1;
+
+fn blk(name: &str) -> blk_dev::BlkRun {
+    let run = blk_dev::blk_device_run(&seed("blk_device", name)).expect("the seed runs");
+    assert!(run.interrupted, "{name}: no interrupt");
+    run
+}
+
+fn status(run: &blk_dev::BlkRun) -> u8 {
+    run.mem.read_obj(GuestAddress(0x8000)).unwrap()
+}
+
+#[test]
+fn blk_device_serves_reads_and_writes_through_process_queue() {
+    for name in ["read", "write", "flush", "read_read_only"] {
+        let run = blk(name);
+        assert_eq!(status(&run), BLK_OK, "{name}");
+        let data = match name {
+            "read" | "write" => 512,
+            "read_read_only" => 1024,
+            _ => 0,
+        };
+        // The used length is the data written to the guest plus the status.
+        let written = if name == "write" { 0 } else { data };
+        assert_eq!(run.used, [(0, written + 1)], "{name}");
+    }
+}
+
+#[test]
+fn blk_device_refuses_writes_to_a_read_only_image_and_reads_past_the_end() {
+    for name in ["write_read_only", "past_the_end"] {
+        let run = blk(name);
+        assert_eq!(status(&run), BLK_IOERR, "{name}");
+        assert_eq!(run.used, [(0, 1)], "{name}");
+    }
+}
+
+#[test]
+fn blk_device_answers_get_id() {
+    let run = blk("get_id");
+    assert_eq!(status(&run), BLK_OK);
+    let mut id = [0u8; 10];
+    run.mem.read_slice(&mut id, GuestAddress(0x7000)).unwrap();
+    assert_eq!(&id, b"fuzz-drive");
+}
+
+#[test]
+fn mmio_seeds_activate_each_device_and_reset_it() {
+    const DRIVER_OK_ALL: u32 = 0xf;
+    for (name, id) in [("rng", 4), ("rng_limited", 4), ("blk", 2), ("vsock", 19)] {
+        let t = mmio::mmio_trace(&seed("mmio_transport", name));
+        assert_eq!(t.device_id, id, "{name}");
+        assert!(t.active_seen > 0, "{name}: never active: {t:?}");
+        assert!(
+            t.status_reads
+                .iter()
+                .any(|s| s & DRIVER_OK_ALL == DRIVER_OK_ALL),
+            "{name}: {t:?}"
+        );
+    }
+    let t = mmio::mmio_trace(&seed("mmio_transport", "rng"));
+    // Reset (status 0) then brought up again.
+    assert_eq!(t.status_reads, [DRIVER_OK_ALL, 0, DRIVER_OK_ALL], "{t:?}");
+    assert_eq!(t.final_status, DRIVER_OK_ALL, "{t:?}");
+}
+
+#[test]
+fn mmio_invalid_queues_ask_for_a_reset() {
+    let t = mmio::mmio_trace(&seed("mmio_transport", "refused"));
+    assert_eq!(t.active_seen, 0, "{t:?}");
+    // FEATURES_OK did not stick without VERSION_1; the activation with a
+    // queue outside guest memory set DEVICE_NEEDS_RESET.
+    assert_eq!(t.status_reads.first(), Some(&0x3), "{t:?}");
+    assert_ne!(t.final_status & 0x40, 0, "{t:?}");
+}
