@@ -168,10 +168,7 @@ mod tests {
     fn scratch_must_be_in_memory() {
         check_memory_backed(Path::new("/dev/shm")).unwrap();
         let err = check_memory_backed(Path::new("/proc")).unwrap_err();
-        assert!(
-            err.to_string().contains("mount a tmpfs there"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("mount a tmpfs there"), "{err}");
     }
 
     #[test]
