@@ -111,13 +111,12 @@ impl Mapping {
         // SAFETY: `head < HUGE_PAGE`, so `raw + head` and the `len` bytes after
         // it lie inside the `total`-byte reservation.
         let addr = unsafe { raw.add(head) };
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let (prot, fd) = (libc::PROT_READ | libc::PROT_WRITE, file.as_raw_fd());
         let shared = libc::MAP_SHARED | libc::MAP_FIXED;
         // SAFETY: MAP_FIXED over the reservation just made, which nothing
         // else refers to; the file is at least `offset + len` bytes (sized
         // by `guest_memfd`, checked by `GuestRam::new`).
-        let mapped =
-            unsafe { libc::mmap(addr.cast(), len, prot, shared, file.as_raw_fd(), offset) };
+        let mapped = unsafe { libc::mmap(addr.cast(), len, prot, shared, fd, offset) };
         let tail = total - head - len;
         // SAFETY: unmapping the unaligned head and the tail of the
         // reservation, which nothing refers to.
