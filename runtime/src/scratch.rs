@@ -1,6 +1,6 @@
 //! Each sandbox's writable scratch disk: a sparse ext4 image made before
 //! boot, and scrubbed (every written extent overwritten with zeros) before
-//! it is deleted at teardown (DESIGN.md §4.2).
+//! it is deleted at teardown: see `check_memory_backed` for why it lives in memory.
 
 use std::io::{Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;

@@ -3,7 +3,8 @@
 //!
 //! libcontainer forks with a raw `clone3` and runs Rust code in the child;
 //! in a process with other threads (PID 1 runs tokio) that deadlocks on
-//! locks held by threads that do not exist in the child (DESIGN.md §2). It
+//! locks held by threads that do not exist in the child (a malloc or
+//! stdio lock held by another thread at the fork stays locked forever). It
 //! also changes its caller (`dumpable`, `oom_score_adj`). So PID 1 runs it
 //! in a fresh process: `/proc/self/exe launch`, one operation each.
 //!

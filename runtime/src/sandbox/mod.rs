@@ -436,8 +436,9 @@ pub async fn teardown_state(
     report
 }
 
-/// A fresh guest CID for every sandbox (DESIGN.md §4.4): 3 and up are
-/// guest CIDs; hybrid vsock keeps each one private to its VM anyway.
+/// A fresh guest CID for every sandbox, so that no guest can guess
+/// another's: 3 and up are guest CIDs; hybrid vsock keeps each one
+/// private to its VM anyway.
 fn random_cid() -> u32 {
     let r = u32::from_str_radix(&crate::state::random_hex(4), 16).unwrap_or(0);
     3 + r % (u32::MAX - 16)
