@@ -78,6 +78,8 @@ pub struct Vsock {
     /// Present while inactive; the worker owns it while active.
     muxer: Option<Muxer>,
     worker: Option<WorkerHandle<Muxer>>,
+    /// Whether this device bound `uds_path` (and so removes it).
+    bound_here: bool,
 }
 
 impl Vsock {
@@ -94,7 +96,9 @@ impl Vsock {
             return Err(VsockError::InvalidCid(guest_cid));
         }
         let listener = muxer::bind_listener(&uds_path)?;
-        Self::with_listener(guest_cid, uds_path, listener, guest_connect)
+        let mut dev = Self::with_listener(guest_cid, uds_path, listener, guest_connect)?;
+        dev.bound_here = true;
+        Ok(dev)
     }
 
     /// As [`Vsock::new`], with `listener` already bound at `uds_path` and
@@ -119,6 +123,7 @@ impl Vsock {
             uds_path,
             muxer: Some(muxer),
             worker: None,
+            bound_here: false,
         })
     }
 
@@ -138,7 +143,9 @@ impl Drop for Vsock {
         if let Some(w) = self.worker.take() {
             let _ = w.stop();
         }
-        let _ = std::fs::remove_file(&self.uds_path);
+        if self.bound_here {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 

@@ -473,6 +473,21 @@ fn a_guest_that_may_not_connect_is_reset_and_no_socket_is_opened() {
 }
 
 #[test]
+fn a_device_removes_only_the_socket_it_bound() {
+    let dir = TempDir::new();
+    let own = dir.sock();
+    drop(Vsock::new(CID, own.clone(), false).unwrap());
+    assert!(!own.exists(), "its own socket is removed");
+    let handed = dir.0.join("handed.sock");
+    let listener = UnixListener::bind(&handed).unwrap();
+    drop(Vsock::with_listener(CID, handed.clone(), listener, false).unwrap());
+    assert!(
+        handed.exists(),
+        "a socket handed over is the binder's to remove"
+    );
+}
+
+#[test]
 fn shutdowns_both_ways() {
     let mut g = Guest::new();
     let (mut host, local) = g.host_connect(5);
