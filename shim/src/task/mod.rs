@@ -261,13 +261,14 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         if self.pod.is_empty().await {
-            self.pod.destroy().await;
-            // Before answering, as runc's shim does: once this call returns
-            // containerd deletes the bundle, `address` file included, which
-            // raced containerd-shim's own removal after the server stops
-            // (a socket left in /run/containerd/s). The daemon runs in the
-            // bundle `start` ran in.
+            // First, as runc's shim does, and before the teardown: once
+            // containerd stops waiting for this call (3 s, less than a wipe
+            // of a large guest on a busy host) it deletes the bundle,
+            // `address` file included, and the socket would be left in
+            // /run/containerd/s. The daemon runs in the bundle `start` ran
+            // in. The connection containerd holds outlives the path.
             crate::shim::remove_socket(std::path::Path::new("."), false);
+            self.pod.destroy().await;
             self.exit.signal();
         }
         Ok(Empty::new())
