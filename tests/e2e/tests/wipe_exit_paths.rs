@@ -9,6 +9,10 @@
 //! * once the VM has ended one way or another and its keeper is gone, no
 //!   page of it holds the marker.
 //!
+//! A guest kernel panic and a triple fault need a guest that causes them:
+//! `marker-init` replaces the agent as init, holds the marker and, once the
+//! test has seen it, ends the VM that way (see `fault_after_marking`).
+//!
 //! A seccomp kill and an abort end the VMM with SIGSYS and SIGABRT; here
 //! those signals are sent from outside (`seccomp.rs` proves that the real
 //! filter kills with SIGSYS). The keeper sees only the VMM's wait status.
@@ -65,13 +69,20 @@ fn marked_pages(file: &File, marker: u64) -> usize {
     marked
 }
 
-/// The guest memory file that `keeper` holds, opened anew.
+/// The guest memory file that `keeper` holds, opened anew (root may
+/// open it through `/proc/PID/fd`).
 fn guest_memory_of(keeper: u32) -> File {
     let fds = PathBuf::from(format!("/proc/{keeper}/fd"));
     for entry in std::fs::read_dir(&fds).unwrap().flatten() {
         let target = std::fs::read_link(entry.path()).unwrap_or_default();
         if target.to_string_lossy().contains("memfd:airlock-guest-ram") {
-            return File::open(entry.path()).unwrap();
+            // Writable: a guest that waits for the test's go-ahead reads
+            // it from its own memory.
+            return std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(entry.path())
+                .unwrap();
         }
     }
     panic!("keeper {keeper} holds no guest memory file");
@@ -338,5 +349,136 @@ fn wipe_when_the_owning_runtime_dies() {
         m.holder.kill().unwrap();
         m.holder.wait().unwrap();
         m.assert_wiped();
+    });
+}
+
+/// The one keeper on the host (`airlock-keeper` in its comm), waiting up to
+/// `timeout` for it to appear.
+fn the_keeper(timeout: Duration) -> u32 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let keepers: Vec<u32> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|pid: &u32| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|c| c.trim() == "airlock-keeper")
+            })
+            .collect();
+        match keepers[..] {
+            [one] => return one,
+            [] if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            _ => panic!("keepers on the host: {keepers:?}"),
+        }
+    }
+}
+
+/// A guest whose init (`marker-init`, in place of the agent) fills guest
+/// memory with the marker and, once the test has seen it there, ends the VM
+/// by `mode` (`panic` or `triple-fault`), which no agent call can do. It
+/// runs through `airlock run`, jailed, with 2 vCPUs; the runtime, waiting
+/// for an agent that never comes, sees the VM end. Returns what `airlock`
+/// printed.
+fn fault_after_marking(mode: &str) -> Output {
+    let work = tempfile::tempdir().unwrap();
+    let seed = seed();
+    for (name, value) in [("seed", seed.to_string()), ("mode", mode.to_string())] {
+        std::fs::write(work.path().join(name), value).unwrap();
+    }
+    let initrd = work.path().join("marker-init.cpio");
+    let status = Command::new(airlock_e2e::workspace_root().join("guest-image/mkinitramfs"))
+        .arg("-o")
+        .arg(&initrd)
+        .arg("--init")
+        .arg(guest::program("marker-init"))
+        .arg("--file")
+        .arg(format!("/seed={}", work.path().join("seed").display()))
+        .arg("--file")
+        .arg(format!("/mode={}", work.path().join("mode").display()))
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkinitramfs");
+    let config = work.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "initrd = \"{}\"\n[timeouts]\nagent_connect_secs = 600\n",
+            initrd.display()
+        ),
+    )
+    .unwrap();
+    let runner = Command::new(airlock_binary())
+        .args(["--config", config.to_str().unwrap()])
+        .args(["run", "--cpus", "2", "--memory", "256", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let keeper = the_keeper(Duration::from_secs(120));
+    let memory = guest_memory_of(keeper);
+    let marker = marker_word(seed);
+    // The guest fills its memory after booting: wait for the whole fill.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let want = (FILL_MIB << 20) / PAGE * 9 / 10;
+    let before = loop {
+        let n = marked_pages(&memory, marker);
+        if n >= want || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!("{before} pages hold the marker before the VM ends");
+    assert!(
+        before >= want,
+        "the marker is not in guest memory while the VM runs: {before} pages"
+    );
+    // The go-ahead: the first word of the first marked page, changed.
+    let go = first_marked_page(&memory, marker).expect("a marked page");
+    memory_write(&memory, go, &(!marker).to_le_bytes());
+    wait_ended(keeper, "the keeper", Duration::from_secs(180));
+    let after = marked_pages(&memory, marker);
+    assert_eq!(after, 0, "{after} pages still hold the marker");
+    let out = runner.wait_with_output().unwrap();
+    airlock_e2e::show(&format!("airlock run (marker-init, {mode})"), &out);
+    airlock_e2e::assert_no_sandbox_left();
+    out
+}
+
+/// The offset of the first page of `file` that starts with eight marker
+/// words (as [`marked_pages`] counts them).
+fn first_marked_page(file: &File, marker: u64) -> Option<u64> {
+    let len = file.metadata().unwrap().len();
+    let mut words = [0u8; 64];
+    (0..len).step_by(PAGE).find(|&at| {
+        file.read_at(&mut words, at).is_ok()
+            && words
+                .chunks_exact(8)
+                .all(|w| w == marker.to_le_bytes().as_slice())
+    })
+}
+
+fn memory_write(file: &File, at: u64, bytes: &[u8]) {
+    file.write_all_at(bytes, at).unwrap();
+}
+
+#[test]
+fn wipe_on_guest_panic() {
+    on_real_kvm("wipe_on_guest_panic", || {
+        let out = fault_after_marking("panic");
+        assert_ne!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("guest kernel panic"), "{err}");
+    });
+}
+
+#[test]
+fn wipe_on_triple_fault() {
+    on_real_kvm("wipe_on_triple_fault", || {
+        let out = fault_after_marking("triple-fault");
+        assert_ne!(out.status.code(), Some(0));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("triple-faulted"), "{err}");
     });
 }
