@@ -215,6 +215,28 @@ impl Containerd {
         assert!(out.status.success(), "ctr images import failed");
     }
 
+    /// Imports an image whose one layer is `root` (no command of its own)
+    /// into the test namespace as `name`.
+    pub fn import_dir_image(&self, root: &Path, name: &str) {
+        let tar = self.dir.join("dir-image.tar");
+        let made = Command::new(workspace_root().join("scripts/oci-image-from-dir"))
+            .arg(root)
+            .arg(&tar)
+            .status()
+            .expect("oci-image-from-dir");
+        assert!(made.success());
+        let tar = tar.display().to_string();
+        let args = ["images", "import", "--index-name", name, &tar];
+        let child = self
+            .ctr_command_in(NAMESPACE, &args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr");
+        let out = self.finish(child, &args);
+        assert!(out.status.success(), "ctr images import failed");
+    }
+
     /// The tail of containerd's log (the shims' logs are in it too).
     pub fn log(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();

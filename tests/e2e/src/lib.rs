@@ -7,6 +7,7 @@ use std::process::Command;
 
 pub mod containerd;
 pub mod guest;
+pub mod guest_memory;
 pub mod tiny_guest;
 
 /// The repository's root.

@@ -3,10 +3,14 @@
 //! on real KVM with the real guest kernel and agent.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
+use std::time::{Duration, Instant};
 
 use airlock_e2e::containerd::{Containerd, RUNTIME};
-use airlock_e2e::{on_real_kvm, processes_mentioning, vmm_processes};
+use airlock_e2e::guest_memory::{guest_memory_of, marked_pages, the_keeper, wait_ended, PAGE};
+use airlock_e2e::{guest, on_real_kvm, processes_mentioning, vmm_processes};
+use airlock_test_guest::marker_word;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -297,34 +301,6 @@ fn a_killed_vmm_and_a_containerd_restart() {
         assert_eq!(c.task_status("r2"), None, "the task was deleted");
         c.assert_nothing_left();
 
-        // The shim is SIGKILLed: containerd runs `shim delete`, which
-        // stops the VM it left (with the wipe) and cleans up.
-        let out = c.ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            img,
-            "r3",
-            "sleep",
-            "1000",
-        ]);
-        assert_eq!(out.status.code(), Some(0));
-        let shims: Vec<_> = processes_mentioning("containerd-shim-airlock-v2")
-            .into_iter()
-            .filter(|p| p.contains("-socket"))
-            .collect();
-        assert_eq!(shims.len(), 1, "{shims:?}");
-        let pid: i32 = shims[0].split(' ').next().unwrap().parse().unwrap();
-        // SAFETY: kill only reads its arguments.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let status = c.wait_for_task("r3", Some("STOPPED"), 60);
-        assert!(
-            matches!(status.as_deref(), Some("STOPPED") | None),
-            "{status:?}"
-        );
-        c.ctr(&["task", "rm", "r3"]);
-        assert!(c.ctr(&["container", "rm", "r3"]).status.success());
         c.assert_nothing_left();
     });
 }
@@ -407,6 +383,74 @@ fn containers_of_one_pod_share_one_vm() {
             assert!(c.ctr(&["task", "rm", id]).status.success());
             assert!(c.ctr(&["container", "rm", id]).status.success());
         }
+        c.assert_nothing_left();
+    });
+}
+
+#[test]
+fn wipe_when_the_shim_dies() {
+    on_real_kvm("wipe_when_the_shim_dies", || {
+        let c = Containerd::start(false);
+        // An image with only /hold-marker, which fills 64 MiB of guest
+        // memory with a marker computed at run time from its seed.
+        let root = tempfile::tempdir().unwrap();
+        let holder = root.path().join("hold-marker");
+        std::fs::copy(guest::program("hold-marker"), &holder).unwrap();
+        std::fs::set_permissions(&holder, std::fs::Permissions::from_mode(0o755)).unwrap();
+        c.import_dir_image(root.path(), "airlock-marker:1");
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let seed = seed.to_string();
+        let args = [
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            "airlock-marker:1",
+            "w1",
+            "/hold-marker",
+            &seed,
+            "64",
+        ];
+        assert_eq!(c.ctr(&args).status.code(), Some(0), "{}", c.log());
+        let keeper = the_keeper(Duration::from_secs(120));
+        let memory = guest_memory_of(keeper);
+        let marker = marker_word(seed.parse().unwrap());
+        let want = (64 << 20) / PAGE * 9 / 10;
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let before = loop {
+            let n = marked_pages(&memory, marker);
+            if n >= want || Instant::now() > deadline {
+                break n;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        println!("{before} pages hold the marker before the shim dies");
+        assert!(before >= want, "no marker in guest memory: {before} pages");
+
+        // The shim is SIGKILLed: containerd runs `shim delete`, which
+        // stops the VM it left; the keeper wipes its memory.
+        let shims: Vec<_> = processes_mentioning("containerd-shim-airlock-v2")
+            .into_iter()
+            .filter(|p| p.contains("-socket"))
+            .collect();
+        assert_eq!(shims.len(), 1, "{shims:?}");
+        let pid: i32 = shims[0].split(' ').next().unwrap().parse().unwrap();
+        // SAFETY: kill only reads its arguments.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        wait_ended(keeper, "the keeper", Duration::from_secs(180));
+        let after = marked_pages(&memory, marker);
+        assert_eq!(after, 0, "{after} pages still hold the marker");
+        // containerd deletes the task of a dead shim (or shows it stopped).
+        let status = c.wait_for_task("w1", None, 60);
+        assert!(
+            matches!(status.as_deref(), Some("STOPPED") | None),
+            "{status:?}"
+        );
+        c.ctr(&["task", "rm", "w1"]);
+        assert!(c.ctr(&["container", "rm", "w1"]).status.success());
         c.assert_nothing_left();
     });
 }

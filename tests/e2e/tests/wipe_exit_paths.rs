@@ -19,16 +19,16 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use airlock_e2e::guest_memory::*;
 use airlock_e2e::{airlock_binary, guest, on_real_kvm};
 use airlock_test_guest::marker_word;
 
 const FILL_MIB: usize = 64;
-const PAGE: usize = 4096;
 
 fn airlock(args: &[&str]) -> Output {
     let out = Command::new(airlock_binary())
@@ -47,104 +47,6 @@ fn rootfs() -> tempfile::TempDir {
     std::fs::copy(guest::program("hold-marker"), &dst).unwrap();
     std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755)).unwrap();
     dir
-}
-
-/// Pages of `file` that start with eight marker words.
-fn marked_pages(file: &File, marker: u64) -> usize {
-    let pattern: Vec<u8> = std::iter::repeat_n(marker.to_le_bytes(), 8)
-        .flatten()
-        .collect();
-    let len = file.metadata().unwrap().len();
-    let mut buf = vec![0u8; 1 << 20];
-    let (mut at, mut marked) = (0u64, 0);
-    while at < len {
-        let n = file.read_at(&mut buf, at).unwrap();
-        assert!(n > 0, "short read of guest memory at {at}");
-        marked += buf[..n]
-            .chunks_exact(PAGE)
-            .filter(|p| p[..64] == pattern[..])
-            .count();
-        at += n as u64;
-    }
-    marked
-}
-
-/// The guest memory file that `keeper` holds, opened anew (root may
-/// open it through `/proc/PID/fd`).
-fn guest_memory_of(keeper: u32) -> File {
-    let fds = PathBuf::from(format!("/proc/{keeper}/fd"));
-    for entry in std::fs::read_dir(&fds).unwrap().flatten() {
-        let target = std::fs::read_link(entry.path()).unwrap_or_default();
-        if target.to_string_lossy().contains("memfd:airlock-guest-ram") {
-            // Writable: a guest that waits for the test's go-ahead reads
-            // it from its own memory.
-            return std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(entry.path())
-                .unwrap();
-        }
-    }
-    panic!("keeper {keeper} holds no guest memory file");
-}
-
-/// The keeper's only child: the VMM.
-fn vmm_of(keeper: u32) -> u32 {
-    let children =
-        std::fs::read_to_string(format!("/proc/{keeper}/task/{keeper}/children")).unwrap();
-    let pids: Vec<u32> = children
-        .split_whitespace()
-        .map(|p| p.parse().unwrap())
-        .collect();
-    assert_eq!(pids.len(), 1, "keeper {keeper} has children {pids:?}");
-    pids[0]
-}
-
-/// Whether `pid` has ended (gone, or a zombie nobody reaped yet).
-fn ended(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|s| s.split_whitespace().next())
-            .is_some_and(|s| s == "Z" || s == "X"),
-        Err(_) => true,
-    }
-}
-
-fn wait_ended(pid: u32, what: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !ended(pid) {
-        if Instant::now() >= deadline {
-            show_stuck(pid);
-            panic!("{what} (pid {pid}) did not end");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Where `pid` and its children are: state, wait channel and kernel stack
-/// of each thread.
-fn show_stuck(pid: u32) {
-    let children =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    for p in std::iter::once(pid.to_string()).chain(children.split_whitespace().map(String::from)) {
-        for t in std::fs::read_dir(format!("/proc/{p}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let t = t.path();
-            let read = |f: &str| std::fs::read_to_string(t.join(f)).unwrap_or_default();
-            println!(
-                "pid {p} thread {}: {} wchan={}\n{}",
-                t.display(),
-                read("stat"),
-                read("wchan"),
-                read("stack")
-            );
-        }
-    }
 }
 
 fn signal(pid: u32, sig: i32) {
@@ -352,28 +254,6 @@ fn wipe_when_the_owning_runtime_dies() {
     });
 }
 
-/// The one keeper on the host (`airlock-keeper` in its comm), waiting up to
-/// `timeout` for it to appear.
-fn the_keeper(timeout: Duration) -> u32 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let keepers: Vec<u32> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .filter(|pid: &u32| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|c| c.trim() == "airlock-keeper")
-            })
-            .collect();
-        match keepers[..] {
-            [one] => return one,
-            [] if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-            _ => panic!("keepers on the host: {keepers:?}"),
-        }
-    }
-}
-
 /// A guest whose init (`marker-init`, in place of the agent) fills guest
 /// memory with the marker and, once the test has seen it there, ends the VM
 /// by `mode` (`panic` or `triple-fault`), which no agent call can do. It
@@ -444,23 +324,6 @@ fn fault_after_marking(mode: &str) -> Output {
     airlock_e2e::show(&format!("airlock run (marker-init, {mode})"), &out);
     airlock_e2e::assert_no_sandbox_left();
     out
-}
-
-/// The offset of the first page of `file` that starts with eight marker
-/// words (as [`marked_pages`] counts them).
-fn first_marked_page(file: &File, marker: u64) -> Option<u64> {
-    let len = file.metadata().unwrap().len();
-    let mut words = [0u8; 64];
-    (0..len).step_by(PAGE).find(|&at| {
-        file.read_at(&mut words, at).is_ok()
-            && words
-                .chunks_exact(8)
-                .all(|w| w == marker.to_le_bytes().as_slice())
-    })
-}
-
-fn memory_write(file: &File, at: u64, bytes: &[u8]) {
-    file.write_all_at(bytes, at).unwrap();
 }
 
 #[test]
