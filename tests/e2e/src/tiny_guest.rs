@@ -406,7 +406,8 @@ mod tests {
     #[test]
     fn encodes_like_an_assembler() {
         // Expected bytes from GNU as (32-bit).
-        let cases: Vec<(fn(&mut Asm), &[u8])> = vec![
+        type Case = (fn(&mut Asm), &'static [u8]);
+        let cases: Vec<Case> = vec![
             (
                 |a| {
                     a.mov_ri(R::Esi, 1);
