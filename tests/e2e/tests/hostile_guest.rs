@@ -226,9 +226,9 @@ fn a_vsock_connection_flood_is_contained() {
 }
 
 #[test]
-fn a_host_side_connection_flood_meets_the_handshake_cap() {
+fn a_host_side_connection_flood_meets_the_handshake_and_connection_caps() {
     on_real_kvm(
-        "a_host_side_connection_flood_meets_the_handshake_cap",
+        "a_host_side_connection_flood_meets_the_handshake_and_connection_caps",
         || {
             // 200 clients of the sandbox's vsock socket that never send
             // CONNECT: the VMM keeps 64 handshakes pending and refuses the rest
@@ -259,12 +259,62 @@ fn a_host_side_connection_flood_meets_the_handshake_cap() {
             println!("{refused} of 200 idle clients closed after 0.5 s");
             assert!(refused >= 136, "only {refused} refused: no handshake cap");
             drop(idle);
+            // Then full connections to the agent's port, one after another
+            // (under the handshake cap): the VMM answers OK up to its
+            // connection cap (1024) and refuses the rest; the sandbox goes
+            // on once they close.
+            raise_open_file_limit(4096);
+            let (mut open, mut refused) = (Vec::new(), 0);
+            for _ in 0..1100 {
+                match connect_to_agent_port(&sock) {
+                    Some(s) => open.push(s),
+                    None => refused += 1,
+                }
+            }
+            println!("{} connections answered, {refused} refused", open.len());
+            assert!(
+                (1000..=1024).contains(&open.len()),
+                "{} connections answered: no connection cap at 1024",
+                open.len()
+            );
+            assert!(refused >= 76, "only {refused} refused");
+            drop(open);
+            std::thread::sleep(Duration::from_secs(1));
             let out = airlock(&["exec", &id, "--", "echo", "still here"], 120);
             assert_eq!(String::from_utf8_lossy(&out.stdout), "still here\n");
             assert_eq!(airlock(&["rm", &id], 120).status.code(), Some(0));
             airlock_e2e::assert_no_sandbox_left();
         },
     );
+}
+
+/// Lifts this process's soft open-file limit to `n` (root may).
+fn raise_open_file_limit(n: u64) {
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit reads the struct, which lives across the call.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+}
+
+/// A connection to the agent's vsock port through the sandbox's socket
+/// (`CONNECT 1024` → `OK <port>`), or None when the VMM refuses it.
+fn connect_to_agent_port(sock: &std::path::Path) -> Option<std::os::unix::net::UnixStream> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(sock).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(b"CONNECT 1024\n").ok()?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 32 {
+        match s.read(&mut b) {
+            Ok(1) if b[0] == b'\n' => break,
+            Ok(1) => line.push(b[0]),
+            _ => return None,
+        }
+    }
+    line.starts_with(b"OK ").then_some(s)
 }
 
 #[test]
