@@ -203,16 +203,7 @@ impl Containerd {
             .status()
             .expect("make-oci-image");
         assert!(made.success());
-        let tar = tar.display().to_string();
-        let args = ["images", "import", "--index-name", name, &tar];
-        let child = self
-            .ctr_command_in(ns, &args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("ctr");
-        let out = self.finish(child, &args);
-        assert!(out.status.success(), "ctr images import failed");
+        self.import_tar(ns, name, &tar);
     }
 
     /// Imports an image whose one layer is `root` (no command of its own)
@@ -225,10 +216,15 @@ impl Containerd {
             .status()
             .expect("oci-image-from-dir");
         assert!(made.success());
+        self.import_tar(NAMESPACE, name, &tar);
+    }
+
+    /// `ctr images import` of the image archive `tar` into `ns` as `name`.
+    fn import_tar(&self, ns: &str, name: &str, tar: &Path) {
         let tar = tar.display().to_string();
         let args = ["images", "import", "--index-name", name, &tar];
         let child = self
-            .ctr_command_in(NAMESPACE, &args)
+            .ctr_command_in(ns, &args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -146,3 +146,17 @@ pub fn first_marked_page(file: &File, marker: u64) -> Option<u64> {
 pub fn memory_write(file: &File, at: u64, bytes: &[u8]) {
     file.write_all_at(bytes, at).unwrap();
 }
+
+/// Waits up to `timeout` until at least `want` pages of `file` hold the
+/// marker (a guest fills its memory some time after it boots); returns how
+/// many do at the end.
+pub fn wait_marked(file: &File, marker: u64, want: usize, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = marked_pages(file, marker);
+        if n >= want || Instant::now() > deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}

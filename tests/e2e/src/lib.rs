@@ -191,3 +191,16 @@ pub fn processes_mentioning(needle: &str) -> Vec<String> {
     }
     found
 }
+
+/// The value of `key` in `/proc/PID/status`, trimmed (e.g. `CapEff`,
+/// `Uid`); fails the test when the process or the key is missing.
+pub fn proc_status(pid: impl std::fmt::Display, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}: has the process died?"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}

@@ -5,10 +5,12 @@
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use airlock_e2e::containerd::{Containerd, RUNTIME};
-use airlock_e2e::guest_memory::{guest_memory_of, marked_pages, the_keeper, wait_ended, PAGE};
+use airlock_e2e::guest_memory::{
+    guest_memory_of, marked_pages, the_keeper, wait_ended, wait_marked, PAGE,
+};
 use airlock_e2e::{guest, on_real_kvm, processes_mentioning, vmm_processes};
 use airlock_test_guest::marker_word;
 
@@ -419,14 +421,7 @@ fn wipe_when_the_shim_dies() {
         let memory = guest_memory_of(keeper);
         let marker = marker_word(seed.parse().unwrap());
         let want = (64 << 20) / PAGE * 9 / 10;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let before = loop {
-            let n = marked_pages(&memory, marker);
-            if n >= want || Instant::now() > deadline {
-                break n;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        };
+        let before = wait_marked(&memory, marker, want, Duration::from_secs(180));
         println!("{before} pages hold the marker before the shim dies");
         assert!(before >= want, "no marker in guest memory: {before} pages");
 

@@ -416,22 +416,12 @@ fn finish(mut child: Child, what: &str, secs: u64) -> (std::process::ExitStatus,
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} for pid {pid}: has the VMM died?"))
-}
-
-fn status_line(pid: u32, key: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+    let value = airlock_e2e::proc_status(pid, key);
+    value
+        .trim_end_matches("kB")
         .trim()
-        .to_string()
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} of pid {pid}: {value:?}"))
 }
 
 /// utime + stime of a task, in clock ticks (`/proc/.../stat` fields 14, 15).
@@ -589,14 +579,18 @@ fn a_garbage_guest_on_two_vcpus_leaves_the_jailed_vmm_bounded_and_stoppable() {
                     "a thread unfiltered: {status}"
                 );
             }
-            assert_eq!(status_line(vmm, "NoNewPrivs"), "1");
-            assert_eq!(status_line(vmm, "CapEff"), "0000000000000000");
+            assert_eq!(airlock_e2e::proc_status(vmm, "NoNewPrivs"), "1");
+            assert_eq!(airlock_e2e::proc_status(vmm, "CapEff"), "0000000000000000");
             assert!(
-                status_line(vmm, "Uid").split_whitespace().all(|u| u != "0"),
+                airlock_e2e::proc_status(vmm, "Uid")
+                    .split_whitespace()
+                    .all(|u| u != "0"),
                 "the VMM runs as root"
             );
             assert_eq!(
-                status_line(vmm, "NSpid").split_whitespace().count(),
+                airlock_e2e::proc_status(vmm, "NSpid")
+                    .split_whitespace()
+                    .count(),
                 2,
                 "a pid namespace of its own"
             );

@@ -20,16 +20,6 @@ fn airlock(args: &[&str]) -> Output {
     out
 }
 
-fn status_field(pid: u64, key: &str) -> String {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}:")))
-        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
-        .trim()
-        .to_string()
-}
-
 fn names(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -70,8 +60,13 @@ fn a_sandbox_vmm_runs_jailed() {
         for (pid, leaf) in [(keeper, "keeper"), (vmm, "vmm")] {
             assert_jailed(&id, pid, leaf);
         }
-        assert!(status_field(vmm, "Threads").parse::<u32>().unwrap() > 2);
-        assert_eq!(status_field(keeper, "Threads"), "1");
+        assert!(
+            airlock_e2e::proc_status(vmm, "Threads")
+                .parse::<u32>()
+                .unwrap()
+                > 2
+        );
+        assert_eq!(airlock_e2e::proc_status(keeper, "Threads"), "1");
 
         let cg = Path::new("/sys/fs/cgroup/airlock").join(&id);
         let memory_max: u64 = std::fs::read_to_string(cg.join("vmm/memory.max"))
@@ -105,7 +100,10 @@ fn a_sandbox_vmm_runs_jailed() {
 
         // Keeper and VMM share their sandbox's uid; another sandbox has
         // its own.
-        assert_eq!(status_field(keeper, "Uid"), status_field(vmm, "Uid"));
+        assert_eq!(
+            airlock_e2e::proc_status(keeper, "Uid"),
+            airlock_e2e::proc_status(vmm, "Uid")
+        );
         let out = airlock(&["create"]);
         assert_eq!(out.status.code(), Some(0));
         let other = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -120,8 +118,8 @@ fn a_sandbox_vmm_runs_jailed() {
             .as_u64()
             .unwrap();
         assert_ne!(
-            status_field(keeper, "Uid"),
-            status_field(other_keeper, "Uid"),
+            airlock_e2e::proc_status(keeper, "Uid"),
+            airlock_e2e::proc_status(other_keeper, "Uid"),
             "two sandboxes share a uid"
         );
         assert_eq!(airlock(&["rm", &other]).status.code(), Some(0));
@@ -140,11 +138,11 @@ fn a_sandbox_vmm_runs_jailed() {
 /// cgroup and no core dumps.
 fn assert_jailed(id: &str, pid: u64, leaf: &str) {
     println!("checking pid {pid}");
-    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
-    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
-    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
-    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
-    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_eq!(airlock_e2e::proc_status(pid, "CapEff"), "0000000000000000");
+    assert_eq!(airlock_e2e::proc_status(pid, "CapPrm"), "0000000000000000");
+    assert_eq!(airlock_e2e::proc_status(pid, "CapBnd"), "0000000000000000");
+    assert_eq!(airlock_e2e::proc_status(pid, "NoNewPrivs"), "1");
+    assert_eq!(airlock_e2e::proc_status(pid, "Seccomp"), "2");
     let kvm_group = std::fs::read_to_string("/etc/group")
         .unwrap()
         .lines()
@@ -152,11 +150,11 @@ fn assert_jailed(id: &str, pid: u64, leaf: &str) {
     if kvm_group {
         // A uid of the sandbox's own from the default range (and the gid
         // of the same number), since /dev/kvm is root:kvm 0660.
-        let uid = status_field(pid, "Uid");
+        let uid = airlock_e2e::proc_status(pid, "Uid");
         let ids: Vec<u32> = uid.split('\t').map(|u| u.parse().unwrap()).collect();
         assert!(ids.iter().all(|u| *u == ids[0]), "{uid}");
         assert!((524_288..524_288 + 65_536).contains(&ids[0]), "{uid}");
-        assert!(status_field(pid, "Gid").starts_with(&format!("{}\t", ids[0])));
+        assert!(airlock_e2e::proc_status(pid, "Gid").starts_with(&format!("{}\t", ids[0])));
     }
 
     let root = Path::new("/proc").join(pid.to_string()).join("root");

@@ -22,7 +22,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airlock_e2e::guest_memory::*;
 use airlock_e2e::{airlock_binary, guest, on_real_kvm};
@@ -300,15 +300,8 @@ fn fault_after_marking(mode: &str) -> Output {
     let memory = guest_memory_of(keeper);
     let marker = marker_word(seed);
     // The guest fills its memory after booting: wait for the whole fill.
-    let deadline = Instant::now() + Duration::from_secs(180);
     let want = (FILL_MIB << 20) / PAGE * 9 / 10;
-    let before = loop {
-        let n = marked_pages(&memory, marker);
-        if n >= want || Instant::now() > deadline {
-            break n;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let before = wait_marked(&memory, marker, want, Duration::from_secs(180));
     println!("{before} pages hold the marker before the VM ends");
     assert!(
         before >= want,
