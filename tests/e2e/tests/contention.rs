@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use airlock_e2e::{airlock_binary, assert_no_sandbox_left, on_real_kvm};
 
 /// Rounds of create → OOM exec → exec → rm, then run with an OOM.
-/// About 30 s a round in the test host with the hogs running.
-const ROUNDS: usize = 6;
+/// About 70 s a round in the test host (one vCPU) with the hog running.
+const ROUNDS: usize = 4;
 /// Deadlines of the steps: far more than a step takes on a busy test host,
 /// far less than the test host's own limit, so a hang is named here.
 const BOOT_DEADLINE: Duration = Duration::from_secs(180);
