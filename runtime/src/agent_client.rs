@@ -28,6 +28,10 @@ const FALLBACK_RETRY: Duration = Duration::from_millis(250);
 const READY_MESSAGE: &str = "process start to agent ready";
 /// Longest a handshake line may be.
 const LINE_MAX: usize = 64;
+/// Longest one handshake attempt may take: a VMM that accepted the
+/// connection answers `OK` or hangs up once the guest answers or its own
+/// connect timeout passes; one that says nothing at all is stuck.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors reaching the agent.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,11 @@ pub enum ConnectError {
     /// the VMM answered the vsock handshake with {0:?}
     #[error("the VMM answered the vsock handshake with {0:?}")]
     Handshake(String),
+    /// the VMM accepted the vsock connection on {0} but answered nothing to CONNECT within {1:?}
+    #[error(
+        "the VMM accepted the vsock connection on {0} but answered nothing to CONNECT within {1:?}"
+    )]
+    HandshakeTimeout(PathBuf, Duration),
     /// the agent's version check failed: {0}
     #[error("the agent's version check failed: {0}")]
     Check(String),
@@ -81,7 +90,7 @@ pub async fn connect_while(
 ) -> Result<AgentClient, ConnectError> {
     let until = Instant::now() + deadline;
     let stream = loop {
-        match handshake(uds).await {
+        match attempt(uds, HANDSHAKE_TIMEOUT).await {
             Ok(Some(stream)) => break stream,
             Ok(None) => {}
             Err(e) => return Err(e),
@@ -122,7 +131,7 @@ pub async fn connect_when_ready(
             if ready {
                 tracing::debug!("agent ready (VMM log): connecting");
             }
-            if let Some(stream) = handshake(uds).await? {
+            if let Some(stream) = attempt(uds, HANDSHAKE_TIMEOUT).await? {
                 tracing::debug!("vsock handshake done: checking the agent's version");
                 break stream;
             }
@@ -264,6 +273,13 @@ async fn check(stream: UnixStream) -> Result<AgentClient, ConnectError> {
         client,
         agent_version: resp.agent_version,
     })
+}
+
+/// One handshake within `limit`: `None` when the agent is not there yet.
+async fn attempt(uds: &Path, limit: Duration) -> Result<Option<UnixStream>, ConnectError> {
+    tokio::time::timeout(limit, handshake(uds))
+        .await
+        .map_err(|_| ConnectError::HandshakeTimeout(uds.to_path_buf(), limit))?
 }
 
 /// One attempt: `None` when the agent is not there yet.
@@ -441,6 +457,32 @@ mod tests {
         std::fs::write(&log, format!("{{}}\n{line}")).unwrap();
         let client = task.await.unwrap().unwrap();
         assert_eq!(client.agent_version(), "9.9.9");
+    }
+
+    #[tokio::test]
+    async fn a_vmm_that_accepts_and_never_answers_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("vsock.sock");
+        let listener = UnixListener::bind(&uds).unwrap();
+        // Accepts, reads the CONNECT line and keeps the connection open
+        // without a word.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                held.push(s);
+            }
+        });
+        let started = Instant::now();
+        let err = attempt(&uds, Duration::from_millis(200))
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(err, ConnectError::HandshakeTimeout(..)), "{err}");
+        assert!(err
+            .to_string()
+            .contains("answered nothing to CONNECT within 200ms"));
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]

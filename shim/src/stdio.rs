@@ -14,6 +14,8 @@ use tokio::task::JoinHandle;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long CloseIO waits for what is left in the stdin FIFO to go in.
 pub const STDIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long opening a stdio FIFO may wait for containerd's end of it.
+const FIFO_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The FIFO paths containerd gave; empty means not wanted.
 #[derive(Debug, Clone, Default)]
@@ -108,13 +110,79 @@ impl Pumps {
 
 /// Opens a FIFO containerd made (containerd already holds its other end).
 async fn open_fifo(path: &str, write: bool) -> Result<tokio::fs::File, SandboxError> {
+    open_fifo_within(path, write, FIFO_OPEN_TIMEOUT).await
+}
+
+/// [`open_fifo`], failing after `limit`: opening a FIFO blocks until its
+/// other end is open, and a containerd that never opens it must not hold
+/// the task call forever. (The blocked open goes on in its thread until
+/// the other end opens; the shim does not wait for that thread at exit.)
+async fn open_fifo_within(
+    path: &str,
+    write: bool,
+    limit: Duration,
+) -> Result<tokio::fs::File, SandboxError> {
     let mut o = tokio::fs::OpenOptions::new();
     if write {
         o.write(true);
     } else {
         o.read(true);
     }
-    o.open(path)
-        .await
-        .map_err(|e| SandboxError::Io(format!("cannot open the stdio FIFO {path}: {e}")))
+    match tokio::time::timeout(limit, o.open(path)).await {
+        Ok(opened) => {
+            opened.map_err(|e| SandboxError::Io(format!("cannot open the stdio FIFO {path}: {e}")))
+        }
+        Err(_) => Err(SandboxError::Io(format!(
+            "the stdio FIFO {path}: its other end was not opened within {limit:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    use super::*;
+
+    /// Opens a FIFO's read end when dropped, even by a failed assertion:
+    /// an open for writing still blocked in a thread then finishes (the
+    /// test's runtime waits for that thread as it shuts down).
+    struct ReaderOnDrop(std::path::PathBuf);
+
+    impl Drop for ReaderOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fifo_whose_reader_never_comes_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("stdout");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let release = ReaderOnDrop(fifo.clone());
+        let path = fifo.to_str().unwrap();
+        let waited = open_fifo_within(path, true, Duration::from_millis(200));
+        let err = tokio::time::timeout(Duration::from_secs(10), waited)
+            .await
+            .expect("still opening after 10 s")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("the stdio FIFO {path}: its other end was not opened within 200ms")
+        );
+        drop(release);
+        // With a reader there, the open succeeds.
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        open_fifo_within(path, true, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
 }

@@ -205,10 +205,15 @@ pub async fn wait(
         exec_id: exec_id.into(),
         ..Default::default()
     };
-    let resp = client
-        .wait_process(no_timeout(), &req)
-        .await
-        .map_err(agent_err("WaitProcess"))?;
+    // No deadline (the process may run for days), but not past the agent.
+    let what = format!("process {exec_id:?} of container {container_id} to exit");
+    let waited = async {
+        client
+            .wait_process(no_timeout(), &req)
+            .await
+            .map_err(agent_err("WaitProcess"))
+    };
+    let resp = super::liveness::while_agent_answers(client, &what, waited).await?;
     Ok(ProcessExit {
         status: resp.exit_status,
         signal: resp.signal,

@@ -6,6 +6,7 @@
 pub mod container;
 pub mod files;
 pub mod io;
+pub mod liveness;
 pub mod spec;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,6 +50,9 @@ pub enum SandboxError {
     Spec(#[from] spec::SpecError),
     #[error("the agent refused {0}: {1}")]
     Agent(&'static str, String),
+    /// lost the agent while waiting for {0}: {1}; see the sandbox's console.log
+    #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
+    AgentLost(String, String),
     #[error("{0}")]
     Io(String),
 }
