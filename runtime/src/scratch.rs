@@ -30,6 +30,13 @@ pub enum ScratchError {
     NotInMemory(PathBuf, i64),
 }
 
+impl ScratchError {
+    /// Whether the scrub found no disk: another teardown has deleted it.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, ScratchError::Scrub(_, e) if e.kind() == std::io::ErrorKind::NotFound)
+    }
+}
+
 /// Filesystems whose files live only in memory: tmpfs and ramfs.
 const MEMORY_FS: [i64; 2] = [0x0102_1994, 0x8584_58f6];
 
@@ -191,6 +198,15 @@ mod tests {
             .unwrap();
         assert_eq!(magic, [0x53, 0xef], "ext4 superblock magic");
         assert!(create(&p, 64).is_err(), "never reuses a file");
+    }
+
+    #[test]
+    fn a_disk_already_deleted_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = scrub_and_delete(&dir.path().join("gone")).unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        let err = scrub_and_delete(dir.path()).unwrap_err();
+        assert!(!err.is_not_found(), "a directory is another failure: {err}");
     }
 
     #[test]

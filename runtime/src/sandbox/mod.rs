@@ -430,6 +430,10 @@ pub async fn teardown_state(
                 report.scratch_scrubbed_bytes = r.bytes_scrubbed;
                 tracing::info!(id = %state.id(), bytes = r.bytes_scrubbed, "scratch disk scrubbed and deleted");
             }
+            // Another teardown of the same sandbox (`airlock rm` while its
+            // `airlock run` tears down too) scrubbed and deleted it first:
+            // only a teardown deletes it, and only after the scrub.
+            Err(e) if e.is_not_found() => {}
             Err(e) => tracing::warn!("scrubbing the scratch disk of {}: {e}", state.id()),
         }
     }
