@@ -5,7 +5,7 @@
 //! Files: `peers.rs` (how each VMM is started, the console-line waiter),
 //! `containerd.rs` (a private containerd for the runc and shim peers), one
 //! file per benchmark (`boot.rs`, `memory.rs`, `exec.rs`, `lifecycle.rs`,
-//! `teardown.rs`, `vsock.rs`), `report.rs` (markdown and JSON),
+//! `teardown.rs`, `wipe.rs`, `vsock.rs`), `report.rs` (markdown and JSON),
 //! `stats.rs` (medians).
 
 mod boot;
@@ -59,8 +59,11 @@ enum Command {
     Exec(exec::ExecArgs),
     /// Sandboxes created, run and destroyed per second, against runc
     Lifecycle(lifecycle::LifecycleArgs),
-    /// Teardown-with-wipe time against guest memory size
+    /// Teardown-with-wipe time against guest memory size, then the wipe alone
     Teardown(teardown::TeardownArgs),
+    /// The wipe alone (teardown's second part): no VM, so no KVM needed;
+    /// Airlock's memfd against the anonymous mapping it replaced
+    Wipe(teardown::TeardownArgs),
     /// vsock stream throughput in both directions
     Vsock(vsock::VsockArgs),
 }
@@ -96,12 +99,22 @@ fn all(short: bool, peers: &Peers) -> anyhow::Result<Vec<Section>> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let stage = peers::Scratch::new("guest")?;
-    let peers = Peers::from_env(stage.path())?;
     let machine = Machine::here();
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
+    if let Command::Wipe(a) = &cli.command {
+        // No VM: neither the VMM binaries nor a guest image are needed.
+        println!("Machine: {}.\n", machine.describe_without_vm());
+        let section = wipe::run(a)?;
+        print!("{}", section.markdown);
+        let doc = serde_json::json!({
+            "started_unix": started, "machine": machine, "benchmarks": [section.json],
+        });
+        return write_json(cli.json.as_deref(), &doc);
+    }
+    let stage = peers::Scratch::new("guest")?;
+    let peers = Peers::from_env(stage.path())?;
     let sections = match &cli.command {
         Command::All { short } => all(*short, &peers)?,
         Command::Boot(a) => vec![boot::run(a, &peers)?],
@@ -110,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lifecycle(a) => vec![lifecycle::run(a)?],
         Command::Teardown(a) => vec![teardown::run(a, &peers)?],
         Command::Vsock(a) => vec![vsock::run(a, &peers)?],
+        Command::Wipe(a) => vec![wipe::run(a)?], // Returned early, above.
     };
     println!("Machine: {}.\n", machine.describe());
     for s in &sections {
@@ -121,12 +135,17 @@ fn main() -> anyhow::Result<()> {
         "firecracker": peers.firecracker,
         "benchmarks": sections.iter().map(|s| &s.json).collect::<Vec<_>>(),
     });
-    if let Some(path) = &cli.json {
+    write_json(cli.json.as_deref(), &doc)
+}
+
+/// Writes `doc` to `path`, if one was given.
+fn write_json(path: Option<&std::path::Path>, doc: &serde_json::Value) -> anyhow::Result<()> {
+    if let Some(path) = path {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+        std::fs::write(path, serde_json::to_string_pretty(doc)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("airlock-bench: results written to {}", path.display());
     }

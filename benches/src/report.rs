@@ -92,11 +92,23 @@ impl Machine {
     }
 
     pub fn describe(&self) -> String {
-        let place = if self.test_host {
+        self.describe_at(if self.test_host {
             "inside the test host (QEMU TCG `-cpu max`, nested KVM; absolute times are slowed many times over, ratios are what count)"
         } else {
             "on hardware virtualisation"
-        };
+        })
+    }
+
+    /// For benchmarks that run no VM.
+    pub fn describe_without_vm(&self) -> String {
+        self.describe_at(if self.test_host {
+            "inside the test host (QEMU TCG `-cpu max`), no VM of its own"
+        } else {
+            "directly on this machine, no VM"
+        })
+    }
+
+    fn describe_at(&self, place: &str) -> String {
         format!(
             "{} CPUs ({}), {} MiB, Linux {}, {place}",
             self.cpus, self.cpu, self.memory_mib, self.kernel

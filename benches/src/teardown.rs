@@ -84,7 +84,7 @@ pub fn touched_mib(series: &str, mem: u64, fixed_mib: u64) -> u64 {
 /// smallest, among `results` of `series`; `median` gives a result's median
 /// in ms, or `None` for a result that does not count. NaN when one is
 /// missing.
-fn growth(
+pub fn growth(
     results: &[Value],
     series: &str,
     memory: &[u64],
@@ -171,38 +171,12 @@ pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {
         times(fixed),
         args.fixed_mib
     ));
-    let (wipe_rows, wipe_json) = crate::wipe::rows(&args.memory, args.fixed_mib, args.runs)?;
-    section.para(&format!(
-        "**The wipe alone**, without a VM: guest RAM mapped as `airlock-vmm` \
-         maps it, touched by the benchmark process, then wiped and unmapped \
-         (Airlock) or only unmapped (the peers); ms, median of {} runs.",
-        args.runs
-    ));
-    section.table(
-        &[
-            "guest MiB",
-            "touched MiB",
-            "wipe + unmap ms",
-            "unmap only ms",
-            "wiped MiB",
-        ],
-        &wipe_rows,
-    );
-    let wipe_ms = |r: &Value| r["wipe_and_unmap"]["median_ms"].as_f64();
-    let wipe_half = growth(&wipe_json, "half", &args.memory, wipe_ms);
-    let wipe_fixed = growth(&wipe_json, "fixed", &args.memory, wipe_ms);
-    section.para(&format!(
-        "The wipe alone from the smallest to the largest guest: {} with half of \
-         memory touched, {} with a fixed {} MiB touched.",
-        times(wipe_half),
-        times(wipe_fixed),
-        args.fixed_mib
-    ));
+    let (wipe_json, wipe_growth) = crate::wipe::append(&mut section, args)?;
     section.json = json!({
         "benchmark": "teardown_with_wipe", "runs": args.runs, "results": json_rows,
         "airlock_growth_smallest_to_largest": { "half_touched": half, "fixed_touched": fixed },
         "wipe_alone": wipe_json,
-        "wipe_alone_growth_smallest_to_largest": { "half_touched": wipe_half, "fixed_touched": wipe_fixed },
+        "wipe_alone_growth_smallest_to_largest": wipe_growth,
     });
     Ok(section)
 }
