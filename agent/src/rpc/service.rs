@@ -50,6 +50,7 @@ impl From<SandboxError> for TtrpcError {
                 // An exec that failed (e.g. no such command) is the caller's
                 // problem, as runc reports it.
                 ContainerError::Launch(LaunchError::Failed(_)) => Code::FAILED_PRECONDITION,
+                ContainerError::Launch(LaunchError::Timeout(_)) => Code::DEADLINE_EXCEEDED,
                 _ => Code::INTERNAL,
             },
             SandboxError::File(FileError::BadPath(_)) => Code::INVALID_ARGUMENT,
