@@ -105,7 +105,11 @@ impl Root {
     /// Reads up to `len` bytes (at most [`CHUNK_MAX`]) at `offset`; the flag
     /// says the end of the file was reached.
     pub fn read(&self, path: &str, offset: u64, len: usize) -> Result<(Vec<u8>, bool), FileError> {
-        let fd = self.open_at(path, OFlag::O_RDONLY | OFlag::O_NOFOLLOW, Mode::empty())?;
+        // O_NONBLOCK: opening a FIFO without a writer would otherwise wait
+        // forever (a workload can make one anywhere in its root); open, it
+        // fails pread with ESPIPE. Regular files ignore the flag.
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
+        let fd = self.open_at(path, flags, Mode::empty())?;
         let err = |e| FileError::Sys(path.into(), e);
         let size = fstat(&fd).map_err(err)?.st_size as u64;
         let mut buf = vec![0u8; len.min(CHUNK_MAX)];
@@ -127,7 +131,9 @@ impl Root {
         truncate: bool,
         mode: u32,
     ) -> Result<u64, FileError> {
-        let mut flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW;
+        // O_NONBLOCK: as for `read`, a FIFO without a reader fails (ENXIO)
+        // instead of blocking the open forever.
+        let mut flags = OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
         if create {
             flags |= OFlag::O_CREAT;
         }
@@ -419,5 +425,30 @@ mod tests {
             root.remove("/x/..", true),
             Err(FileError::BadPath(_))
         ));
+    }
+
+    #[test]
+    fn a_fifo_fails_at_once_instead_of_blocking_the_open() {
+        let (d, root) = root();
+        nix::unistd::mkfifo(&d.path().join("fifo"), Mode::from_bits_truncate(0o600)).unwrap();
+        // On another thread, so that a regression fails the test rather
+        // than hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let read = root.read("/fifo", 0, 10).map(|_| ());
+            let write = root.write("/fifo", 0, b"x", false, false, 0).map(|_| ());
+            tx.send((read, write)).ok();
+        });
+        let (read, write) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("ReadFile/WriteFile on a FIFO blocked");
+        assert!(
+            matches!(read, Err(FileError::Sys(_, Errno::ESPIPE))),
+            "{read:?}"
+        );
+        assert!(
+            matches!(write, Err(FileError::Sys(_, Errno::ENXIO))),
+            "{write:?}"
+        );
     }
 }

@@ -9,19 +9,10 @@
 //!   other threads (`launcher/`);
 //! * `pause`: the placeholder init process of a long-lived sandbox's
 //!   container, which sleeps until it is killed (`pause.rs`).
+//!
+//! The modules are the library's (`lib.rs`); this is only the entry point.
 
-mod boot_timer;
-mod cmdline;
-mod container;
-mod files;
-mod init;
-mod launcher;
-mod pause;
-mod process;
-mod rpc;
-mod sandbox;
-mod sysinfo;
-
+use airlock_agent::{init, launcher, pause};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -3,15 +3,15 @@
 //! only translates messages and forwards here.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::mount::{mount, MsFlags};
 use tokio::sync::{Mutex, Notify};
 
 use crate::container::{self, Container, ContainerError};
 use crate::files::{FileError, Root};
+use crate::machine::{Guest, Machine};
 use crate::process::exits::Exits;
 use crate::process::Process;
 
@@ -47,6 +47,8 @@ pub enum SandboxError {
 /// The one sandbox of this VM.
 pub struct Sandbox {
     pub exits: Arc<Exits>,
+    /// The VM itself, or a fake for fuzzing (see `machine.rs`).
+    machine: Box<dyn Machine>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     scratch_ready: Mutex<bool>,
     /// Notified when the runtime asked the VM to shut down.
@@ -54,9 +56,16 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
+    /// The sandbox of this VM: PID 1's.
     pub fn new(exits: Arc<Exits>) -> Self {
+        Self::with_machine(exits, Box::new(Guest))
+    }
+
+    /// A sandbox acting on `machine` (a `machine::Fake` in the fuzz target).
+    pub fn with_machine(exits: Arc<Exits>, machine: Box<dyn Machine>) -> Self {
         Self {
             exits,
+            machine,
             containers: Mutex::new(HashMap::new()),
             scratch_ready: Mutex::new(false),
             shutdown: Notify::new(),
@@ -71,11 +80,13 @@ impl Sandbox {
         scratch_device: &str,
     ) -> Result<(), SandboxError> {
         if !hostname.is_empty() {
-            nix::unistd::sethostname(hostname).map_err(|e| SandboxError::Sys("sethostname", e))?;
+            self.machine
+                .set_hostname(hostname)
+                .map_err(|e| SandboxError::Sys("sethostname", e))?;
         }
         if epoch_seconds > 0 {
-            let ts = nix::sys::time::TimeSpec::new(epoch_seconds, 0);
-            nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+            self.machine
+                .set_clock(epoch_seconds)
                 .map_err(|e| SandboxError::Sys("clock_settime", e))?;
         }
         self.mount_scratch(scratch_device).await
@@ -86,25 +97,15 @@ impl Sandbox {
         if *ready {
             return Ok(());
         }
-        std::fs::create_dir_all(SCRATCH).map_err(|e| {
+        std::fs::create_dir_all(self.machine.scratch()).map_err(|e| {
             SandboxError::Sys(
                 "mkdir scratch",
                 nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
             )
         })?;
-        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-        let r = if device.is_empty() {
-            mount(
-                Some("tmpfs"),
-                SCRATCH,
-                Some("tmpfs"),
-                flags,
-                Some("mode=0700"),
-            )
-        } else {
-            mount(Some(device), SCRATCH, Some("ext4"), flags, None::<&str>)
-        };
-        r.map_err(|e| SandboxError::Sys("mounting the scratch disk", e))?;
+        self.machine
+            .mount_scratch(device)
+            .map_err(|e| SandboxError::Sys("mounting the scratch disk", e))?;
         *ready = true;
         Ok(())
     }
@@ -127,11 +128,12 @@ impl Sandbox {
         if source.is_empty() {
             return Err(SandboxError::Invalid("rootfs.source is empty".into()));
         }
-        let writable = Path::new(SCRATCH).join(id);
+        let scratch = self.machine.scratch();
+        let writable = scratch.join(id);
         // A tar archive on the scratch disk (a container joining a running
         // VM): unpacked next to the container's writable layer.
         let (source, fstype) = if fstype == "tar" {
-            let archive = container::unpack::check_place(source, SCRATCH)
+            let archive = container::unpack::check_place(source, &scratch.to_string_lossy())
                 .map_err(|e| SandboxError::Invalid(e.to_string()))?;
             let dest = writable.join("image");
             let d = dest.clone();
@@ -143,8 +145,15 @@ impl Sandbox {
         } else {
             (source.to_string(), fstype.to_string())
         };
-        let c =
-            Container::create(&self.exits, id, spec, &source, &fstype, options, &writable).await;
+        let c = Container::create(
+            &self.exits,
+            &*self.machine,
+            id,
+            spec,
+            (&source, &fstype, options),
+            &writable,
+        )
+        .await;
         if c.is_err() {
             std::fs::remove_dir_all(&writable).ok();
         }
@@ -173,9 +182,9 @@ impl Sandbox {
             .await
             .remove(id)
             .ok_or_else(|| SandboxError::NoContainer(id.into()))?;
-        c.remove(&self.exits, grace).await;
+        c.remove(&self.exits, &*self.machine, grace).await;
         // Its writable layer (and an unpacked image) on the scratch disk.
-        std::fs::remove_dir_all(Path::new(SCRATCH).join(id)).ok();
+        std::fs::remove_dir_all(self.machine.scratch().join(id)).ok();
         Ok(())
     }
 
@@ -231,7 +240,7 @@ impl Sandbox {
     /// resolve in.
     pub async fn root(&self, id: &str) -> Result<Root, SandboxError> {
         if id.is_empty() {
-            return Ok(Root::open(Path::new("/"))?);
+            return Ok(Root::open(self.machine.root())?);
         }
         let pid = self
             .container(id)
@@ -250,5 +259,68 @@ impl Sandbox {
                 .ok();
         }
         self.shutdown.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::machine::Fake;
+
+    fn fake() -> (tempfile::TempDir, Sandbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = Fake::new(dir.path()).unwrap();
+        let sandbox = Sandbox::with_machine(Arc::new(Exits::default()), Box::new(machine));
+        (dir, sandbox)
+    }
+
+    fn mount_refused(e: &SandboxError) -> bool {
+        use crate::container::rootfs::RootfsError;
+        matches!(
+            e,
+            SandboxError::Container(ContainerError::Rootfs(RootfsError::Image(..)))
+        )
+    }
+
+    const SPEC: &[u8] =
+        br#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#;
+
+    #[tokio::test]
+    async fn on_a_fake_machine_containers_fail_before_any_launch_and_leave_nothing() {
+        let (dir, sandbox) = fake();
+        sandbox.setup("host", 1, "/dev/vdb").await.unwrap();
+        let no_opts: &[String] = &[];
+        // A valid spec gets as far as mounting, which the fake refuses.
+        let err = sandbox
+            .create_container("c", SPEC, "/img", "", no_opts)
+            .await
+            .unwrap_err();
+        assert!(mount_refused(&err), "{err}");
+        // A bad spec, id or option is refused before that.
+        for (id, spec, opts) in [
+            ("c", &b"{}"[..], no_opts),
+            ("../c", SPEC, no_opts),
+            ("c", SPEC, &["data=journal".to_string()][..]),
+        ] {
+            let err = sandbox
+                .create_container(id, spec, "/img", "", opts)
+                .await
+                .unwrap_err();
+            assert!(!mount_refused(&err), "{err}");
+        }
+        assert!(matches!(
+            sandbox.process("c", "").await,
+            Err(SandboxError::NoContainer(_))
+        ));
+        // No bundle or writable layer is left behind.
+        for sub in ["bundles", "scratch"] {
+            let left: Vec<_> = std::fs::read_dir(dir.path().join(sub)).unwrap().collect();
+            assert!(left.is_empty(), "{sub}: {left:?}");
+        }
+        // The guest's "/" is the fake's root directory.
+        let root = sandbox.root("").await.unwrap();
+        root.write("/f", 0, b"x", true, false, 0).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("root/f")).unwrap(), b"x");
+        sandbox.destroy().await;
     }
 }

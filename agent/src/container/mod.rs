@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::launcher::{self, LaunchError, Reply, Request};
+use crate::machine::Machine;
 use crate::process::exits::Exits;
 use crate::process::{self, ExitInfo, Process};
 use cgroup::Cgroup;
@@ -87,15 +88,16 @@ pub struct Container {
 impl Container {
     /// Creates the container: mounts its rootfs and has libcontainer set up
     /// its init process, which waits for [`Container::start`].
+    /// `image` is the rootfs's source, filesystem type and mount options.
     pub async fn create(
         exits: &Arc<Exits>,
+        machine: &dyn Machine,
         id: &str,
         spec_json: &[u8],
-        source: &str,
-        fstype: &str,
-        options: &[String],
+        image: (&str, &str, &[String]),
         writable: &Path,
     ) -> Result<Self, ContainerError> {
+        let (source, fstype, options) = image;
         check_id(id)?;
         let spec = spec::parse(spec_json)?;
         let tty = spec
@@ -103,13 +105,15 @@ impl Container {
             .as_ref()
             .and_then(|p| p.terminal())
             .unwrap_or(false);
-        let bundle = Path::new(BUNDLES).join(id);
-        std::fs::create_dir_all(&bundle).map_err(ContainerError::Bundle)?;
+        let bundle = machine.bundles().join(id);
         let layout = Layout::new(&bundle, writable);
+        // Adapted before anything is mounted: a spec the guest cannot use
+        // is refused without side effects.
+        let spec = spec::adapt(spec, id, &layout.rootfs)?;
+        std::fs::create_dir_all(&bundle).map_err(ContainerError::Bundle)?;
         let cgroup = Cgroup::of(id);
         let result = async {
-            rootfs::mount_rootfs(source, fstype, options, &layout)?;
-            let spec = spec::adapt(spec, id, &layout.rootfs)?;
+            machine.mount_rootfs(source, fstype, options, &layout)?;
             let json = serde_json::to_vec(&spec).map_err(|e| ContainerError::Bundle(e.into()))?;
             std::fs::write(bundle.join("config.json"), json).map_err(ContainerError::Bundle)?;
             let bundle2 = bundle.clone();
@@ -139,7 +143,7 @@ impl Container {
                 execs: Mutex::new(HashMap::new()),
             }),
             Err(e) => {
-                rootfs::unmount_rootfs(&layout);
+                machine.unmount_rootfs(&layout);
                 std::fs::remove_dir_all(&bundle).ok();
                 Err(e)
             }
@@ -231,7 +235,7 @@ impl Container {
     /// Stops every process (SIGTERM, then SIGKILL after `grace`), deletes
     /// the container's cgroup and state, unmounts its root filesystem and
     /// deletes its writable layer.
-    pub async fn remove(&self, exits: &Exits, grace: Duration) {
+    pub async fn remove(&self, exits: &Exits, machine: &dyn Machine, grace: Duration) {
         if !self.init.exited() && !grace.is_zero() {
             self.signal("", libc::SIGTERM, true).await.ok();
             tokio::time::timeout(grace, self.init.wait()).await.ok();
@@ -257,7 +261,7 @@ impl Container {
                 crate::init::error_chain(&e)
             ));
         }
-        rootfs::unmount_rootfs(&self.layout);
+        machine.unmount_rootfs(&self.layout);
         std::fs::remove_dir_all(&self.bundle).ok();
     }
 

@@ -48,6 +48,22 @@ impl Layout {
     }
 }
 
+/// The mount flags of the workload image given the runtime's `options`;
+/// an option the agent does not know is refused.
+pub fn image_flags(options: &[String]) -> Result<MsFlags, RootfsError> {
+    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
+    for opt in options {
+        match opt.as_str() {
+            "ro" | "rw" => {} // the image is always read-only
+            "noatime" => flags |= MsFlags::MS_NOATIME,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            other => return Err(RootfsError::Option(other.to_string())),
+        }
+    }
+    Ok(flags)
+}
+
 /// Mounts `source` (a block device with `fstype`, or a directory when
 /// `fstype` is empty) read-only at `layout.lower` and the overlay at
 /// `layout.rootfs`.
@@ -60,16 +76,7 @@ pub fn mount_rootfs(
     for dir in [&layout.lower, &layout.upper, &layout.work, &layout.rootfs] {
         std::fs::create_dir_all(dir).map_err(|e| RootfsError::Dir(dir.clone(), e))?;
     }
-    let mut flags = MsFlags::MS_RDONLY | MsFlags::MS_NODEV;
-    for opt in options {
-        match opt.as_str() {
-            "ro" | "rw" => {} // the image is always read-only
-            "noatime" => flags |= MsFlags::MS_NOATIME,
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            other => return Err(RootfsError::Option(other.to_string())),
-        }
-    }
+    let flags = image_flags(options)?;
     let image_err = |e| RootfsError::Image(source.into(), fstype.into(), layout.lower.clone(), e);
     if fstype.is_empty() {
         mount(

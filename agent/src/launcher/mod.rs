@@ -20,10 +20,14 @@ pub mod wire;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 use serde::{Deserialize, Serialize};
 
-use crate::process::exits::{Exit, Exits};
+use crate::process::exits::{exit_of, Exit, Exits};
 
 pub use child::main;
 
@@ -80,13 +84,29 @@ pub enum LaunchError {
     /// the launcher ended without a reply ({0:?})
     #[error("the launcher ended without a reply ({0:?})")]
     Died(Option<Exit>),
+    /// the launcher did not reply within {0:?}; it was killed
+    #[error("the launcher did not reply within {0:?}; it was killed")]
+    Timeout(Duration),
     /// {0}
     #[error("{0}")]
     Failed(String),
 }
 
+/// How long one launcher operation may take. libcontainer's create,
+/// start, exec or delete of a container whose image is already mounted
+/// takes well under a second even on an emulated CPU; a launcher that
+/// has not answered by then is stuck (a fork that deadlocked, a hook
+/// that never returns), and waiting for it would hang the request, and
+/// `CreateContainer`'s hold on the sandbox's container table, forever.
+pub const LAUNCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a launcher that closed its socket without a reply may take to
+/// have its exit status reaped, for the error message.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+
 /// Runs one operation in a new launcher process and returns its reply
-/// (a [`Reply::Failed`] becomes [`LaunchError::Failed`]).
+/// (a [`Reply::Failed`] becomes [`LaunchError::Failed`]). A launcher that
+/// has not replied within [`LAUNCH_TIMEOUT`] is killed.
 pub async fn call(exits: &Exits, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, LaunchError> {
     let (ours, theirs) = wire::pair()?;
     let child = Command::new("/proc/self/exe")
@@ -97,21 +117,98 @@ pub async fn call(exits: &Exits, req: Request, fds: Vec<OwnedFd>) -> Result<Repl
         .spawn()
         .map_err(LaunchError::Spawn)?;
     // PID 1's reaper collects it; never `wait` on the Child.
-    let exited = exits.watch(child.id() as i32);
+    let pid = child.id() as i32;
+    let mut exited = exits.watch(pid);
     drop(child);
 
-    let reply = tokio::task::spawn_blocking(move || -> Result<Option<Reply>, wire::WireError> {
-        wire::send(ours.as_raw_fd(), &req, &fds)?;
-        drop(fds);
-        let (reply, _) = wire::recv::<Reply>(ours.as_raw_fd(), 0)?;
-        Ok(reply)
-    })
-    .await
-    .map_err(|e| LaunchError::Failed(format!("launcher task failed: {e}")))??;
-    let status = exited.await.ok();
+    let kill = || {
+        // Its status has not been handed out, so it has not been reaped
+        // (the watch above claims it) and the pid is still the launcher's.
+        if exited.try_recv().is_err() {
+            nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).ok();
+        }
+    };
+    let reply = exchange(ours, req, fds, LAUNCH_TIMEOUT, kill).await?;
     match reply {
         Some(Reply::Failed(msg)) => Err(LaunchError::Failed(msg)),
         Some(reply) => Ok(reply),
-        None => Err(LaunchError::Died(status)),
+        None => {
+            let status = tokio::time::timeout(EXIT_WAIT, exit_of(exited, pid))
+                .await
+                .ok()
+                .flatten();
+            Err(LaunchError::Died(status))
+        }
+    }
+}
+
+/// Sends `req` on `sock` and waits for the reply, at most `deadline`;
+/// past it, `on_timeout` runs (it must make the peer go away, which ends
+/// the blocked receive) and the result is [`LaunchError::Timeout`].
+async fn exchange(
+    sock: OwnedFd,
+    req: Request,
+    fds: Vec<OwnedFd>,
+    deadline: Duration,
+    on_timeout: impl FnOnce(),
+) -> Result<Option<Reply>, LaunchError> {
+    let task = tokio::task::spawn_blocking(move || -> Result<Option<Reply>, wire::WireError> {
+        wire::send(sock.as_raw_fd(), &req, &fds)?;
+        drop(fds);
+        let (reply, _) = wire::recv::<Reply>(sock.as_raw_fd(), 0)?;
+        Ok(reply)
+    });
+    match tokio::time::timeout(deadline, task).await {
+        Ok(joined) => {
+            Ok(joined.map_err(|e| LaunchError::Failed(format!("launcher task failed: {e}")))??)
+        }
+        Err(_) => {
+            on_timeout();
+            Err(LaunchError::Timeout(deadline))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_launcher_that_never_replies_times_out_and_is_stopped() {
+        let (ours, theirs) = wire::pair().unwrap();
+        let mut peer = Some(theirs);
+        let started = std::time::Instant::now();
+        let res = exchange(
+            ours,
+            Request::Delete { id: "c".into() },
+            vec![],
+            Duration::from_millis(200),
+            // Standing for the kill: the peer's end closes.
+            || drop(peer.take()),
+        )
+        .await;
+        assert!(matches!(res, Err(LaunchError::Timeout(_))), "{res:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(peer.is_none(), "on_timeout did not run");
+    }
+
+    #[tokio::test]
+    async fn a_reply_within_the_deadline_is_returned() {
+        let (ours, theirs) = wire::pair().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (req, _) = wire::recv::<Request>(theirs.as_raw_fd(), 3).unwrap();
+            assert!(matches!(req, Some(Request::Start { .. })));
+            wire::send(theirs.as_raw_fd(), &Reply::Pid(7), &[]).unwrap();
+        });
+        let res = exchange(
+            ours,
+            Request::Start { id: "c".into() },
+            vec![],
+            Duration::from_secs(10),
+            || panic!("timed out"),
+        )
+        .await;
+        peer.join().unwrap();
+        assert!(matches!(res, Ok(Some(Reply::Pid(7)))), "{res:?}");
     }
 }

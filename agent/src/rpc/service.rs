@@ -10,6 +10,7 @@ use airlock_protocol::{check_compatible, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
+use crate::container::rootfs::RootfsError;
 use crate::container::ContainerError;
 use crate::files::{self, FileError};
 use crate::launcher::LaunchError;
@@ -41,12 +42,15 @@ impl From<SandboxError> for TtrpcError {
             SandboxError::Exists(_) => Code::ALREADY_EXISTS,
             SandboxError::Invalid(_) => Code::INVALID_ARGUMENT,
             SandboxError::Container(c) => match c {
-                ContainerError::BadId(_) | ContainerError::Spec(_) => Code::INVALID_ARGUMENT,
+                ContainerError::BadId(_)
+                | ContainerError::Spec(_)
+                | ContainerError::Rootfs(RootfsError::Option(_)) => Code::INVALID_ARGUMENT,
                 ContainerError::ExecExists(_) => Code::ALREADY_EXISTS,
                 ContainerError::NotRunning => Code::FAILED_PRECONDITION,
                 // An exec that failed (e.g. no such command) is the caller's
                 // problem, as runc reports it.
                 ContainerError::Launch(LaunchError::Failed(_)) => Code::FAILED_PRECONDITION,
+                ContainerError::Launch(LaunchError::Timeout(_)) => Code::DEADLINE_EXCEEDED,
                 _ => Code::INTERNAL,
             },
             SandboxError::File(FileError::BadPath(_)) => Code::INVALID_ARGUMENT,

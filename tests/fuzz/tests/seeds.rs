@@ -9,6 +9,7 @@ use airlock_fuzz::{blk_dev, mmio, vsock_conn};
 use airlock_vmm::devices::virtio::vsock::packet::{
     OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
 };
+use ttrpc::Code;
 use vm_memory::{Bytes, GuestAddress};
 
 fn seed(target: &str, name: &str) -> Vec<u8> {
@@ -163,4 +164,93 @@ fn mmio_invalid_queues_ask_for_a_reset() {
     // queue outside guest memory set DEVICE_NEEDS_RESET.
     assert_eq!(t.status_reads.first(), Some(&0x3), "{t:?}");
     assert_ne!(t.final_status & 0x40, 0, "{t:?}");
+}
+
+fn agent(name: &str) -> airlock_fuzz::agent::Trace {
+    airlock_fuzz::agent::agent_request_trace(&seed("agent_request", name))
+}
+
+fn codes(t: &airlock_fuzz::agent::Trace) -> Vec<Option<Code>> {
+    t.iter().map(|(_, c)| *c).collect()
+}
+
+#[test]
+fn agent_seeds_reach_every_handler() {
+    let mut reached: Vec<&str> = Vec::new();
+    for name in [
+        "check",
+        "sandbox",
+        "create_container",
+        "create_container_hostile",
+        "exec_process",
+        "update",
+        "processes",
+        "files",
+        "escape",
+        "read_file",
+    ] {
+        let t = agent(name);
+        // Every payload decoded: the handler ran.
+        assert!(t.iter().all(|(_, c)| c.is_some()), "{name}: {t:?}");
+        reached.extend(t.iter().map(|(m, _)| *m));
+    }
+    for m in airlock_fuzz::agent::METHODS {
+        assert!(reached.contains(m), "no seed calls {m}");
+    }
+}
+
+#[test]
+fn agent_file_requests_work_inside_the_fake_root() {
+    let t = agent("files");
+    assert_eq!(
+        codes(&t),
+        vec![Some(Code::OK); 7]
+            .into_iter()
+            .chain([Some(Code::NOT_FOUND)])
+            .collect::<Vec<_>>(),
+        "{t:?}"
+    );
+    let t = agent("read_file");
+    assert_eq!(codes(&t), [Some(Code::OK)], "{t:?}");
+}
+
+#[test]
+fn agent_escapes_stay_in_the_root_and_fifos_do_not_block() {
+    let t = agent("escape");
+    let expected = [
+        Code::OK,                  // /../../../etc/hostname is the root's
+        Code::OK,                  // so is /up/etc/hostname
+        Code::OK,                  // /abs (a symlink to /) is the root
+        Code::OK,                  // /abs/etc/x is the root's /etc/x
+        Code::FAILED_PRECONDITION, // /fifo: ESPIPE, not a hang
+        Code::FAILED_PRECONDITION, // /fifo without a reader: ENXIO
+        Code::FAILED_PRECONDITION, // a symlink loop: ELOOP
+        Code::OK,                  // /up lists the root
+        Code::INVALID_ARGUMENT,    // removing / is refused
+        Code::INVALID_ARGUMENT,    // so is making "y" through ".."
+        Code::NOT_FOUND,           // no container "c"
+    ];
+    assert_eq!(codes(&t), expected.map(Some), "{t:?}");
+}
+
+#[test]
+fn agent_containers_fail_before_any_launch() {
+    // A valid spec gets as far as mounting, which the fake refuses.
+    let t = agent("create_container");
+    assert_eq!(codes(&t), [Some(Code::OK), Some(Code::INTERNAL)], "{t:?}");
+    // Hostile ids, specs, options and archives are refused before that;
+    // namespace paths that would join the agent's are dropped, so that
+    // spec gets as far as the valid one.
+    let t = agent("create_container_hostile");
+    let mut expected = [Some(Code::INVALID_ARGUMENT); 9];
+    expected[8] = Some(Code::INTERNAL);
+    assert_eq!(codes(&t), expected, "{t:?}");
+    let t = agent("exec_process");
+    assert!(t.iter().all(|(_, c)| *c == Some(Code::NOT_FOUND)), "{t:?}");
+    // Process requests on a container that does not exist; a signal number
+    // that is no signal is refused first.
+    let t = agent("processes");
+    let mut expected = [Some(Code::NOT_FOUND); 11];
+    expected[3] = Some(Code::INVALID_ARGUMENT);
+    assert_eq!(codes(&t), expected, "{t:?}");
 }
