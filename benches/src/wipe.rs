@@ -129,9 +129,9 @@ impl AnonRam {
         }
         let raw = raw.cast::<u8>();
         let head = (HUGE_PAGE - raw as usize % HUGE_PAGE) % HUGE_PAGE;
-        // SAFETY: `head < HUGE_PAGE`, so `raw + head` and the `len` bytes
-        // after it lie inside the `total`-byte mapping just made; the head
-        // and tail unmapped are parts of it that nothing refers to.
+        // The head and tail unmapped below are parts of it nothing refers to.
+        // SAFETY: `head < HUGE_PAGE`: `raw + head` and `len` bytes after it
+        // lie inside the `total`-byte mapping just made.
         let addr = unsafe {
             let addr = raw.add(head);
             if head > 0 {
@@ -150,9 +150,9 @@ impl AnonRam {
 
     /// The whole mapping, for volatile access.
     fn slice(&self) -> VolatileSlice<'_> {
-        // SAFETY: `len` bytes at `addr` stay mapped while `self` lives,
-        // which the returned slice's lifetime is tied to; only this process
-        // accesses them.
+        // Only this process accesses them.
+        // SAFETY: `len` bytes at `addr` stay mapped while `self` lives, and
+        // the returned slice's lifetime is tied to `self`.
         unsafe { VolatileSlice::new(self.addr, self.len) }
     }
 
@@ -188,9 +188,9 @@ impl AnonRam {
 
     /// Zeroes pages `[from, to)`; returns how many.
     fn zero(&self, from: usize, to: usize) -> u64 {
-        // SAFETY: `from <= to <= len / PAGE` (callers walk the mapping's
-        // pages), so the range lies inside the live mapping, which only
-        // this process touches.
+        // Callers walk the mapping's pages, which only this process touches.
+        // SAFETY: `from <= to <= len / PAGE`, so the range lies inside the
+        // live mapping.
         unsafe { std::ptr::write_bytes(self.addr.add(from * PAGE), 0, (to - from) * PAGE) };
         // The writes must happen although nothing reads them before unmap.
         std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);

@@ -113,9 +113,9 @@ impl Mapping {
         let addr = unsafe { raw.add(head) };
         let (prot, fd) = (libc::PROT_READ | libc::PROT_WRITE, file.as_raw_fd());
         let shared = libc::MAP_SHARED | libc::MAP_FIXED;
+        // The file is sized by `guest_memfd` and checked by `GuestRam::new`.
         // SAFETY: MAP_FIXED over the reservation just made, which nothing
-        // else refers to; the file is at least `offset + len` bytes (sized
-        // by `guest_memfd`, checked by `GuestRam::new`).
+        // else refers to; the file holds at least `offset + len` bytes.
         let mapped = unsafe { libc::mmap(addr.cast(), len, prot, shared, fd, offset) };
         let tail = total - head - len;
         // SAFETY: unmapping the unaligned head and the tail of the

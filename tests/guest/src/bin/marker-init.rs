@@ -38,9 +38,8 @@ fn main() {
     loop {
         let touched = (first..buf.len())
             .step_by(page_words)
-            // SAFETY: `i` is in bounds of `buf`, which lives across the
-            // read; volatile because the host writes it behind the
-            // compiler's back (through the guest memory file).
+            // Volatile: the host writes it through the guest memory file.
+            // SAFETY: `i` is in bounds of `buf`, which outlives the read.
             .any(|i| unsafe { std::ptr::read_volatile(buf.as_ptr().add(i)) } != marker);
         if touched {
             break;
