@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use airlock_vmm_api::{Event, EventLog};
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
@@ -50,32 +51,19 @@ pub struct Phases {
 }
 
 impl Phases {
-    /// From the VMM's JSON log.
-    pub fn from_log(log: &str) -> Self {
+    /// From the VMM's events.
+    pub fn from_events(events: &[Event]) -> Self {
         let mut p = Phases {
             kernel_entry_ms: f64::NAN,
             init_ms: f64::NAN,
             agent_ready_ms: f64::NAN,
         };
-        for line in log.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            // tracing's JSON nests the fields; the VMM's own lines are flat.
-            let f = if v["fields"].is_object() {
-                &v["fields"]
-            } else {
-                &v
-            };
-            let get = |k: &str| f[k].as_f64();
-            if let Some(x) = get("kernel_entry_ms") {
-                p.kernel_entry_ms = x;
-            }
-            if let Some(x) = get("init_ms") {
-                p.init_ms = x;
-            }
-            if let Some(x) = get("ready_ms") {
-                p.agent_ready_ms = x;
+        for e in events {
+            match *e {
+                Event::KernelEntered { ms } => p.kernel_entry_ms = ms,
+                Event::InitStarted { ms } => p.init_ms = ms,
+                Event::AgentReady { ms } => p.agent_ready_ms = ms,
+                _ => {}
             }
         }
         p
@@ -109,9 +97,10 @@ impl AirlockVm {
     pub fn connect(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<Instant> {
         let pid = self.pid;
         let alive = move || std::path::Path::new(&format!("/proc/{pid}")).exists();
+        let uds = self.spec.vm.vsock.as_ref().map(|v| v.uds.clone());
         rt.block_on(airlock_runtime::agent_client::connect_when_ready(
-            &self.spec.vsock_uds,
-            &self.spec.log_path,
+            &uds.context("no vsock")?,
+            &airlock_runtime::vmm::events_path(&self.spec.dir),
             DEADLINE,
             alive,
         ))
@@ -120,7 +109,12 @@ impl AirlockVm {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.spec.log_path).unwrap_or_default()
+        std::fs::read_to_string(airlock_runtime::vmm::log_path(&self.spec.dir)).unwrap_or_default()
+    }
+
+    /// What the VMM reported so far.
+    pub fn events(&self) -> Vec<Event> {
+        EventLog::read(&airlock_runtime::vmm::events_path(&self.spec.dir))
     }
 }
 
@@ -148,7 +142,7 @@ pub fn airlock_boot(
     let vm = AirlockVm::start(peers, guest, shape)?;
     let answered = vm.connect(rt)?;
     let ms = answered.duration_since(vm.started).as_secs_f64() * 1000.0;
-    Ok((ms, Phases::from_log(&vm.log())))
+    Ok((ms, Phases::from_events(&vm.events())))
 }
 
 /// The VMM as the runtime starts it for a sandbox (`airlock-runtime`'s
@@ -162,7 +156,22 @@ pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime:
         cgroup_parent: "/sys/fs/cgroup/airlock-bench".into(),
         ..Default::default()
     };
+    let mut vm = airlock_vmm_api::VmConfig::new(guest.kernel.clone());
+    vm.initrd = Some(guest.initrd.clone());
+    vm.vcpus = shape.vcpus;
+    vm.memory_mib = shape.memory_mib;
+    // Beside the jail root, as the runtime keeps it: bound by the runtime.
+    vm.vsock = Some(airlock_vmm_api::VsockConfig {
+        guest_cid: 3,
+        uds: dir.join("vsock.sock"),
+        guest_connect: false,
+        listen_fd: None,
+    });
+    vm.console = airlock_vmm_api::ConsoleOutput::File(dir.join("console.log"));
     airlock_runtime::vmm::VmmSpec {
+        vm,
+        dir: dir.to_path_buf(),
+        die_with_parent: true,
         jail: Some(airlock_runtime::jail::JailSpec::new(
             &settings,
             &name,
@@ -170,19 +179,6 @@ pub fn airlock_spec(guest: &Guest, shape: Shape, dir: &Path) -> airlock_runtime:
             shape.memory_mib as u32,
             0,
         )),
-        kernel: guest.kernel.clone(),
-        initrd: guest.initrd.clone(),
-        vcpus: shape.vcpus as u8,
-        memory_mib: shape.memory_mib as u32,
-        // Beside the jail root, as the runtime keeps it: bound by the runtime.
-        vsock_uds: dir.join("vsock.sock"),
-        guest_cid: 3,
-        drives: vec![],
-        log_path: dir.join("vmm.log"),
-        console_path: Some(dir.join("console.log")),
-        extra_args: vec![],
-        die_with_parent: true,
-        stop_grace_secs: 10,
     }
 }
 
@@ -297,7 +293,14 @@ pub fn run(args: &BootArgs, peers: &Peers) -> anyhow::Result<Section> {
                         ms
                     }
                     Series::AirlockToInit => {
-                        marker_boot(peers.airlock_command(&guest, shape, BOOT_MARKER_ARG, None))?
+                        let scratch = Scratch::new("boot")?;
+                        marker_boot(peers.airlock_command(
+                            &guest,
+                            shape,
+                            BOOT_MARKER_ARG,
+                            None,
+                            scratch.path(),
+                        )?)?
                     }
                     Series::Peer(vmm) => {
                         let scratch = Scratch::new("boot")?;
@@ -468,17 +471,18 @@ mod tests {
     }
 
     #[test]
-    fn phases_come_from_the_boot_timer_lines() {
-        let log = concat!(
-            r#"{"fields":{"message":"boot timing","kernel_entry_ms":12.5,"init_ms":80.0}}"#,
-            "\nnot json\n",
-            r#"{"fields":{"message":"boot timing","ready_ms":95.25}}"#
-        );
-        let p = Phases::from_log(log);
+    fn phases_come_from_the_boot_timer_events() {
+        let events = [
+            Event::Running { ms: 3.0 },
+            Event::KernelEntered { ms: 12.5 },
+            Event::InitStarted { ms: 80.0 },
+            Event::AgentReady { ms: 95.25 },
+        ];
+        let p = Phases::from_events(&events);
         assert_eq!(
             (p.kernel_entry_ms, p.init_ms, p.agent_ready_ms),
             (12.5, 80.0, 95.25)
         );
-        assert!(Phases::from_log("").init_ms.is_nan());
+        assert!(Phases::from_events(&[]).init_ms.is_nan());
     }
 }

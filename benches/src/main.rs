@@ -15,6 +15,7 @@ mod lifecycle;
 mod memory;
 mod peers;
 mod report;
+mod series;
 mod stats;
 mod teardown;
 mod vsock;

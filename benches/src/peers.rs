@@ -263,28 +263,48 @@ impl Peers {
     }
 
     /// `airlock-vmm` booting `guest` with its console on stdout, `args`
-    /// appended to its kernel command line and a hybrid vsock on `uds`.
+    /// appended to its kernel command line and a hybrid vsock on `uds`;
+    /// its VM config (`airlock_vmm_api::VmConfig`, the one the runtime
+    /// writes) and its events ([`airlock_events`]) go in `scratch`.
     pub fn airlock_command(
         &self,
         guest: &Guest,
         shape: Shape,
         args: &str,
         uds: Option<&Path>,
-    ) -> Command {
+        scratch: &Path,
+    ) -> anyhow::Result<Command> {
+        let mut vm = airlock_vmm_api::VmConfig::new(guest.kernel.clone());
+        vm.initrd = Some(guest.initrd.clone());
+        vm.vcpus = shape.vcpus;
+        vm.memory_mib = shape.memory_mib;
+        vm.extra_args = args.split_whitespace().map(String::from).collect();
+        match uds {
+            // Kept running until stopped, as the runtime's VMs are.
+            Some(uds) => {
+                vm.vsock = Some(airlock_vmm_api::VsockConfig {
+                    guest_cid: 3,
+                    uds: uds.to_path_buf(),
+                    guest_connect: false,
+                    listen_fd: None,
+                })
+            }
+            None => vm.extra_args.push("airlock.oneshot".into()),
+        }
+        vm.events = Some(airlock_events(scratch));
+        let path = scratch.join("airlock-vm.json");
+        std::fs::write(&path, serde_json::to_vec(&vm)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         let mut c = Command::new(&self.airlock_vmm);
-        c.arg("--kernel").arg(&guest.kernel);
-        c.arg("--initrd").arg(&guest.initrd);
-        c.args(["--vcpus", &shape.vcpus.to_string()]);
-        c.args(["--memory", &shape.memory_mib.to_string()]);
+        c.arg("--config").arg(path);
         c.args(["--log-format", "json", "--log-level", "info"]);
-        if !args.is_empty() {
-            c.args(["--append", args]);
-        }
-        if let Some(uds) = uds {
-            c.arg("--keep-running").arg("--vsock-uds").arg(uds);
-        }
-        c
+        Ok(c)
     }
+}
+
+/// Where [`Peers::airlock_command`] has `airlock-vmm` write its events.
+pub fn airlock_events(scratch: &Path) -> PathBuf {
+    scratch.join("airlock-events")
 }
 
 /// A vsock CID no other guest of this run uses (vhost-vsock CIDs are

@@ -10,24 +10,16 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::peers::{Guest, Peers, Running, Scratch, Shape, Vmm};
+use airlock_vmm_api::EventLog;
+
+pub use crate::series::TeardownArgs;
+use crate::series::{growth, touched_mib, SERIES};
+
+use crate::peers::{airlock_events, Guest, Peers, Running, Scratch, Shape, Vmm};
 use crate::report::{ms, times, Section};
 use crate::stats::summarize;
 
 const WROTE: &str = "fill-memory: wrote";
-
-#[derive(clap::Args, Clone)]
-pub struct TeardownArgs {
-    /// Runs per VMM and point
-    #[arg(long, default_value_t = 2)]
-    pub runs: usize,
-    /// Guest memory sizes in MiB (repeatable)
-    #[arg(long = "memory", default_values_t = [128, 512, 2048])]
-    pub memory: Vec<u64>,
-    /// MiB the guest touches in the fixed-touch series
-    #[arg(long, default_value_t = 32)]
-    pub fixed_mib: u64,
-}
 
 struct Point {
     teardown_ms: f64,
@@ -42,7 +34,7 @@ fn one(peers: &Peers, vmm: Vmm, guest: &Guest, mem: u64, touch: u64) -> anyhow::
     };
     let args = format!("airlock.test.fill_mib={touch}");
     let cmd = if vmm == Vmm::Airlock {
-        peers.airlock_command(guest, shape, &args, None)
+        peers.airlock_command(guest, shape, &args, None, scratch.path())?
     } else {
         peers.peer_command(vmm, guest, shape, &args, None, scratch.path())?
     };
@@ -51,12 +43,13 @@ fn one(peers: &Peers, vmm: Vmm, guest: &Guest, mem: u64, touch: u64) -> anyhow::
     let (gone, _status) = running.wait_exit(Duration::from_secs(120))?;
     let stderr = running.collect_stderr();
     let wiped_mib = if vmm == Vmm::Airlock {
-        let log = scratch.path().join("vmm.log");
-        std::fs::write(&log, &stderr)?;
+        let mut events = EventLog::new(&airlock_events(scratch.path()));
+        events.refresh();
         Some(
-            airlock_runtime::vmm::wipe_from_log(&log)
-                .with_context(|| format!("airlock-vmm logged no wipe:\n{stderr}"))?
-                .wiped_mib,
+            events
+                .wiped()
+                .with_context(|| format!("airlock-vmm reported no wipe; its log:\n{stderr}"))?
+                .0,
         )
     } else {
         None
@@ -65,42 +58,6 @@ fn one(peers: &Peers, vmm: Vmm, guest: &Guest, mem: u64, touch: u64) -> anyhow::
         teardown_ms: gone.duration_since(wrote).as_secs_f64() * 1000.0,
         wiped_mib,
     })
-}
-
-/// The two series: half of guest memory touched, and a fixed amount.
-pub const SERIES: [&str; 2] = ["half", "fixed"];
-
-/// MiB a guest of `mem` MiB touches in `series` (the fixed amount is
-/// `fixed_mib`, at most half of memory).
-pub fn touched_mib(series: &str, mem: u64, fixed_mib: u64) -> u64 {
-    if series == "half" {
-        mem / 2
-    } else {
-        fixed_mib.min(mem / 2)
-    }
-}
-
-/// The median at the largest guest of `memory` over the one at the
-/// smallest, among `results` of `series`; `median` gives a result's median
-/// in ms, or `None` for a result that does not count. NaN when one is
-/// missing.
-pub fn growth(
-    results: &[Value],
-    series: &str,
-    memory: &[u64],
-    median: impl Fn(&Value) -> Option<f64>,
-) -> f64 {
-    let pick = |mem: Option<&u64>| {
-        let mem = mem?;
-        results
-            .iter()
-            .filter(|r| r["series"] == series && r["guest_mib"] == *mem)
-            .find_map(&median)
-    };
-    match (pick(memory.iter().max()), pick(memory.iter().min())) {
-        (Some(hi), Some(lo)) => hi / lo,
-        _ => f64::NAN,
-    }
 }
 
 pub fn run(args: &TeardownArgs, peers: &Peers) -> anyhow::Result<Section> {

@@ -90,7 +90,7 @@ fn transfer(
         Vmm::Airlock => {
             let uds = scratch.path().join("v.sock");
             (
-                peers.airlock_command(guest, SHAPE, &mode, Some(&uds)),
+                peers.airlock_command(guest, SHAPE, &mode, Some(&uds), scratch.path())?,
                 Some(uds),
             )
         }

@@ -26,8 +26,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddres
 use airlock_vmm::vstate::memory;
 
 use crate::report::{ms, times, Section};
+use crate::series::{growth, touched_mib, TeardownArgs, SERIES};
 use crate::stats::{summarize, Summary};
-use crate::teardown::{growth, touched_mib, TeardownArgs, SERIES};
 
 const PAGE: usize = 4096;
 

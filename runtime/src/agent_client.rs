@@ -12,6 +12,7 @@ use airlock_protocol::ttrpc::context;
 use airlock_protocol::ttrpc::r#async::transport::Socket;
 use airlock_protocol::ttrpc::r#async::Client;
 use airlock_protocol::{check_compatible, VersionError, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use airlock_vmm_api::EventLog;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,13 +20,11 @@ use tokio::net::UnixStream;
 
 /// Pause between attempts once the agent should be listening.
 const RETRY: Duration = Duration::from_millis(10);
-/// How often the VMM log is checked for the agent's readiness where
+/// How often the VMM's events are checked for the agent's readiness where
 /// inotify is not available.
 const READY_POLL: Duration = Duration::from_millis(20);
-/// Attempts while the log says nothing yet are this far apart.
+/// Attempts while the events say nothing yet are this far apart.
 const FALLBACK_RETRY: Duration = Duration::from_millis(250);
-/// What `airlock-vmm` logs when the agent writes "ready" to its boot timer.
-const READY_MESSAGE: &str = "process start to agent ready";
 /// Longest a handshake line may be.
 const LINE_MAX: usize = 64;
 /// Longest one handshake attempt may take: a VMM that accepted the
@@ -106,30 +105,31 @@ pub async fn connect_while(
     check(stream).await
 }
 
-/// Connects within `deadline` once the VMM's log at `log` says the agent
-/// listens (its boot-timer line), giving up early once `alive` says the VM
-/// is gone. Until then the guest is left alone: an attempt before the agent
+/// Connects within `deadline` once the VMM's event file at `events` says
+/// the agent listens (`AgentReady`, from its boot timer), giving up early
+/// once `alive` says the VM is gone. Until then the guest is left alone: an attempt before the agent
 /// listens costs the booting guest a vsock round trip (request, reset) on
 /// its one vCPU. An attempt every 250 ms covers an agent that never writes
 /// to the boot timer.
 pub async fn connect_when_ready(
     uds: &Path,
-    log: &Path,
+    events: &Path,
     deadline: Duration,
     alive: impl Fn() -> bool,
 ) -> Result<AgentClient, ConnectError> {
     let until = Instant::now() + deadline;
-    let mut watch = LogWatch::new(log);
-    let waker = LogWaker::new(log);
+    let mut watch = EventLog::new(events);
+    let waker = FileWaker::new(events);
     let mut last_try = Instant::now();
     let mut first = true;
     let stream = loop {
-        let ready = watch.contains(READY_MESSAGE);
+        watch.refresh();
+        let ready = watch.agent_ready();
         if ready || first || last_try.elapsed() >= FALLBACK_RETRY {
             first = false;
             last_try = Instant::now();
             if ready {
-                tracing::debug!("agent ready (VMM log): connecting");
+                tracing::debug!("agent ready (VMM event): connecting");
             }
             if let Some(stream) = attempt(uds, HANDSHAKE_TIMEOUT).await? {
                 tracing::debug!("vsock handshake done: checking the agent's version");
@@ -153,11 +153,11 @@ pub async fn connect_when_ready(
     check(stream).await
 }
 
-/// Wakes when the VMM writes to its log: inotify, so that waiting for the
-/// agent costs the host nothing while the guest boots. (Polling the log
+/// Wakes when the VMM writes to its event file: inotify, so that waiting
+/// for the agent costs the host nothing while the guest boots. (Polling
 /// every few milliseconds took CPU time from the vCPU thread on a one-CPU
 /// host.) Without inotify it sleeps in short steps instead.
-struct LogWaker {
+struct FileWaker {
     fd: Option<AsyncFd<InotifyFd>>,
 }
 
@@ -170,12 +170,12 @@ impl AsRawFd for InotifyFd {
     }
 }
 
-impl LogWaker {
-    fn new(log: &Path) -> Self {
+impl FileWaker {
+    fn new(file: &Path) -> Self {
         let fd = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
             .ok()
             .and_then(|i| {
-                i.add_watch(log, AddWatchFlags::IN_MODIFY).ok()?;
+                i.add_watch(file, AddWatchFlags::IN_MODIFY).ok()?;
                 // SAFETY: the inotify fd stays open until the AsyncFd drops
                 // `InotifyFd`, and `as_raw_fd` always returns that same fd.
                 unsafe {
@@ -183,10 +183,10 @@ impl LogWaker {
                 }
                 .ok()
             });
-        LogWaker { fd }
+        FileWaker { fd }
     }
 
-    /// Returns after a write to the log, or after `limit`.
+    /// Returns after a write to the file, or after `limit`.
     async fn wait(&self, limit: Duration) {
         let Some(fd) = &self.fd else {
             return tokio::time::sleep(limit.min(READY_POLL)).await;
@@ -195,60 +195,6 @@ impl LogWaker {
             // Drain the events (EAGAIN once empty) before waiting again.
             let _ = guard.get_inner().0.read_events();
             guard.clear_ready();
-        }
-    }
-}
-
-/// Watches a growing log file for a line, re-reading it only when it grew.
-struct LogWatch<'a> {
-    path: &'a Path,
-    /// Bytes of the log read so far.
-    len: u64,
-    /// The end of what was read, as long as the needle less one byte: a
-    /// needle split across two reads is still found.
-    tail: Vec<u8>,
-    found: bool,
-}
-
-impl<'a> LogWatch<'a> {
-    fn new(path: &'a Path) -> Self {
-        LogWatch {
-            path,
-            len: 0,
-            tail: Vec::new(),
-            found: false,
-        }
-    }
-
-    /// Whether the log holds `needle`, reading only what was added since
-    /// the last call (the log grows while the guest boots).
-    fn contains(&mut self, needle: &str) -> bool {
-        use std::io::{Read, Seek, SeekFrom};
-        if self.found {
-            return true;
-        }
-        let needle = needle.as_bytes();
-        let Ok(mut file) = std::fs::File::open(self.path) else {
-            return false;
-        };
-        if file.seek(SeekFrom::Start(self.len)).is_err() {
-            return false;
-        }
-        let mut chunk = [0u8; 64 << 10];
-        loop {
-            let n = match file.read(&mut chunk) {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => n,
-            };
-            self.len += n as u64;
-            let mut window = std::mem::take(&mut self.tail);
-            window.extend_from_slice(&chunk[..n]);
-            if window.windows(needle.len()).any(|w| w == needle) {
-                self.found = true;
-                return true;
-            }
-            let keep = needle.len().saturating_sub(1).min(window.len());
-            self.tail = window.split_off(window.len() - keep);
         }
     }
 }
@@ -421,29 +367,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_log_is_read_incrementally_and_a_split_needle_is_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("vmm.log");
-        std::fs::write(&log, "boot: line one\nagent re").unwrap();
-        let mut watch = LogWatch::new(&log);
-        assert!(!watch.contains("agent ready"));
-        let read = watch.len;
-        assert_eq!(read, 23);
-        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
-        std::io::Write::write_all(&mut f, b"ady\n").unwrap();
-        assert!(watch.contains("agent ready"));
-        // Only the new bytes were read.
-        assert_eq!(watch.len, read + 4);
-        assert!(watch.contains("agent ready"));
-    }
-
     #[tokio::test]
-    async fn waits_for_the_ready_line_before_trying_again() {
+    async fn waits_for_the_ready_event_before_trying_again() {
+        use airlock_vmm_api::Event;
         let dir = tempfile::tempdir().unwrap();
         let (uds, count) = fake_vmm_counting(dir.path(), 1, PROTOCOL_VERSION).await;
-        let log = dir.path().join("vmm.log");
-        std::fs::write(&log, "{\"fields\":{\"message\":\"VM running\"}}\n").unwrap();
+        let log = dir.path().join("events");
+        std::fs::write(&log, Event::Running { ms: 1.0 }.to_line()).unwrap();
         let (u, l) = (uds.clone(), log.clone());
         let task = tokio::spawn(async move {
             connect_when_ready(&u, &l, Duration::from_secs(30), || true).await
@@ -453,8 +383,13 @@ mod tests {
         // made ten by now.
         let before = count.load(std::sync::atomic::Ordering::SeqCst);
         assert!((1..=2).contains(&before), "{before} attempts before ready");
-        let line = "{\"fields\":{\"message\":\"boot timing: process start to agent ready\"}}\n";
-        std::fs::write(&log, format!("{{}}\n{line}")).unwrap();
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let ready = Event::AgentReady { ms: 2.0 }.to_line();
+        // Written in two parts: half a line is no event yet.
+        let (a, b) = ready.split_at(9);
+        std::io::Write::write_all(&mut f, a.as_bytes()).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::io::Write::write_all(&mut f, b.as_bytes()).unwrap();
         let client = task.await.unwrap().unwrap();
         assert_eq!(client.agent_version(), "9.9.9");
     }

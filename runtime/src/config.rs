@@ -17,13 +17,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use airlock_vmm_api::limits;
 use serde::{Deserialize, Serialize};
 
 /// The fewest MiB of memory a guest gets (the kernel, the initramfs and
-/// the agent must fit).
-pub const MIN_MEMORY_MIB: u32 = 64;
+/// the agent must fit): `airlock_vmm_api::limits::GUEST_MIN_MEMORY_MIB`.
+pub const MIN_MEMORY_MIB: u32 = limits::GUEST_MIN_MEMORY_MIB as u32;
 /// The most vCPUs a VM has (`airlock-vmm`'s own limit).
-pub const MAX_VCPUS: u8 = 32;
+pub use airlock_vmm_api::limits::MAX_VCPUS;
 /// Seconds added to a VMM's stop grace beyond its own stop and the wipe.
 pub const STOP_GRACE_SLACK_SECS: u64 = 5;
 
@@ -46,8 +47,12 @@ pub enum ConfigError {
     NoVcpus,
     #[error("{asked} vCPUs is more than runtime config [limits] max_vcpus = {max}")]
     TooManyVcpus { asked: u64, max: u8 },
+    #[error("{asked} vCPUs is more than the {MAX_VCPUS} a microVM can have")]
+    VcpusOverVmm { asked: u64 },
     #[error("{asked} MiB of memory is less than the {MIN_MEMORY_MIB} MiB a guest needs")]
     TooLittleMemory { asked: u64 },
+    #[error("{asked} MiB of memory is more than this host's {host} MiB")]
+    MoreThanHost { asked: u64, host: u64 },
     #[error("{asked} MiB of memory is more than runtime config [limits] max_memory_mib = {max}")]
     TooMuchMemory { asked: u64, max: u32 },
 }
@@ -55,7 +60,10 @@ pub enum ConfigError {
 impl ConfigError {
     /// Whether it refuses a number of vCPUs (else memory, or no size).
     pub fn is_vcpus(&self) -> bool {
-        matches!(self, Self::NoVcpus | Self::TooManyVcpus { .. })
+        matches!(
+            self,
+            Self::NoVcpus | Self::VcpusOverVmm { .. } | Self::TooManyVcpus { .. }
+        )
     }
 }
 
@@ -184,6 +192,29 @@ pub struct RuntimeConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub jail: JailSettings,
+}
+
+/// The bounds on a VM's size that hold whatever the config says: 1 to
+/// [`MAX_VCPUS`] vCPUs, at least [`MIN_MEMORY_MIB`] and at most this
+/// host's memory. [`RuntimeConfig::check_vm_size`] adds the config's own
+/// [limits]; the CLI checks its flags with this before any config is read.
+pub fn check_size_bounds(vcpus: u64, memory_mib: u64) -> Result<(), ConfigError> {
+    if vcpus == 0 {
+        return Err(ConfigError::NoVcpus);
+    }
+    if vcpus > u64::from(MAX_VCPUS) {
+        return Err(ConfigError::VcpusOverVmm { asked: vcpus });
+    }
+    if memory_mib < u64::from(MIN_MEMORY_MIB) {
+        return Err(ConfigError::TooLittleMemory { asked: memory_mib });
+    }
+    match limits::host_memory_mib() {
+        Some(host) if memory_mib > host => Err(ConfigError::MoreThanHost {
+            asked: memory_mib,
+            host,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// `${AIRLOCK_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/airlock}`, as the
@@ -337,25 +368,23 @@ impl RuntimeConfig {
     /// ask for against `[limits]` (the one definition of what a sandbox
     /// may have); returns it as the VMM takes it.
     pub fn check_vm_size(&self, vcpus: u64, memory_mib: u64) -> Result<(u8, u32), ConfigError> {
-        if vcpus == 0 {
-            return Err(ConfigError::NoVcpus);
-        }
+        // The config's limits first: they are within the bounds, and the
+        // operator's own number is the one to name.
         let max = self.limits.max_vcpus;
-        let vcpus = u8::try_from(vcpus)
-            .ok()
-            .filter(|n| *n <= max)
-            .ok_or(ConfigError::TooManyVcpus { asked: vcpus, max })?;
-        if memory_mib < u64::from(MIN_MEMORY_MIB) {
-            return Err(ConfigError::TooLittleMemory { asked: memory_mib });
-        }
+        let Some(fit_vcpus) = u8::try_from(vcpus).ok().filter(|n| *n <= max) else {
+            return Err(ConfigError::TooManyVcpus { asked: vcpus, max });
+        };
         let max = self.limits.max_memory_mib;
-        let memory = u32::try_from(memory_mib).ok().filter(|m| *m <= max).ok_or(
-            ConfigError::TooMuchMemory {
+        let Some(fit_memory) = u32::try_from(memory_mib).ok().filter(|m| *m <= max) else {
+            return Err(ConfigError::TooMuchMemory {
                 asked: memory_mib,
                 max,
-            },
-        )?;
-        Ok((vcpus, memory))
+            });
+        };
+        // Then what holds whatever the config says: no 0 vCPUs, enough
+        // memory for a guest, no more than the host has.
+        check_size_bounds(vcpus, memory_mib)?;
+        Ok((fit_vcpus, fit_memory))
     }
 
     /// Checks that the guest kernel and initramfs exist.

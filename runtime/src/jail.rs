@@ -94,18 +94,6 @@ impl JailSpec {
             pids_max: settings.pids_max,
         }
     }
-
-    /// The VMM's arguments that ask it to finish the jail.
-    pub fn vmm_args(&self) -> Vec<OsString> {
-        vec![
-            "--jail-root".into(),
-            self.root.clone().into(),
-            "--jail-uid".into(),
-            self.uid.to_string().into(),
-            "--jail-gid".into(),
-            self.gid.to_string().into(),
-        ]
-    }
 }
 
 /// The uid (and gid of the same number) of sandbox `id`'s VMM: one of
@@ -300,7 +288,7 @@ pub fn spawn(
     stdout: File,
     stderr: File,
     cgroup_procs: &CgroupProcs,
-    vsock_listener: Option<&std::os::unix::net::UnixListener>,
+    listen_fd: Option<i32>,
     die_with_parent: bool,
 ) -> Result<u32, JailError> {
     // SAFETY: geteuid has no preconditions.
@@ -311,21 +299,14 @@ pub fn spawn(
     // may only make async-signal-safe calls (the runtime is multi-threaded).
     let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|_| JailError::Nul);
     // The VMM moves itself into its own cgroup through this descriptor,
-    // which the child keeps open across execve.
+    // which the child keeps open across execve (its VM config names it).
     let vmm_cgroup = cgroup_procs.vmm.as_raw_fd();
     // The vsock listener, bound by us where the jailed VMM cannot reach
     // the path: it gets the descriptor, kept open across execve too.
-    let listener = vsock_listener.map_or(-1, |l| l.as_raw_fd());
-    let listener_args: Vec<OsString> = match vsock_listener {
-        Some(_) => vec!["--vsock-listen-fd".into(), listener.to_string().into()],
-        None => vec![],
-    };
+    let listener = listen_fd.unwrap_or(-1);
     let args = argv
         .iter()
-        .cloned()
-        .chain(["--vmm-cgroup-fd".into(), vmm_cgroup.to_string().into()])
-        .chain(listener_args)
-        .map(|a| cstr(&a))
+        .map(|a| cstr(a))
         .collect::<Result<Vec<_>, _>>()?;
     let env = std::env::vars_os()
         .map(|(k, v)| {

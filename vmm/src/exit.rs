@@ -22,6 +22,8 @@ pub enum VmExit {
     Error(String),
     /// The VMM received a termination signal.
     Signal(i32),
+    /// A `stop` command came on the control socket.
+    Stopped,
 }
 
 impl VmExit {
@@ -29,7 +31,7 @@ impl VmExit {
     /// convention 128+N for a signal, 1 for any failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Reboot | VmExit::Poweroff => 0,
+            VmExit::Reboot | VmExit::Poweroff | VmExit::Stopped => 0,
             VmExit::Signal(libc::SIGTERM) | VmExit::Signal(libc::SIGINT) => 0,
             VmExit::Signal(n) => 128 + n,
             VmExit::GuestPanic | VmExit::TripleFault { .. } | VmExit::Error(_) => 1,
@@ -51,6 +53,7 @@ impl fmt::Display for VmExit {
             VmExit::TripleFault { vcpu } => write!(f, "vCPU {vcpu} triple-faulted"),
             VmExit::Error(msg) => write!(f, "{msg}"),
             VmExit::Signal(n) => write!(f, "stopped by signal {n}"),
+            VmExit::Stopped => write!(f, "stopped by a command"),
         }
     }
 }
@@ -116,6 +119,7 @@ mod tests {
     fn exit_codes() {
         assert_eq!(VmExit::Reboot.exit_code(), 0);
         assert_eq!(VmExit::Poweroff.exit_code(), 0);
+        assert_eq!(VmExit::Stopped.exit_code(), 0);
         assert_eq!(VmExit::Signal(libc::SIGTERM).exit_code(), 0);
         assert_eq!(VmExit::Signal(libc::SIGHUP).exit_code(), 129);
         assert_eq!(VmExit::GuestPanic.exit_code(), 1);

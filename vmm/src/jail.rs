@@ -87,15 +87,8 @@ pub fn join_cgroup(mut procs: std::fs::File) -> Result<(), JailError> {
     })
 }
 
-/// Where the VMM is jailed, and as whom.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JailConfig {
-    /// The root: a directory of the sandbox's own (created if missing).
-    pub root: PathBuf,
-    /// The user and group the VMM runs as.
-    pub uid: u32,
-    pub gid: u32,
-}
+/// Where the VMM is jailed, and as whom (part of the launch configuration).
+pub use crate::config::JailConfig;
 
 /// What the VMM became.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,7 +427,7 @@ mod tests {
             read_only,
             id: String::new(),
         };
-        let mut config = VmConfig::with_defaults();
+        let mut config = crate::config::with_defaults();
         config.memory_mib = 128;
         assert_eq!(file_size_limit(&config), (128 << 20) + FSIZE_HEADROOM);
         // A read-only drive is never written: it does not count.
@@ -463,16 +456,17 @@ mod tests {
     #[test]
     fn a_vsock_socket_outside_the_root_is_refused_before_anything_changes() {
         if !Uid::effective().is_root() {
-            let mut config = VmConfig::with_defaults();
+            let mut config = crate::config::with_defaults();
             let jail = JailConfig {
                 root: "/tmp/r".into(),
                 uid: 1,
                 gid: 1,
+                vmm_cgroup_fd: None,
             };
             assert!(matches!(enter(&jail, &mut config), Err(JailError::NotRoot)));
             return;
         }
-        let mut config = VmConfig::with_defaults();
+        let mut config = crate::config::with_defaults();
         config.vsock = Some(crate::config::VsockConfig {
             guest_cid: 3,
             uds: "/elsewhere/v.sock".into(),
@@ -483,6 +477,7 @@ mod tests {
             root: "/tmp/airlock-jail-test-root".into(),
             uid: 65534,
             gid: 65534,
+            vmm_cgroup_fd: None,
         };
         let before = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let err = enter(&jail, &mut config).unwrap_err();

@@ -32,6 +32,8 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
+use airlock_vmm_api::Event;
+
 use crate::vstate::memory;
 
 /// Errors splitting into keeper and VMM.
@@ -150,12 +152,16 @@ impl Keeper {
             }
         };
         self.wipe();
-        if let Some(WaitStatus::Signaled(_, sig, _)) = status {
-            eprintln!(
-                "airlock-vmm: error: the VMM process was killed by {sig}; guest memory was wiped"
-            );
-        }
         let code = exit_code(status);
+        if let Some(WaitStatus::Signaled(_, sig, _)) = status {
+            // The VMM could not say how it ended: its keeper does.
+            let reason = format!("the VMM process was killed by {sig}; guest memory was wiped");
+            eprintln!("airlock-vmm: error: {reason}");
+            crate::events::emit(Event::Exited {
+                reason,
+                status: i32::from(code),
+            });
+        }
         // Straight out: no exit handlers or destructors, whose system calls
         // the keeper's filter does not allow (they killed it with SIGSYS
         // after the wipe). Its output is unbuffered and written already.

@@ -4,7 +4,7 @@
 //! use std::time::Instant;
 //! use airlock_vmm::{Vmm, VmConfig};
 //!
-//! let mut config = VmConfig::with_defaults();
+//! let mut config = airlock_vmm::config::with_defaults();
 //! config.vcpus = 2;
 //! config.extra_args.push("airlock.oneshot".into());
 //! let report = Vmm::new(config, Instant::now()).run()?;
@@ -17,7 +17,9 @@ pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod devices;
+pub mod events;
 pub mod exit;
 pub mod jail;
 pub mod keeper;

@@ -6,11 +6,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use airlock_vmm::config::{default_guest_dir, DEFAULT_CONSOLE_MAX_BYTES};
-use airlock_vmm::config::{DriveConfig, VsockConfig};
-use airlock_vmm::jail::JailConfig;
+use airlock_vmm::config::{DriveConfig, JailConfig, VsockConfig};
 use airlock_vmm::keeper::{self, Role};
 use airlock_vmm::vstate::memory;
-use airlock_vmm::{ConsoleOutput, VmConfig, Vmm};
+use airlock_vmm::{events, ConsoleOutput, VmConfig, Vmm};
+use airlock_vmm_api::report::chain as error_chain;
+use airlock_vmm_api::Event;
 use clap::{Parser, ValueEnum};
 
 /// Boot an Airlock microVM on KVM and run it until the guest stops.
@@ -28,6 +29,15 @@ use clap::{Parser, ValueEnum};
 #[derive(Parser, Debug)]
 #[command(name = "airlock-vmm", version)]
 struct Cli {
+    /// The whole VM configuration as JSON (`airlock_vmm_api::VmConfig`), as
+    /// airlock-runtime writes it; the VM flags below build the same
+    /// configuration by hand, and cannot be mixed with it
+    #[arg(long, value_name = "PATH", conflicts_with_all = [
+        "kernel", "initrd", "no_initrd", "vcpus", "memory", "append", "keep_running",
+        "vsock_uds", "vsock_listen_fd", "vsock_guest_connect", "drives", "no_rng", "console",
+        "console_max_bytes", "jail_root", "vmm_cgroup_fd", "stop_grace_secs", "events", "control",
+    ])]
+    config: Option<PathBuf>,
     /// Guest kernel: an ELF vmlinux (PVH entry) or a bzImage
     /// [default: <cache>/guest/default/vmlinux]
     #[arg(long, value_name = "PATH")]
@@ -117,6 +127,13 @@ struct Cli {
     /// SIGKILLs it (the keeper still wipes guest memory then)
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     stop_grace_secs: u64,
+    /// Append the VM's events (running, agent ready, wiped, exited, error)
+    /// to this file as JSON lines, for programs to read
+    #[arg(long, value_name = "PATH")]
+    events: Option<PathBuf>,
+    /// Accept commands (`{"command":"stop"}`) on a Unix socket bound here
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
     /// Log format on stderr
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -168,13 +185,17 @@ fn log_filter(filter: &str) -> String {
     }
 }
 
-fn config_from(cli: &Cli) -> VmConfig {
+/// The VM configuration: the `--config` file, or the flags.
+fn config_from(cli: &Cli) -> Result<VmConfig, airlock_vmm::config::LoadError> {
+    if let Some(path) = &cli.config {
+        return VmConfig::from_file(path);
+    }
     let dir = default_guest_dir();
     let mut extra_args = cli.append.clone();
     if !cli.keep_running {
         extra_args.push("airlock.oneshot".into());
     }
-    VmConfig {
+    Ok(VmConfig {
         kernel: cli.kernel.clone().unwrap_or_else(|| dir.join("vmlinux")),
         initrd: match (&cli.initrd, cli.no_initrd) {
             (_, true) => None,
@@ -198,19 +219,24 @@ fn config_from(cli: &Cli) -> VmConfig {
         }),
         drives: cli.drives.clone(),
         rng: !cli.no_rng,
-    }
+        stop_grace_secs: cli.stop_grace_secs,
+        jail: cli.jail_root.clone().map(|root| JailConfig {
+            root,
+            uid: cli.jail_uid,
+            gid: cli.jail_gid,
+            vmm_cgroup_fd: cli.vmm_cgroup_fd,
+        }),
+        events: cli.events.clone(),
+        control: cli.control.clone(),
+    })
 }
 
-/// The error and its causes, joined the way `anyhow` prints them.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut msg = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        msg.push_str(": ");
-        msg.push_str(&e.to_string());
-        source = e.source();
-    }
-    msg
+/// Reports a failure to build or run the VM: on stderr for people (the
+/// log), as an `Error` event for programs; the exit status is 2.
+fn fail(message: String) -> ExitCode {
+    eprintln!("airlock-vmm: error: {message}");
+    events::emit(Event::Error { message });
+    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
@@ -222,63 +248,60 @@ fn main() -> ExitCode {
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let cli = Cli::parse();
     init_logging(&cli);
-    let mut config = config_from(&cli);
-    // Checked here too, with the host's /proc/meminfo still in sight.
-    if let Err(e) = config.validate() {
-        eprintln!("airlock-vmm: error: {}", error_chain(&e));
-        return ExitCode::from(2);
+    let mut config = match config_from(&cli) {
+        Ok(c) => c,
+        Err(e) => return fail(error_chain(&e)),
+    };
+    // First, so that every later failure is reported there too.
+    if let Some(path) = &config.events {
+        if let Err(e) = events::open(path) {
+            return fail(error_chain(&e));
+        }
     }
+    // Checked here too, with the host's /proc/meminfo still in sight.
+    if let Err(e) = airlock_vmm::config::validate(&config) {
+        return fail(error_chain(&e));
+    }
+    let control = match config.control.as_deref().map(airlock_vmm::control::bind) {
+        Some(Err(e)) => return fail(error_chain(&e)),
+        Some(Ok(l)) => Some(l),
+        None => None,
+    };
     let memfd = match memory::guest_memfd(config.memory_mib) {
         Ok(f) => f,
-        Err(e) => {
-            eprintln!("airlock-vmm: error: {}", error_chain(&e));
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(error_chain(&e)),
     };
-    let vmm_cgroup = match cli
-        .vmm_cgroup_fd
+    let jail = config.jail.clone();
+    let vmm_cgroup = match jail
+        .as_ref()
+        .and_then(|j| j.vmm_cgroup_fd)
         .map(airlock_vmm::jail::cgroup_procs_from_fd)
     {
-        Some(Err(e)) => {
-            eprintln!("airlock-vmm: error: {}", error_chain(&e));
-            return ExitCode::from(2);
-        }
+        Some(Err(e)) => return fail(error_chain(&e)),
         Some(Ok(f)) => Some(f),
         None => None,
     };
     // Opened while /proc is in sight; the keeper writes it after the fork.
     let oom = keeper::oom_score_file();
-    let prepared = match &cli.jail_root {
-        Some(root) => {
-            let jail = JailConfig {
-                root: root.clone(),
-                uid: cli.jail_uid,
-                gid: cli.jail_gid,
-            };
-            match airlock_vmm::jail::prepare(&jail, &mut config) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    eprintln!("airlock-vmm: error: {}", error_chain(&e));
-                    return ExitCode::from(2);
-                }
-            }
-        }
+    let prepared = match &jail {
+        Some(jail) => match airlock_vmm::jail::prepare(jail, &mut config) {
+            Ok(p) => Some(p),
+            Err(e) => return fail(error_chain(&e)),
+        },
         None => None,
     };
     // Every VMM thread, and the keeper, runs under its seccomp filter;
     // nothing turns this off. Device threads may open Unix sockets only
     // for a guest that may connect to host ports.
     airlock_vmm::seccomp::enable();
-    airlock_vmm::seccomp::allow_device_connect(cli.vsock_guest_connect);
+    let guest_connect = config.vsock.as_ref().is_some_and(|v| v.guest_connect);
+    airlock_vmm::seccomp::allow_device_connect(guest_connect);
     // Guest memory gets its keeper before the VMM reads any guest input.
     let bytes = config.memory_mib << 20; // validate() bounds it.
-    let grace = Duration::from_secs(cli.stop_grace_secs);
+    let grace = Duration::from_secs(config.stop_grace_secs);
     let role = match keeper::split(memfd, bytes, grace, oom) {
         Ok(role) => role,
-        Err(e) => {
-            eprintln!("airlock-vmm: error: {}", error_chain(&e));
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(error_chain(&e)),
     };
     // The VMM leaves the keeper's cgroup for its own before it touches
     // guest memory: the pages it faults in are charged there.
@@ -289,11 +312,13 @@ fn main() -> ExitCode {
     let jailed = prepared.map(|p| p.drop_privileges()).transpose();
     let (keeper, memfd) = match role {
         Role::Keeper(k) => {
-            if let Some(fd) = cli.vsock_listen_fd {
+            if let Some(fd) = config.vsock.as_ref().and_then(|v| v.listen_fd) {
                 // The VMM's listener: the keeper must not keep it open.
                 // SAFETY: close on a descriptor this process does not use.
                 unsafe { libc::close(fd) };
             }
+            // Nor the control socket: commands are the VMM's.
+            drop(control);
             if let Err(e) = &jailed {
                 // The VMM fails the same step and exits; the keeper still
                 // waits for it and wipes.
@@ -304,8 +329,7 @@ fn main() -> ExitCode {
         Role::Vmm { keeper, memfd } => (keeper, memfd),
     };
     if let Err(e) = joined {
-        eprintln!("airlock-vmm: error: {}", error_chain(&e));
-        return ExitCode::from(2);
+        return fail(error_chain(&e));
     }
     let jailed_as = match jailed {
         Ok(Some(jailed)) => {
@@ -313,7 +337,7 @@ fn main() -> ExitCode {
                 tracing::warn!("{why}");
             }
             tracing::info!(
-                root = %cli.jail_root.as_deref().unwrap_or(Path::new("/")).display(),
+                root = %jail.as_ref().map_or(Path::new("/"), |j| &j.root).display(),
                 uid = jailed.uid,
                 gid = jailed.gid,
                 "jailed"
@@ -321,28 +345,30 @@ fn main() -> ExitCode {
             Some(jailed)
         }
         Ok(None) => None,
-        Err(e) => {
-            eprintln!("airlock-vmm: error: {}", error_chain(&e));
-            return ExitCode::from(2);
-        }
+        Err(e) => return fail(error_chain(&e)),
     };
-    match Vmm::new(config, start).with_keeper(memfd, keeper).run() {
-        Ok(report) if report.exit.is_clean() => {
-            tracing::info!("VM stopped: {}", report.exit);
-            ExitCode::from(report.exit.exit_code() as u8)
-        }
+    let mut vmm = Vmm::new(config, start).with_keeper(memfd, keeper);
+    if let Some(listener) = control {
+        vmm = vmm.with_control(listener);
+    }
+    match vmm.run() {
         Ok(report) => {
-            eprintln!("airlock-vmm: error: {}", report.exit);
-            ExitCode::from(report.exit.exit_code() as u8)
+            let status = report.exit.exit_code();
+            let reason = report.exit.to_string();
+            if report.exit.is_clean() {
+                tracing::info!("VM stopped: {reason}");
+            } else {
+                eprintln!("airlock-vmm: error: {reason}");
+            }
+            events::emit(Event::Exited { reason, status });
+            ExitCode::from(status as u8)
         }
         Err(e) => {
             let msg = error_chain(&e);
-            let msg = match &jailed_as {
+            fail(match &jailed_as {
                 Some(jailed) => jailed.explain(&msg),
                 None => msg,
-            };
-            eprintln!("airlock-vmm: error: {msg}");
-            ExitCode::from(2)
+            })
         }
     }
 }

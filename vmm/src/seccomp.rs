@@ -124,6 +124,9 @@ fn filter_with(kind: ThreadKind, device_connect: bool) -> Result<BpfProgram, Sec
             for nr in MAIN.iter().chain(DEVICE_CONTROL) {
                 rules.insert(*nr, Vec::new());
             }
+            // The control socket's connections (`control.rs`), made
+            // non-blocking as they are accepted.
+            rules.insert(libc::SYS_ioctl, vec![arg_eq(1, FIONBIO).map_err(build)?]);
         }
         ThreadKind::Vcpu => {
             for nr in DEVICE_CONTROL {
@@ -234,6 +237,7 @@ const MAIN: &[i64] = &[
     libc::SYS_fallocate,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    libc::SYS_accept4,
 ];
 
 /// The keeper's whole list (see `keeper.rs`): it waits for the VMM or a

@@ -10,14 +10,15 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{build_and_start, BuildError, RunningVm};
+use airlock_vmm_api::Event;
+
 use crate::config::VmConfig;
+use crate::control::Control;
+use crate::events;
 use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::{self, ThreadKind};
 use crate::signal;
 use crate::vstate::memory::{MemoryError, WipeReport};
-
-/// The message logged once the VM is built and its vCPUs run.
-pub const VM_RUNNING: &str = "VM running";
 
 /// Errors from running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +74,7 @@ pub struct Vmm {
     config: VmConfig,
     start: Instant,
     kept: Option<KeptMemory>,
+    control: Option<std::os::unix::net::UnixListener>,
     #[cfg(feature = "test-hooks")]
     wipe_hook: Option<WipeHook>,
 }
@@ -84,6 +86,7 @@ impl Vmm {
             config,
             start,
             kept: None,
+            control: None,
             #[cfg(feature = "test-hooks")]
             wipe_hook: None,
         }
@@ -94,6 +97,13 @@ impl Vmm {
     /// gone. This VMM then wipes it only if its keeper is gone first.
     pub fn with_keeper(mut self, memfd: File, keeper: u32) -> Self {
         self.kept = Some(KeptMemory { memfd, keeper });
+        self
+    }
+
+    /// Serves the control socket `listener` (from `control::bind`) while
+    /// the VM runs.
+    pub fn with_control(mut self, listener: std::os::unix::net::UnixListener) -> Self {
+        self.control = Some(listener);
         self
     }
 
@@ -121,13 +131,16 @@ impl Vmm {
             // gate opens at teardown, for the vCPUs to end.
             Err(e) => running.exit.signal(VmExit::Error(e.to_string())),
         }
-        // Whoever started the VMM may wait for this line (airlock-runtime
+        // Whoever started the VMM may wait for this event (airlock-runtime
         // does): past it, setup errors are behind us.
-        tracing::info!(
-            ms = self.start.elapsed().as_secs_f64() * 1e3,
-            "{VM_RUNNING}"
-        );
-        let loop_result = wait_for_exit(&running.exit, term);
+        let ms = events::ms(self.start.elapsed());
+        tracing::info!(ms, "VM running");
+        events::emit(Event::Running { ms });
+        let control = self
+            .control
+            .take()
+            .map(|l| Control::new(l, running.exit.clone()));
+        let loop_result = wait_for_exit(&running.exit, term, control);
         let exit = match (&loop_result, running.exit.reason()) {
             (_, Some(reason)) => reason,
             (Err(e), None) => VmExit::Error(format!("event loop failed: {e:?}")),
@@ -190,17 +203,24 @@ struct KeptMemory {
     keeper: u32,
 }
 
-/// The line that says guest memory was wiped, with its figures (MiB
-/// touched and wiped, MiB of guest memory, time, method). The runtime
-/// reads it from the VMM's log.
+/// Logs and reports (the `Wiped` event, which the runtime reads) that
+/// guest memory was wiped, with its figures (MiB touched and wiped, MiB of
+/// guest memory, time, method).
 pub fn log_wipe(wipe: &WipeReport) {
+    let (touched_mib, total_mib) = (wipe.wiped_pages / 256, wipe.total_pages / 256);
+    let ms = events::ms(wipe.duration);
     tracing::info!(
-        wiped_mib = wipe.wiped_pages / 256,
-        guest_mib = wipe.total_pages / 256,
-        wipe_ms = wipe.duration.as_secs_f64() * 1000.0,
+        wiped_mib = touched_mib,
+        guest_mib = total_mib,
+        wipe_ms = ms,
         method = ?wipe.method,
         "guest memory wiped"
     );
+    events::emit(Event::Wiped {
+        touched_mib,
+        total_mib,
+        ms,
+    });
 }
 
 /// Watches the exit eventfd and the termination signals.
@@ -241,8 +261,15 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-fn wait_for_exit(exit: &ExitSignal, term: &'static EventFd) -> Result<(), event_manager::Error> {
+fn wait_for_exit(
+    exit: &ExitSignal,
+    term: &'static EventFd,
+    control: Option<Control>,
+) -> Result<(), event_manager::Error> {
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
+    if let Some(control) = control {
+        manager.add_subscriber(Arc::new(Mutex::new(control)));
+    }
     let watcher = Arc::new(Mutex::new(ExitWatcher {
         exit: exit.clone(),
         term,

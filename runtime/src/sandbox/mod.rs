@@ -172,31 +172,35 @@ impl Sandbox {
                 }
                 false => None,
             };
+            let mut vm = vmm::VmConfig::new(config.kernel.clone());
+            vm.initrd = Some(config.initrd.clone());
+            vm.vcpus = u32::from(opts.vcpus);
+            vm.memory_mib = u64::from(opts.memory_mib);
+            vm.vsock = Some(vmm::VsockConfig {
+                guest_cid: u64::from(guest_cid),
+                uds: state.vsock_uds(),
+                guest_connect: false,
+                listen_fd: None,
+            });
+            vm.drives = vec![
+                vmm::DriveConfig {
+                    path: resolved.path.clone(),
+                    read_only: true,
+                    id: "image".into(),
+                },
+                vmm::DriveConfig {
+                    path: state.scratch_path(),
+                    read_only: false,
+                    id: "scratch".into(),
+                },
+            ];
+            vm.console = vmm::ConsoleOutput::File(state.console_path());
+            vm.stop_grace_secs = config.timeouts.teardown_secs;
             let spec = vmm::VmmSpec {
-                kernel: config.kernel.clone(),
-                initrd: config.initrd.clone(),
-                vcpus: opts.vcpus,
-                memory_mib: opts.memory_mib,
-                vsock_uds: state.vsock_uds(),
-                guest_cid,
-                drives: vec![
-                    vmm::Drive {
-                        path: resolved.path.clone(),
-                        read_only: true,
-                        id: "image".into(),
-                    },
-                    vmm::Drive {
-                        path: state.scratch_path(),
-                        read_only: false,
-                        id: "scratch".into(),
-                    },
-                ],
-                log_path: state.log_path(),
-                console_path: Some(state.console_path()),
-                extra_args: vec![],
+                vm,
+                dir: state.path().to_path_buf(),
                 die_with_parent: opts.ephemeral,
                 jail,
-                stop_grace_secs: config.timeouts.teardown_secs,
             };
             if !config.jail.enabled {
                 tracing::warn!(id = %id, "[jail] enabled = false: the VMM runs unjailed, with its seccomp filters only");
@@ -223,7 +227,7 @@ impl Sandbox {
             let alive = move || !vmm::exited(pid);
             let agent = agent_client::connect_when_ready(
                 &state.vsock_uds(),
-                &state.log_path(),
+                &vmm::events_path(state.path()),
                 deadline,
                 alive,
             )
@@ -246,7 +250,7 @@ impl Sandbox {
                 tracing::debug!(id = %id, "sandbox creation failed; tearing down: {e}");
                 // A VMM that died on its own said why in its log, which the
                 // teardown deletes: that line is the error to report.
-                let e = match (&e, vmm::error_line(&state.log_path())) {
+                let e = match (&e, vmm::failure(state.path())) {
                     (SandboxError::Connect(agent_client::ConnectError::VmGone), Some(line)) => {
                         vmm::VmmError::Failed(line).into()
                     }
@@ -383,13 +387,13 @@ pub async fn teardown_state(
     let pid = record.as_ref().map(|r| r.vmm_pid);
     if let Some(record) = record {
         let grace = config.timeouts.stop_grace(record.memory_mib);
-        let log = state.log_path();
-        let stop = tokio::task::spawn_blocking(move || vmm::stop(&record, grace, &log)).await;
+        let dir = state.path().to_path_buf();
+        let stop = tokio::task::spawn_blocking(move || vmm::stop(&record, grace, &dir)).await;
         match stop {
             Ok(Ok(stop)) => {
-                if let Some(w) = stop.wipe {
-                    report.wiped_mib = Some(w.wiped_mib);
-                    report.guest_mib = Some(w.guest_mib);
+                if let Some((wiped, guest)) = stop.wipe {
+                    report.wiped_mib = Some(wiped);
+                    report.guest_mib = Some(guest);
                 }
             }
             Ok(Err(e)) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
@@ -406,9 +410,9 @@ pub async fn teardown_state(
         );
     }
     if report.wiped_mib.is_none() {
-        if let Some(w) = vmm::wipe_from_log(&state.log_path()) {
-            report.wiped_mib = Some(w.wiped_mib);
-            report.guest_mib = Some(w.guest_mib);
+        if let Some((wiped, guest)) = vmm::wiped(state.path()) {
+            report.wiped_mib = Some(wiped);
+            report.guest_mib = Some(guest);
         }
     }
     match report.wiped_mib {
@@ -420,8 +424,8 @@ pub async fn teardown_state(
         ),
         // No VMM ever ran a guest (its setup failed): there was no guest
         // memory to wipe.
-        None if pid.is_none() || !vmm::logged_running(&state.log_path()) => {}
-        None => tracing::warn!(id = %state.id(), "the VMM logged no memory wipe"),
+        None if pid.is_none() || !vmm::ran(state.path()) => {}
+        None => tracing::warn!(id = %state.id(), "the VMM reported no memory wipe"),
     }
     let scratch = state.scratch_path();
     if scratch.exists() {

@@ -454,19 +454,19 @@ fn bad_input_gets_one_clear_line() {
     for (args, needle) in [
         (
             &["run", "--cpus", "0", "--", "true"][..],
-            "--cpus 0: use 1 to 32",
+            "--cpus 0: 0 vCPUs: a microVM needs at least 1",
         ),
         (
             &["run", "--cpus", "1000", "--", "true"],
-            "--cpus 1000: use 1 to 32",
+            "--cpus 1000: 1000 vCPUs is more than the 32 a microVM can have",
         ),
         (
             &["run", "--memory", "0", "--", "true"],
-            "--memory 0: use at least 64",
+            "--memory 0: 0 MiB of memory is less than the 64 MiB a guest needs",
         ),
         (
             &["run", "--memory", "4000000000", "--", "true"],
-            "--memory 4000000000: more than this host's",
+            "--memory 4000000000: 4000000000 MiB of memory is more than this host's",
         ),
     ] {
         let out = run(args);

@@ -58,7 +58,7 @@ fn run_vm(
         memory_mib: 256,
         extra_args: args,
         console: ConsoleOutput::File(log.to_path_buf()),
-        ..VmConfig::with_defaults()
+        ..airlock_vmm::config::with_defaults()
     };
     let seen = Arc::new(Mutex::new(Seen::default()));
     let hook_seen = seen.clone();

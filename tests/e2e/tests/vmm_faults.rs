@@ -18,7 +18,7 @@ fn triple_fault_is_reported_and_memory_still_wiped() {
             memory_mib: 32,
             extra_args: Vec::new(),
             console: ConsoleOutput::Off,
-            ..VmConfig::with_defaults()
+            ..airlock_vmm::config::with_defaults()
         };
         let report = Vmm::new(config, Instant::now()).run().expect("the VM runs");
         std::fs::remove_file(kernel).unwrap();

@@ -86,7 +86,7 @@ pub fn build_and_start(
 ) -> Result<RunningVm, BuildError> {
     let phase =
         |name: &str| tracing::debug!(ms = start.elapsed().as_secs_f64() * 1e3, "build: {name}");
-    config.validate()?;
+    crate::config::validate(config)?;
     boot::check_files(&config.kernel, config.initrd.as_deref())?;
     // Devices open their backends (images, sockets) before KVM is touched,
     // so a bad path is reported as such on any host.
@@ -116,7 +116,7 @@ pub fn build_and_start(
     phase("guest memory mapped");
 
     let virtio = virtio::attach_virtio_devices(&vm, &mem, devices)?;
-    let mut cmdline_parts = config.cmdline_parts();
+    let mut cmdline_parts = crate::config::cmdline_parts(config);
     cmdline_parts.extend(virtio.cmdline.iter().map(String::as_str));
     let cmdline = boot::build_cmdline(&cmdline_parts)?;
     let loaded = boot::load_guest(&mem, &config.kernel, config.initrd.as_deref(), &cmdline)?;

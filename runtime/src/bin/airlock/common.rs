@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use airlock_runtime::config::{ConfigError, RuntimeConfig, MAX_VCPUS, MIN_MEMORY_MIB};
+use airlock_runtime::config::{self, ConfigError, RuntimeConfig, MIN_MEMORY_MIB};
 use airlock_runtime::image::ImageRef;
 use airlock_runtime::sandbox::io::ProcessExit;
 use airlock_runtime::sandbox::spec::{ImageDefaults, ProcessOptions};
@@ -93,10 +93,12 @@ pub fn fail_sandbox(err: &SandboxError) -> ExitCode {
 fn size_flag_error(e: &ConfigError) -> Option<String> {
     let flag = match e {
         ConfigError::NoVcpus => "--cpus 0".to_string(),
-        ConfigError::TooManyVcpus { asked, .. } => format!("--cpus {asked}"),
-        ConfigError::TooLittleMemory { asked } | ConfigError::TooMuchMemory { asked, .. } => {
-            format!("--memory {asked}")
+        ConfigError::TooManyVcpus { asked, .. } | ConfigError::VcpusOverVmm { asked } => {
+            format!("--cpus {asked}")
         }
+        ConfigError::TooLittleMemory { asked }
+        | ConfigError::TooMuchMemory { asked, .. }
+        | ConfigError::MoreThanHost { asked, .. } => format!("--memory {asked}"),
         _ => return None,
     };
     Some(format!("{flag}: {e}"))
@@ -130,14 +132,6 @@ pub fn progress() -> impl FnMut(&str) {
     }
 }
 
-/// The host's memory in MiB (`MemTotal` of /proc/meminfo).
-fn host_memory_mib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024)
-}
-
 /// Sandbox sizing and image flags of `run` and `create`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SandboxFlags {
@@ -166,7 +160,7 @@ impl SandboxFlags {
     pub fn options(&self, config: &RuntimeConfig) -> SandboxOptions {
         let mut opts = SandboxOptions::from_config(config);
         if let Some(c) = self.cpus {
-            // validate() has bounded it by MAX_VCPUS.
+            // validate() has bounded it by MAX_VCPUS (32).
             opts.vcpus = u8::try_from(c).unwrap_or(u8::MAX);
         }
         if let Some(m) = self.memory {
@@ -184,22 +178,12 @@ impl SandboxFlags {
     /// [limits] are checked as the sandbox is created
     /// ([`RuntimeConfig::check_vm_size`], reported by [`fail_sandbox`]).
     pub fn validate(&self) -> Result<Option<oci_spec::runtime::Spec>, String> {
-        if let Some(c) = self.cpus {
-            if c == 0 || c > u32::from(MAX_VCPUS) {
-                return Err(format!("--cpus {c}: use 1 to {MAX_VCPUS}"));
-            }
-        }
-        if let Some(m) = self.memory {
-            if m < MIN_MEMORY_MIB {
-                return Err(format!("--memory {m}: use at least {MIN_MEMORY_MIB} (MiB)"));
-            }
-            if let Some(host) = host_memory_mib() {
-                if u64::from(m) > host {
-                    return Err(format!(
-                        "--memory {m}: more than this host's {host} MiB of memory"
-                    ));
-                }
-            }
+        // The bounds that hold whatever the config says, checked where
+        // the runtime checks them (unset flags pass).
+        let vcpus = self.cpus.map_or(1, u64::from);
+        let memory = self.memory.unwrap_or(MIN_MEMORY_MIB);
+        if let Err(e) = config::check_size_bounds(vcpus, u64::from(memory)) {
+            return Err(size_flag_error(&e).unwrap_or_else(|| e.to_string()));
         }
         if let Some(dir) = &self.rootfs {
             if !dir.is_dir() {
@@ -313,5 +297,24 @@ mod tests {
             Some("--memory 9000: 9000 MiB of memory is more than runtime config [limits] max_memory_mib = 8192")
         );
         assert_eq!(size_flag_error(&ConfigError::Invalid("x".into())), None);
+        // The bounds that hold whatever the config says.
+        let bound = |v, m| size_flag_error(&config::check_size_bounds(v, m).unwrap_err());
+        assert_eq!(
+            err(0, 256).as_deref(),
+            Some("--cpus 0: 0 vCPUs: a microVM needs at least 1")
+        );
+        assert_eq!(
+            bound(33, 256).as_deref(),
+            Some("--cpus 33: 33 vCPUs is more than the 32 a microVM can have")
+        );
+        assert_eq!(
+            err(1, 63).as_deref(),
+            Some("--memory 63: 63 MiB of memory is less than the 64 MiB a guest needs")
+        );
+        let huge = bound(1, u64::MAX / 2).unwrap();
+        assert!(
+            huge.contains("MiB of memory is more than this host's"),
+            "{huge}"
+        );
     }
 }

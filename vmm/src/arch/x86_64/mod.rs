@@ -11,7 +11,7 @@ pub mod regs;
 
 /// Most vCPUs a guest may have: bounded by the MP table, which has to fit in
 /// the EBDA (see [`mptable::MAX_CPUS_IN_EBDA`]).
-pub const MAX_VCPUS: u8 = 32;
+pub use airlock_vmm_api::limits::MAX_VCPUS;
 
 // The MP table for MAX_VCPUS processors must fit below the end of the EBDA.
 const _: () = assert!(MAX_VCPUS as usize <= mptable::MAX_CPUS_IN_EBDA);

@@ -1,5 +1,6 @@
 //! The boot-timer device: the guest's `/init` writes to an I/O port, and the
-//! VMM logs how long boot took, measured from the VMM process's start. This is
+//! VMM reports (events `KernelEntered`, `InitStarted`, `AgentReady`) and
+//! logs how long boot took, measured from the VMM process's start. This is
 //! Firecracker's way of timing boots, on a port instead of MMIO so that the
 //! guest needs only `ioperm`, not `/dev/mem`.
 //!
@@ -10,7 +11,10 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use airlock_vmm_api::Event;
+
 use crate::devices::bus::BusDevice;
+use crate::events;
 
 /// The boot timer's port.
 pub const BOOT_TIMER_PORT: u64 = 0x3f0;
@@ -91,6 +95,14 @@ impl BusDevice for BootTimer {
         // Each phase is logged once; repeats and unknown values are ignored.
         match (offset, data) {
             (0, [INIT_STARTED]) if self.clock.init.set(now).is_ok() => {
+                if let Some(entry) = self.clock.kernel_entry() {
+                    events::emit(Event::KernelEntered {
+                        ms: events::ms(entry),
+                    });
+                }
+                events::emit(Event::InitStarted {
+                    ms: events::ms(now),
+                });
                 tracing::info!(
                     target: "boot_timer",
                     kernel_entry_ms = millis(self.clock.kernel_entry()),
@@ -105,6 +117,9 @@ impl BusDevice for BootTimer {
                 unsafe { libc::syscall(libc::SYS_getppid) };
             }
             (0, [AGENT_READY]) if self.clock.ready.set(now).is_ok() => {
+                events::emit(Event::AgentReady {
+                    ms: events::ms(now),
+                });
                 tracing::info!(
                     target: "boot_timer",
                     ready_ms = millis(Some(now)),
