@@ -7,8 +7,7 @@
 //!   [`VmConfig::validate`] on both sides;
 //! * [`event`]: what the VMM (and its keeper) report as the VM runs: one
 //!   JSON line per [`Event`] in a file the launcher names;
-//! * [`command`]: what a running VMM accepts on its control socket;
-//! * [`report`]: how an error and its causes are printed on one line.
+//! * [`command`]: what a running VMM accepts on its control socket.
 //!
 //! ```
 //! use airlock_vmm_api::{Event, VmConfig};
@@ -29,7 +28,6 @@ pub mod command;
 pub mod config;
 pub mod event;
 pub mod limits;
-pub mod report;
 
 pub use command::{Command, Reply};
 pub use config::{

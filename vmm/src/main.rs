@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use airlock_report::chain as error_chain;
 use airlock_vmm::config::{default_guest_dir, DEFAULT_CONSOLE_MAX_BYTES};
 use airlock_vmm::config::{DriveConfig, JailConfig, VsockConfig};
 use airlock_vmm::keeper::{self, Role};
 use airlock_vmm::vstate::memory;
 use airlock_vmm::{events, ConsoleOutput, VmConfig, Vmm};
-use airlock_vmm_api::report::chain as error_chain;
 use airlock_vmm_api::Event;
 use clap::{Parser, ValueEnum};
 
