@@ -13,7 +13,10 @@ use std::sync::Arc;
 use airlock_runtime::config::RuntimeConfig;
 use airlock_runtime::image::ImageRef;
 use airlock_runtime::sandbox::container::GuestRootfs;
-use airlock_runtime::sandbox::{io, Sandbox, SandboxOptions, IMAGE_DEVICE};
+use airlock_runtime::sandbox::{
+    ContainerStats, Process as AgentProcess, Sandbox, SandboxOptions, Teardown, GUEST_SCRATCH_DIR,
+    IMAGE_DEVICE,
+};
 use containerd_shim::protos::api::Mount;
 use tokio::sync::Mutex;
 
@@ -257,7 +260,7 @@ impl Pod {
                 .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())),
         };
         if let Err(e) = record.write(&req.bundle) {
-            sandbox.shutdown().await;
+            sandbox.teardown(Teardown::Graceful).await;
             cleanup_bundle(&req.bundle);
             return Err(PodError::Failed(format!(
                 "cannot record sandbox {} in the bundle (needed to clean up after a dead shim): {}: {e}",
@@ -279,7 +282,7 @@ impl Pod {
             Ok(pid) => Ok(pid),
             Err(e) => {
                 *self.vm.lock().await = None;
-                sandbox.shutdown().await;
+                sandbox.teardown(Teardown::Graceful).await;
                 cleanup_bundle(&bundle);
                 Err(e)
             }
@@ -303,7 +306,7 @@ impl Pod {
             )));
         }
         let archive = rootfs::build_archive(&req.bundle, &req.rootfs).await?;
-        let guest_archive = format!("{}/{}.tar", airlock_protocol::GUEST_SCRATCH_DIR, req.id);
+        let guest_archive = format!("{}/{}.tar", GUEST_SCRATCH_DIR, req.id);
         let sent = sandbox.write_file_from("", &archive, &guest_archive).await;
         std::fs::remove_file(&archive).ok();
         sent?;
@@ -364,9 +367,9 @@ impl Pod {
             )));
         }
         let sandbox = self.sandbox().await?;
-        let client = sandbox.agent.raw().clone();
+        let guest = sandbox.process(id, exec_id);
         if exec_id.is_empty() {
-            let pumps = stdio::connect(&client, id, exec_id, &p.stdio).await?;
+            let pumps = stdio::connect(&guest, &p.stdio).await?;
             *p.pumps.lock().await = Some(pumps);
             sandbox.start_container(id).await?;
         } else {
@@ -375,7 +378,7 @@ impl Pod {
                 .clone()
                 .ok_or_else(|| PodError::Failed("exec without a process spec".into()))?;
             sandbox.exec_in(id, exec_id, &spec).await?;
-            let pumps = stdio::connect(&client, id, exec_id, &p.stdio).await?;
+            let pumps = stdio::connect(&guest, &p.stdio).await?;
             *p.pumps.lock().await = Some(pumps);
         }
         p.set_running();
@@ -391,7 +394,7 @@ impl Pod {
         });
         let pod = self.clone();
         let (id, exec_id) = (id.to_string(), exec_id.to_string());
-        tokio::spawn(async move { pod.watch_exit(client, id, exec_id, p, pid).await });
+        tokio::spawn(async move { pod.watch_exit(guest, id, exec_id, p, pid).await });
         Ok(pid)
     }
 
@@ -399,13 +402,13 @@ impl Pod {
     /// reports the exit.
     async fn watch_exit(
         &self,
-        client: airlock_protocol::agent_ttrpc::AgentServiceClient,
+        guest: AgentProcess,
         id: String,
         exec_id: String,
         p: Arc<Process>,
         pid: u32,
     ) {
-        let status = match io::wait(&client, &id, &exec_id).await {
+        let status = match guest.wait().await {
             Ok(e) => {
                 if e.oom_killed {
                     log::warn!("{id}: process {exec_id:?} was killed by the OOM killer");
@@ -538,7 +541,7 @@ impl Pod {
             }
         }
         let sandbox = self.sandbox().await?;
-        io::close_stdin(sandbox.agent.raw(), id, exec_id).await?;
+        sandbox.process(id, exec_id).close_stdin().await?;
         Ok(())
     }
 
@@ -552,7 +555,7 @@ impl Pod {
     ) -> Result<(), PodError> {
         self.process(id, exec_id).await?;
         let sandbox = self.sandbox().await?;
-        io::resize(sandbox.agent.raw(), id, exec_id, height, width).await?;
+        sandbox.process(id, exec_id).resize(height, width).await?;
         Ok(())
     }
 
@@ -584,7 +587,7 @@ impl Pod {
         };
         match owner {
             Some(sandbox) => {
-                let report = sandbox.shutdown().await;
+                let report = sandbox.teardown(Teardown::Graceful).await;
                 log::info!(
                     "{id}: microVM {} torn down: {} MiB of guest memory wiped, {} scratch bytes scrubbed",
                     report.id,
@@ -609,10 +612,7 @@ impl Pod {
     }
 
     /// Stats: the container's cgroup in the guest.
-    pub async fn stats(
-        &self,
-        id: &str,
-    ) -> Result<airlock_protocol::agent::StatsContainerResponse, PodError> {
+    pub async fn stats(&self, id: &str) -> Result<ContainerStats, PodError> {
         self.process(id, "").await?;
         Ok(self.sandbox().await?.container_stats(id).await?)
     }
@@ -641,7 +641,7 @@ impl Pod {
     /// is going away).
     pub async fn destroy(&self) {
         if let Some(vm) = self.vm.lock().await.take() {
-            vm.sandbox.shutdown().await;
+            vm.sandbox.teardown(Teardown::Graceful).await;
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use airlock_runtime::config::{ConfigError, RuntimeConfig};
-use airlock_runtime::sandbox::teardown_state;
+use airlock_runtime::sandbox::Sandbox;
 use airlock_runtime::state::{SandboxId, StateDir, StateError};
 
 use async_trait::async_trait;
@@ -226,7 +226,7 @@ pub async fn cleanup(id: &str, config_path: Option<&Path>) -> Result<(), Cleanup
         .read_record()
         .inspect_err(|e| log::warn!("{id}: {e}: its VMM, if one runs, cannot be found to stop it"))
         .ok();
-    let report = teardown_state(&config, &state, record.as_ref()).await;
+    let report = Sandbox::teardown_remains(&config, &state, record.as_ref()).await;
     log::info!(
         "{id}: cleaned up after a dead shim: {} MiB of guest memory wiped, {} scratch bytes scrubbed, state {}",
         report.wiped_mib.map_or("no".into(), |m| m.to_string()),

@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use airlock_protocol::agent_ttrpc::AgentServiceClient;
-use airlock_runtime::sandbox::io::{self, Output};
-use airlock_runtime::sandbox::SandboxError;
+use airlock_runtime::sandbox::io::Output;
+use airlock_runtime::sandbox::{Process, SandboxError};
 use tokio::task::JoinHandle;
 
 /// How long output may keep flowing after the process exited (a child it
@@ -32,14 +31,8 @@ pub struct Pumps {
     stdin: Option<JoinHandle<Result<(), SandboxError>>>,
 }
 
-/// Starts copying between `stdio` and process `exec_id` of container
-/// `container_id`.
-pub async fn connect(
-    client: &AgentServiceClient,
-    container_id: &str,
-    exec_id: &str,
-    stdio: &Stdio,
-) -> Result<Pumps, SandboxError> {
+/// Starts copying between `stdio` and `process`.
+pub async fn connect(process: &Process, stdio: &Stdio) -> Result<Pumps, SandboxError> {
     let mut outputs = Vec::new();
     let mut streams = vec![(Output::Stdout, stdio.stdout.as_str())];
     if !stdio.terminal {
@@ -52,28 +45,20 @@ pub async fn connect(
         } else {
             Box::new(open_fifo(path, true).await?)
         };
-        let (c, cid, eid) = (
-            client.clone(),
-            container_id.to_string(),
-            exec_id.to_string(),
-        );
-        outputs.push(tokio::spawn(async move {
-            io::copy_output(&c, &cid, &eid, which, &mut out).await
-        }));
+        let p = process.clone();
+        outputs.push(tokio::spawn(
+            async move { p.copy_output(which, &mut out).await },
+        ));
     }
     let stdin = if stdio.stdin.is_empty() {
-        io::close_stdin(client, container_id, exec_id).await?;
+        process.close_stdin().await?;
         None
     } else {
-        let (c, cid, eid) = (
-            client.clone(),
-            container_id.to_string(),
-            exec_id.to_string(),
-        );
+        let p = process.clone();
         let path = stdio.stdin.clone();
         Some(tokio::spawn(async move {
             let mut input = open_fifo(&path, false).await?;
-            io::copy_input(&c, &cid, &eid, &mut input).await
+            p.copy_input(&mut input).await
         }))
     };
     Ok(Pumps { outputs, stdin })

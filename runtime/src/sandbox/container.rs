@@ -4,7 +4,7 @@
 
 use airlock_protocol::agent;
 
-use super::{agent_err, ctx, Sandbox, SandboxError};
+use super::{ctx, Process, Sandbox, SandboxError};
 
 /// Where a container's root filesystem is, inside the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -14,6 +14,20 @@ pub struct GuestRootfs {
     /// `ext4`, or empty for a directory.
     pub fstype: String,
     pub read_only: bool,
+}
+
+/// A container's cgroup counters and limits, as the guest's cgroup v2
+/// files have them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerStats {
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub pids_current: u64,
+    pub pids_limit: u64,
+    pub oom_kills: u64,
 }
 
 impl Sandbox {
@@ -42,11 +56,8 @@ impl Sandbox {
             .into(),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .create_container(ctx(), &req)
-            .await
-            .map_err(agent_err("CreateContainer"))?;
+        self.call("CreateContainer", |c| c.create_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 
@@ -56,11 +67,8 @@ impl Sandbox {
             container_id: id.into(),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .start_container(ctx(), &req)
-            .await
-            .map_err(agent_err("StartContainer"))?;
+        self.call("StartContainer", |c| c.start_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 
@@ -70,7 +78,7 @@ impl Sandbox {
         id: &str,
         exec_id: &str,
         process: &oci_spec::runtime::Process,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<Process, SandboxError> {
         let req = agent::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
@@ -79,12 +87,9 @@ impl Sandbox {
             tty: process.terminal().unwrap_or(false),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .exec_process(ctx(), &req)
-            .await
-            .map_err(agent_err("ExecProcess"))?;
-        Ok(())
+        self.call("ExecProcess", |c| c.exec_process(ctx(), &req))
+            .await?;
+        Ok(self.process(id, exec_id))
     }
 
     /// Sends `signal` to process `exec_id` ("" for init) of container
@@ -96,19 +101,7 @@ impl Sandbox {
         signal: u32,
         all: bool,
     ) -> Result<(), SandboxError> {
-        let req = agent::SignalProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            signal,
-            all,
-            ..Default::default()
-        };
-        self.agent
-            .raw()
-            .signal_process(ctx(), &req)
-            .await
-            .map_err(agent_err("SignalProcess"))?;
-        Ok(())
+        self.process(id, exec_id).signal(signal, all).await
     }
 
     /// Kills what is left of container `id` and releases it in the guest.
@@ -118,30 +111,32 @@ impl Sandbox {
             timeout_seconds: 0,
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .remove_container(ctx(), &req)
-            .await
-            .map_err(agent_err("RemoveContainer"))?;
+        self.call("RemoveContainer", |c| c.remove_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 }
 
 impl Sandbox {
     /// Container `id`'s cgroup counters and limits.
-    pub async fn container_stats(
-        &self,
-        id: &str,
-    ) -> Result<agent::StatsContainerResponse, SandboxError> {
+    pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, SandboxError> {
         let req = agent::StatsContainerRequest {
             container_id: id.into(),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .stats_container(ctx(), &req)
-            .await
-            .map_err(agent_err("StatsContainer"))
+        let s = self
+            .call("StatsContainer", |c| c.stats_container(ctx(), &req))
+            .await?;
+        Ok(ContainerStats {
+            memory_usage_bytes: s.memory_usage_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            oom_kills: s.oom_kills,
+        })
     }
 
     /// Applies new cgroup limits to container `id`.
@@ -156,11 +151,8 @@ impl Sandbox {
                 .map_err(|e| SandboxError::Io(e.to_string()))?,
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .update_container(ctx(), &req)
-            .await
-            .map_err(agent_err("UpdateContainer"))?;
+        self.call("UpdateContainer", |c| c.update_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 }

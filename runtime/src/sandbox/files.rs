@@ -6,7 +6,7 @@ use std::path::Path;
 
 use airlock_protocol::agent;
 
-use super::{agent_err, ctx, Sandbox, SandboxError, CONTAINER_ID};
+use super::{ctx, Sandbox, SandboxError, CONTAINER_ID};
 
 /// Bytes per ReadFile/WriteFile call (ttrpc frames are at most 4 MiB).
 const CHUNK: usize = 1 << 20;
@@ -68,11 +68,8 @@ impl Sandbox {
                 mode,
                 ..Default::default()
             };
-            self.agent
-                .raw()
-                .write_file(ctx(), &req)
-                .await
-                .map_err(agent_err("WriteFile"))?;
+            self.call("WriteFile", |c| c.write_file(ctx(), &req))
+                .await?;
             offset += n as u64;
             if n < CHUNK {
                 break;
@@ -102,12 +99,7 @@ impl Sandbox {
                     len: CHUNK as u32,
                     ..Default::default()
                 };
-                let resp = self
-                    .agent
-                    .raw()
-                    .read_file(ctx(), &req)
-                    .await
-                    .map_err(agent_err("ReadFile"))?;
+                let resp = self.call("ReadFile", |c| c.read_file(ctx(), &req)).await?;
                 out.write_all(&resp.data)
                     .map_err(|e| SandboxError::Io(format!("{}: {e}", dst.display())))?;
                 offset += resp.data.len() as u64;
@@ -140,7 +132,7 @@ impl Sandbox {
             follow_symlinks: true,
             ..Default::default()
         };
-        match self.agent.raw().stat(ctx(), &req).await {
+        match self.call("Stat", |c| c.stat(ctx(), &req)).await {
             Ok(resp) => resp.info.file_type.value() == agent::FileType::FILE_TYPE_DIRECTORY as i32,
             Err(_) => false,
         }
