@@ -18,7 +18,7 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Error, Flags, StartOpts};
 
-use crate::pod::{self, Pod};
+use crate::pod::{self, remove_socket, Pod};
 use crate::process::Exited;
 use crate::spec;
 use crate::task::{self, TaskService};
@@ -236,29 +236,10 @@ pub async fn cleanup(id: &str, config_path: Option<&Path>) -> Result<(), Cleanup
     Ok(())
 }
 
-/// Removes the shim socket named in `bundle`'s `address` file (written by
-/// `start`; containerd's `unix:///run/containerd/s/<hash>`), if it is a
-/// socket. With `if_unserved`, only when no shim answers on it.
-pub fn remove_socket(bundle: &Path, if_unserved: bool) {
-    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
-        return;
-    };
-    let path = address.trim().trim_start_matches("unix://");
-    if if_unserved && std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            std::fs::remove_file(path).ok();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixListener;
 
     /// A config whose state_dir (and cgroup parent) is under `dir`.
     fn config_in(dir: &Path) -> PathBuf {
@@ -313,35 +294,5 @@ mod tests {
             err.to_string(),
             format!("no sandbox {id}: `airlock ls` lists them")
         );
-    }
-
-    #[test]
-    fn socket_removal_follows_the_address_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("s");
-        let address = |p: &Path| {
-            std::fs::write(
-                dir.path().join("address"),
-                format!("unix://{}\n", p.display()),
-            )
-            .unwrap()
-        };
-        address(&sock);
-        let listener = UnixListener::bind(&sock).unwrap();
-        // Served: kept when asked to spare a live shim's socket.
-        remove_socket(dir.path(), true);
-        assert!(sock.exists());
-        // The serving shim removes its own.
-        remove_socket(dir.path(), false);
-        assert!(!sock.exists());
-        drop(listener);
-        // Never a file that is not a socket.
-        let file = dir.path().join("f");
-        std::fs::write(&file, b"").unwrap();
-        address(&file);
-        remove_socket(dir.path(), false);
-        assert!(file.exists());
-        // No address file: nothing to do.
-        remove_socket(&dir.path().join("missing"), false);
     }
 }

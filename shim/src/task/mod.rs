@@ -50,7 +50,7 @@ impl From<PodError> for ttrpc::Error {
             PodError::Exists(_) => Code::ALREADY_EXISTS,
             PodError::Precondition(_) => Code::FAILED_PRECONDITION,
             PodError::Unsupported(_) => Code::UNIMPLEMENTED,
-            PodError::Failed(_) => Code::INTERNAL,
+            PodError::Failed(_) | PodError::Sandbox(_) | PodError::Rootfs(_) => Code::INTERNAL,
         };
         status(code, e.to_string())
     }
@@ -267,7 +267,7 @@ impl Task for TaskService {
             // `address` file included, and the socket would be left in
             // /run/containerd/s. The daemon runs in the bundle `start` ran
             // in. The connection containerd holds outlives the path.
-            crate::shim::remove_socket(std::path::Path::new("."), false);
+            crate::pod::remove_socket(std::path::Path::new("."), false);
             self.pod.destroy().await;
             self.exit.signal();
         }
