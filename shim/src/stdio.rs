@@ -83,9 +83,9 @@ impl Pumps {
         for t in self.outputs {
             match tokio::time::timeout(DRAIN_TIMEOUT, t).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => log::warn!("output copy failed: {e}"),
-                Ok(Err(e)) => log::warn!("output task failed: {e}"),
-                Err(_) => log::warn!(
+                Ok(Ok(Err(e))) => tracing::warn!("output copy failed: {e}"),
+                Ok(Err(e)) => tracing::warn!("output task failed: {e}"),
+                Err(_) => tracing::warn!(
                     "output still open {DRAIN_TIMEOUT:?} after the process exited; detaching"
                 ),
             }

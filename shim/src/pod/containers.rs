@@ -61,10 +61,10 @@ impl Pod {
     ) -> Result<u32, PodError> {
         let (guest_spec, dropped) = spec::for_guest(oci);
         if dropped.hooks {
-            log::warn!("{}: OCI hooks are not run: they are host commands", req.id);
+            tracing::warn!("{}: OCI hooks are not run: they are host commands", req.id);
         }
         for m in &dropped.bind_mounts {
-            log::warn!("{}: host bind mount at {m} left out of the microVM", req.id);
+            tracing::warn!("{}: host bind mount at {m} left out of the microVM", req.id);
         }
         let terminal = guest_spec
             .process()

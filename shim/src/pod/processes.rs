@@ -64,14 +64,14 @@ impl Pod {
         let status = match guest.wait().await {
             Ok(e) => {
                 if e.oom_killed {
-                    log::warn!("{id}: process {exec_id:?} was killed by the OOM killer");
+                    tracing::warn!("{id}: process {exec_id:?} was killed by the OOM killer");
                 }
                 u32::try_from(e.status).unwrap_or(255)
             }
             Err(e) => {
                 // The agent or the VM is gone: containerd must still see
                 // an exit, with a status that says it did not end well.
-                log::error!("{id}: lost process {exec_id:?}: {e}");
+                tracing::error!("{id}: lost process {exec_id:?}: {e}");
                 255
             }
         };
@@ -188,8 +188,8 @@ impl Pod {
         if let Some(mut copy) = copy {
             match tokio::time::timeout(stdio::STDIN_DRAIN_TIMEOUT, &mut copy).await {
                 Ok(Ok(Ok(()))) => return Ok(()),
-                Ok(Ok(Err(e))) => log::warn!("{id}: stdin of {exec_id:?}: {e}"),
-                Ok(Err(e)) => log::warn!("{id}: stdin task of {exec_id:?}: {e}"),
+                Ok(Ok(Err(e))) => tracing::warn!("{id}: stdin of {exec_id:?}: {e}"),
+                Ok(Err(e)) => tracing::warn!("{id}: stdin task of {exec_id:?}: {e}"),
                 Err(_) => copy.abort(),
             }
         }

@@ -49,7 +49,7 @@ impl Pod {
             memory_mib,
             ..SandboxOptions::from_config(&config)
         };
-        let mut progress = |m: &str| log::info!("{}: {m}", req.id);
+        let mut progress = |m: &str| tracing::info!("{}: {m}", req.id);
         let sandbox = match Sandbox::create(&config, &opts, &mut progress).await {
             Ok(s) => Arc::new(s),
             Err(e) => {

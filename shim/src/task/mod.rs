@@ -88,7 +88,7 @@ impl Task for TaskService {
                 options,
             })
             .await
-            .inspect_err(|e| log::error!("create {}: {e}", req.id))?;
+            .inspect_err(|e| tracing::error!("create {}: {e}", req.id))?;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
