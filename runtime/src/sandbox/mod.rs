@@ -62,7 +62,6 @@ pub enum SandboxError {
     Spec(#[from] spec::SpecError),
     #[error("the agent refused {0}: {1}")]
     Agent(&'static str, String),
-    /// lost the agent while waiting for {0}: {1}; see the sandbox's console.log
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
     #[error("{0}")]
