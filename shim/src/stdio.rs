@@ -16,6 +16,21 @@ pub const STDIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a stdio FIFO may wait for containerd's end of it.
 const FIFO_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Errors joining a process's stdio to containerd's FIFOs.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("cannot open the stdio FIFO {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the stdio FIFO {path}: its other end was not opened within {limit:?}")]
+    OpenTimeout { path: String, limit: Duration },
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
+
 /// The FIFO paths containerd gave; empty means not wanted.
 #[derive(Debug, Clone, Default)]
 pub struct Stdio {
@@ -27,12 +42,12 @@ pub struct Stdio {
 
 /// The copy tasks of one process.
 pub struct Pumps {
-    outputs: Vec<JoinHandle<Result<(), SandboxError>>>,
-    stdin: Option<JoinHandle<Result<(), SandboxError>>>,
+    outputs: Vec<JoinHandle<Result<(), StdioError>>>,
+    stdin: Option<JoinHandle<Result<(), StdioError>>>,
 }
 
 /// Starts copying between `stdio` and `process`.
-pub async fn connect(process: &Process, stdio: &Stdio) -> Result<Pumps, SandboxError> {
+pub async fn connect(process: &Process, stdio: &Stdio) -> Result<Pumps, StdioError> {
     let mut outputs = Vec::new();
     let mut streams = vec![(Output::Stdout, stdio.stdout.as_str())];
     if !stdio.terminal {
@@ -46,9 +61,9 @@ pub async fn connect(process: &Process, stdio: &Stdio) -> Result<Pumps, SandboxE
             Box::new(open_fifo(path, true).await?)
         };
         let p = process.clone();
-        outputs.push(tokio::spawn(
-            async move { p.copy_output(which, &mut out).await },
-        ));
+        outputs.push(tokio::spawn(async move {
+            Ok(p.copy_output(which, &mut out).await?)
+        }));
     }
     let stdin = if stdio.stdin.is_empty() {
         process.close_stdin().await?;
@@ -58,7 +73,7 @@ pub async fn connect(process: &Process, stdio: &Stdio) -> Result<Pumps, SandboxE
         let path = stdio.stdin.clone();
         Some(tokio::spawn(async move {
             let mut input = open_fifo(&path, false).await?;
-            p.copy_input(&mut input).await
+            Ok(p.copy_input(&mut input).await?)
         }))
     };
     Ok(Pumps { outputs, stdin })
@@ -73,7 +88,7 @@ impl Pumps {
     }
 
     /// The stdin copy, for `CloseIO` to finish.
-    pub fn take_stdin(&mut self) -> Option<JoinHandle<Result<(), SandboxError>>> {
+    pub fn take_stdin(&mut self) -> Option<JoinHandle<Result<(), StdioError>>> {
         self.stdin.take()
     }
 
@@ -94,7 +109,7 @@ impl Pumps {
 }
 
 /// Opens a FIFO containerd made (containerd already holds its other end).
-async fn open_fifo(path: &str, write: bool) -> Result<tokio::fs::File, SandboxError> {
+async fn open_fifo(path: &str, write: bool) -> Result<tokio::fs::File, StdioError> {
     open_fifo_within(path, write, FIFO_OPEN_TIMEOUT).await
 }
 
@@ -106,7 +121,7 @@ async fn open_fifo_within(
     path: &str,
     write: bool,
     limit: Duration,
-) -> Result<tokio::fs::File, SandboxError> {
+) -> Result<tokio::fs::File, StdioError> {
     let mut o = tokio::fs::OpenOptions::new();
     if write {
         o.write(true);
@@ -114,12 +129,14 @@ async fn open_fifo_within(
         o.read(true);
     }
     match tokio::time::timeout(limit, o.open(path)).await {
-        Ok(opened) => {
-            opened.map_err(|e| SandboxError::Io(format!("cannot open the stdio FIFO {path}: {e}")))
-        }
-        Err(_) => Err(SandboxError::Io(format!(
-            "the stdio FIFO {path}: its other end was not opened within {limit:?}"
-        ))),
+        Ok(opened) => opened.map_err(|source| StdioError::Open {
+            path: path.into(),
+            source,
+        }),
+        Err(_) => Err(StdioError::OpenTimeout {
+            path: path.into(),
+            limit,
+        }),
     }
 }
 

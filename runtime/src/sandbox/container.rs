@@ -39,7 +39,7 @@ impl Sandbox {
         spec: &oci_spec::runtime::Spec,
         rootfs: &GuestRootfs,
     ) -> Result<(), SandboxError> {
-        let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Io(e.to_string()))?;
+        let json = serde_json::to_vec(spec)?;
         let req = agent::CreateContainerRequest {
             container_id: id.into(),
             oci_spec: json,
@@ -82,8 +82,7 @@ impl Sandbox {
         let req = agent::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
-            process_spec: serde_json::to_vec(process)
-                .map_err(|e| SandboxError::Io(e.to_string()))?,
+            process_spec: serde_json::to_vec(process)?,
             tty: process.terminal().unwrap_or(false),
             ..Default::default()
         };
@@ -147,8 +146,7 @@ impl Sandbox {
     ) -> Result<(), SandboxError> {
         let req = agent::UpdateContainerRequest {
             container_id: id.into(),
-            resources: serde_json::to_vec(resources)
-                .map_err(|e| SandboxError::Io(e.to_string()))?,
+            resources: serde_json::to_vec(resources)?,
             ..Default::default()
         };
         self.call("UpdateContainer", |c| c.update_container(ctx(), &req))

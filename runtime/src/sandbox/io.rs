@@ -79,7 +79,7 @@ impl Process {
             match tokio::time::timeout(DRAIN_TIMEOUT, t).await {
                 Ok(Ok(Ok(()))) => {}
                 Ok(Ok(Err(e))) => return Err(e),
-                Ok(Err(e)) => return Err(SandboxError::Io(format!("output task failed: {e}"))),
+                Ok(Err(e)) => return Err(SandboxError::Task(e)),
                 Err(_) => tracing::warn!(
                     "output still open {DRAIN_TIMEOUT:?} after the process exited; detaching"
                 ),
@@ -133,7 +133,7 @@ impl Process {
                     if e.kind() == std::io::ErrorKind::BrokenPipe {
                         return Ok(());
                     }
-                    return Err(SandboxError::Io(format!("writing output: {e}")));
+                    return Err(SandboxError::Output(e));
                 }
             }
             if resp.eof {
@@ -149,10 +149,7 @@ impl Process {
     ) -> Result<(), SandboxError> {
         let mut buf = vec![0u8; WRITE_CHUNK];
         loop {
-            let n = input
-                .read(&mut buf)
-                .await
-                .map_err(|e| SandboxError::Io(format!("reading stdin: {e}")))?;
+            let n = input.read(&mut buf).await.map_err(SandboxError::Input)?;
             if n == 0 {
                 return self.close_stdin().await;
             }

@@ -65,7 +65,25 @@ pub enum SandboxError {
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
     #[error("{0}")]
-    Io(String),
+    Json(#[from] serde_json::Error),
+    #[error("cannot {0} the container spec: {1}")]
+    SpecFile(&'static str, #[source] std::io::Error),
+    #[error("corrupt container spec: {0}")]
+    CorruptSpec(#[source] serde_json::Error),
+    #[error("{}: {source}", .path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a regular file (directories are not supported)", .0.display())]
+    NotAFile(std::path::PathBuf),
+    #[error("writing output: {0}")]
+    Output(#[source] std::io::Error),
+    #[error("reading stdin: {0}")]
+    Input(#[source] std::io::Error),
+    #[error("output task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl SandboxError {
@@ -145,9 +163,9 @@ impl Sandbox {
         &self,
         spec: &oci_spec::runtime::Spec,
     ) -> Result<(), SandboxError> {
-        let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Io(e.to_string()))?;
+        let json = serde_json::to_vec(spec)?;
         std::fs::write(self.state.path().join("config.json"), &json)
-            .map_err(|e| SandboxError::Io(format!("cannot save the container spec: {e}")))?;
+            .map_err(|e| SandboxError::SpecFile("save", e))?;
         let rootfs = container::GuestRootfs {
             source: IMAGE_DEVICE.into(),
             fstype: "ext4".into(),
@@ -161,9 +179,8 @@ impl Sandbox {
     /// The container's spec, as saved by [`Sandbox::create_container`].
     pub fn container_spec(&self) -> Result<oci_spec::runtime::Spec, SandboxError> {
         let bytes = std::fs::read(self.state.path().join("config.json"))
-            .map_err(|e| SandboxError::Io(format!("cannot read the container spec: {e}")))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| SandboxError::Io(format!("corrupt container spec: {e}")))
+            .map_err(|e| SandboxError::SpecFile("read", e))?;
+        serde_json::from_slice(&bytes).map_err(SandboxError::CorruptSpec)
     }
 
     /// Starts `process` in the container as `exec_id`.

@@ -36,7 +36,7 @@ use self::vm::Vm;
 use crate::options;
 use crate::process::Process;
 use crate::rootfs::RootfsError;
-use crate::stdio::Stdio;
+use crate::stdio::{Stdio, StdioError};
 
 /// What a task call can fail with; `task/` maps each to a ttrpc code.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +57,8 @@ pub enum PodError {
     Sandbox(#[from] SandboxError),
     #[error(transparent)]
     Rootfs(#[from] RootfsError),
+    #[error(transparent)]
+    Stdio(#[from] StdioError),
 }
 
 /// What containerd asked Create for.

@@ -50,7 +50,10 @@ impl From<PodError> for ttrpc::Error {
             PodError::Exists(_) => Code::ALREADY_EXISTS,
             PodError::Precondition(_) => Code::FAILED_PRECONDITION,
             PodError::Unsupported(_) => Code::UNIMPLEMENTED,
-            PodError::Failed(_) | PodError::Sandbox(_) | PodError::Rootfs(_) => Code::INTERNAL,
+            PodError::Failed(_)
+            | PodError::Sandbox(_)
+            | PodError::Rootfs(_)
+            | PodError::Stdio(_) => Code::INTERNAL,
         };
         status(code, e.to_string())
     }
