@@ -15,7 +15,7 @@ struct Fixture {
     fake: FakeAgent,
     pod: Arc<Pod>,
     events: UnboundedReceiver<Event>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn fixture() -> Fixture {
@@ -51,7 +51,7 @@ async fn fixture() -> Fixture {
         fake,
         pod,
         events,
-        _dir: dir,
+        dir,
     };
     assert!(matches!(f.next().await, Event::Create { .. }));
     f
@@ -194,4 +194,66 @@ async fn a_running_process_is_not_deleted_and_an_exited_exec_only_once() {
     let err = f.pod.delete("c", "e").await.unwrap_err();
     assert!(matches!(err, PodError::NoProcess(..)), "{err}");
     assert_eq!(f.fake.destroyed(), 0);
+}
+
+/// A bundle for container `id` whose spec says it belongs to `pod`.
+fn bundle_in_pod(dir: &std::path::Path, id: &str, pod: Option<&str>) -> CreateRequest {
+    let bundle = dir.join(id);
+    std::fs::create_dir(&bundle).unwrap();
+    let mut spec = oci_spec::runtime::Spec::default();
+    if let Some(pod) = pod {
+        spec.set_annotations(Some(HashMap::from([
+            (
+                "io.kubernetes.cri.container-type".into(),
+                "container".into(),
+            ),
+            ("io.kubernetes.cri.sandbox-id".into(), pod.into()),
+        ])));
+    }
+    std::fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
+    CreateRequest {
+        id: id.into(),
+        bundle,
+        rootfs: vec![],
+        stdio: Stdio::default(),
+        options: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_pod_container_joins_the_vm_and_leaves_it_running_when_deleted() {
+    let mut f = fixture().await;
+    let req = bundle_in_pod(f.dir.path(), "other", None);
+    let err = f.pod.create(req).await.unwrap_err();
+    assert!(matches!(err, PodError::Unsupported(_)), "{err}");
+    let req = bundle_in_pod(f.dir.path(), "c2", Some("pod"));
+    let bundle = req.bundle.clone();
+    f.pod.create(req).await.unwrap();
+    assert!(matches!(f.next().await, Event::Create { .. }));
+    // Its rootfs went in as an archive on the scratch disk.
+    let archive = format!("{}/c2.tar", airlock_runtime::sandbox::GUEST_SCRATCH_DIR);
+    assert!(f.fake.file(&archive).is_some_and(|a| !a.is_empty()));
+    assert!(f.fake.has_container("c2"));
+    assert!(!bundle.join(crate::rootfs::ARCHIVE_FILE).exists());
+    // The same id again is refused.
+    let again = CreateRequest {
+        id: "c2".into(),
+        ..bundle_in_pod(f.dir.path(), "c2-again", Some("pod"))
+    };
+    let err = f.pod.create(again).await.unwrap_err();
+    assert!(matches!(err, PodError::Exists(_)), "{err}");
+    // Deleting it removes it in the guest; the VM stays.
+    f.pod.delete("c2", "").await.unwrap();
+    assert!(!f.fake.has_container("c2"));
+    assert_eq!(f.fake.destroyed(), 0);
+    assert_ne!(f.pod.pid().await, 0);
+    assert_eq!(f.pod.stats("c").await.unwrap().pids_current, 1);
+    // The shim going away takes the VM whatever state it is in.
+    f.pod.destroy().await;
+    assert_eq!(f.fake.destroyed(), 1);
+    assert_eq!(f.pod.pid().await, 0);
 }
