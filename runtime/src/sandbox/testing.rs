@@ -113,6 +113,14 @@ impl FakeAgent {
         lock(&self.guest.files).get(path).cloned()
     }
 
+    /// What process `exec_id` of `container` got on stdin, and whether
+    /// its stdin was closed.
+    pub fn stdin(&self, container: &str, exec_id: &str) -> Option<(Vec<u8>, bool)> {
+        self.guest
+            .with_proc(container, exec_id, |p| (p.stdin.clone(), p.stdin_closed))
+            .ok()
+    }
+
     /// How many `DestroySandbox` calls it got.
     pub fn destroyed(&self) -> u32 {
         self.guest.destroyed.load(Ordering::SeqCst)
@@ -461,6 +469,27 @@ impl AgentService for Service {
         }
         file.extend_from_slice(&req.data);
         Ok(WriteFileResponse::default())
+    }
+
+    async fn read_file(
+        &self,
+        _: &TtrpcContext,
+        req: ReadFileRequest,
+    ) -> ttrpc::Result<ReadFileResponse> {
+        let files = lock(&self.0.files);
+        let file = files
+            .get(&req.path)
+            .ok_or_else(|| not_found(format!("{} not found", req.path)))?;
+        let start = usize::try_from(req.offset)
+            .unwrap_or(usize::MAX)
+            .min(file.len());
+        let len = usize::try_from(req.len).unwrap_or(usize::MAX);
+        let end = start.saturating_add(len).min(file.len());
+        Ok(ReadFileResponse {
+            data: file[start..end].to_vec(),
+            eof: end == file.len(),
+            ..Default::default()
+        })
     }
 
     async fn stat(&self, _: &TtrpcContext, req: StatRequest) -> ttrpc::Result<StatResponse> {

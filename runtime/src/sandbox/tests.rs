@@ -171,3 +171,37 @@ async fn stats_and_files_go_through_the_agent() {
     assert_eq!(n, 4);
     assert_eq!(fake.file("/x/f").unwrap(), b"data");
 }
+
+#[tokio::test]
+async fn stdin_goes_in_and_is_closed_at_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let (fake, sandbox) = sandbox(dir.path()).await;
+    let p = sandbox.exec_in("c", "e", &process()).await.unwrap();
+    let mut input: &[u8] = b"typed";
+    within(p.copy_input(&mut input)).await.unwrap();
+    assert_eq!(fake.stdin("c", "e"), Some((b"typed".to_vec(), true)));
+    let err = sandbox.process("c", "x").close_stdin().await.unwrap_err();
+    assert!(matches!(err, SandboxError::Agent("CloseStdin", _)), "{err}");
+}
+
+#[tokio::test]
+async fn a_file_copied_in_comes_back_out_and_a_failed_copy_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_fake, sandbox) = sandbox(dir.path()).await;
+    let src = dir.path().join("in.txt");
+    std::fs::write(&src, b"round trip").unwrap();
+    // Not a directory in the guest: the path is the file's.
+    assert_eq!(sandbox.copy_in(&src, "/tmp/f").await.unwrap(), 10);
+    // Into a directory: named after the source.
+    assert_eq!(sandbox.copy_in(&src, "/tmp/").await.unwrap(), 10);
+    let out = dir.path().join("out.txt");
+    assert_eq!(sandbox.copy_out("/tmp/in.txt", &out).await.unwrap(), 10);
+    assert_eq!(std::fs::read(&out).unwrap(), b"round trip");
+    let missing = dir.path().join("missing.txt");
+    let err = sandbox.copy_out("/nope", &missing).await.unwrap_err();
+    assert_eq!(err.agent_message(), Some("/nope not found"));
+    assert!(!missing.exists());
+    assert!(!missing.with_extension("airlock-partial").exists());
+    let err = sandbox.copy_in(dir.path(), "/tmp/").await.unwrap_err();
+    assert!(matches!(err, SandboxError::NotAFile(_)), "{err}");
+}
