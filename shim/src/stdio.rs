@@ -4,13 +4,10 @@
 
 use std::time::Duration;
 
-use airlock_runtime::sandbox::io::Output;
+use airlock_runtime::sandbox::io::{Output, DRAIN_TIMEOUT};
 use airlock_runtime::sandbox::{Process, SandboxError};
 use tokio::task::JoinHandle;
 
-/// How long output may keep flowing after the process exited (a child it
-/// left behind may hold the pipe open).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long CloseIO waits for what is left in the stdin FIFO to go in.
 pub const STDIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a stdio FIFO may wait for containerd's end of it.

@@ -16,6 +16,17 @@ pub struct GuestRootfs {
     pub read_only: bool,
 }
 
+impl GuestRootfs {
+    /// The workload image, the VM's first drive, read-only.
+    pub fn image() -> Self {
+        Self {
+            source: super::IMAGE_DEVICE.into(),
+            fstype: "ext4".into(),
+            read_only: true,
+        }
+    }
+}
+
 /// A container's cgroup counters and limits, as the guest's cgroup v2
 /// files have them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

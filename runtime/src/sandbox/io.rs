@@ -17,7 +17,7 @@ const READ_CHUNK: u32 = 1 << 20;
 const WRITE_CHUNK: usize = 64 << 10;
 /// How long output may keep flowing after the process exited (a child it
 /// left behind may still hold the pipe open).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to attach.
 #[derive(Debug, Clone, Copy, Default)]

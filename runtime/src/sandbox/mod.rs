@@ -166,11 +166,7 @@ impl Sandbox {
         let json = serde_json::to_vec(spec)?;
         std::fs::write(self.state.path().join("config.json"), &json)
             .map_err(|e| SandboxError::SpecFile("save", e))?;
-        let rootfs = container::GuestRootfs {
-            source: IMAGE_DEVICE.into(),
-            fstype: "ext4".into(),
-            read_only: true,
-        };
+        let rootfs = container::GuestRootfs::image();
         self.create_container_on(CONTAINER_ID, spec, &rootfs)
             .await?;
         self.start_container(CONTAINER_ID).await

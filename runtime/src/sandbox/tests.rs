@@ -12,11 +12,7 @@ async fn sandbox(dir: &std::path::Path) -> (FakeAgent, Sandbox) {
     let fake = FakeAgent::start(dir).await;
     let agent = fake.connect().await.unwrap();
     let sandbox = Sandbox::with_agent(&testing::config(dir), agent);
-    let rootfs = GuestRootfs {
-        source: IMAGE_DEVICE.into(),
-        fstype: "ext4".into(),
-        read_only: true,
-    };
+    let rootfs = GuestRootfs::image();
     sandbox
         .create_container_on("c", &oci_spec::runtime::Spec::default(), &rootfs)
         .await

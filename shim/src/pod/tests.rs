@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use airlock_runtime::sandbox::container::GuestRootfs;
 use airlock_runtime::sandbox::testing::{self, FakeAgent};
-use airlock_runtime::sandbox::IMAGE_DEVICE;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
@@ -38,11 +37,7 @@ async fn fixture() -> Fixture {
         stdio: Stdio::default(),
         options: Default::default(),
     };
-    let rootfs = GuestRootfs {
-        source: IMAGE_DEVICE.into(),
-        fstype: "ext4".into(),
-        read_only: true,
-    };
+    let rootfs = GuestRootfs::image();
     let oci = oci_spec::runtime::Spec::default();
     pod.add_container(req, oci, &sandbox, &rootfs)
         .await

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use airlock_runtime::config::RuntimeConfig;
 use airlock_runtime::image::ImageRef;
 use airlock_runtime::sandbox::container::GuestRootfs;
-use airlock_runtime::sandbox::{Sandbox, SandboxOptions, Teardown, IMAGE_DEVICE};
+use airlock_runtime::sandbox::{Sandbox, SandboxOptions, Teardown};
 
 use super::bundle::{cleanup_bundle, SandboxFile, SANDBOX_FILE};
 use super::{CreateRequest, Pod, PodError};
@@ -76,11 +76,7 @@ impl Pod {
                 req.bundle.join(SANDBOX_FILE).display()
             )));
         }
-        let rootfs = GuestRootfs {
-            source: IMAGE_DEVICE.into(),
-            fstype: "ext4".into(),
-            read_only: true,
-        };
+        let rootfs = GuestRootfs::image();
         let (id, bundle) = (req.id.clone(), req.bundle.clone());
         *self.vm.lock().await = Some(Vm {
             sandbox: sandbox.clone(),
