@@ -78,7 +78,7 @@ fn airlock_paths(runs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
 }
 
 fn direct_ttrpc(id: &str, runs: usize) -> anyhow::Result<Vec<f64>> {
-    use airlock_runtime::sandbox::{io, spec, Sandbox, CONTAINER_ID};
+    use airlock_runtime::sandbox::{spec, Sandbox};
     let config = airlock_runtime::config::RuntimeConfig::load(None)?;
     let id = airlock_runtime::state::SandboxId::parse(id)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -97,8 +97,7 @@ fn direct_ttrpc(id: &str, runs: usize) -> anyhow::Result<Vec<f64>> {
         for i in 0..runs {
             let exec_id = format!("bench-{i}");
             let t = Instant::now();
-            sandbox.exec(&exec_id, &process).await?;
-            let exit = io::wait(sandbox.agent.raw(), CONTAINER_ID, &exec_id).await?;
+            let exit = sandbox.exec(&exec_id, &process).await?.wait().await?;
             v.push(t.elapsed().as_secs_f64() * 1000.0);
             if exit.status != 0 {
                 bail!("`true` exited {} in the sandbox", exit.status);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use airlock_protocol::agent::CheckRequest;
 use airlock_protocol::agent_ttrpc::AgentServiceClient;
+use airlock_protocol::ttrpc;
 use airlock_protocol::ttrpc::context;
 use airlock_protocol::ttrpc::r#async::transport::Socket;
 use airlock_protocol::ttrpc::r#async::Client;
@@ -57,7 +58,9 @@ pub enum ConnectError {
     Version(#[from] VersionError),
 }
 
-/// A connection to an agent that passed the version check.
+/// A connection to an agent that passed the version check. Clones share
+/// the connection.
+#[derive(Clone)]
 pub struct AgentClient {
     client: AgentServiceClient,
     agent_version: String,
@@ -65,8 +68,18 @@ pub struct AgentClient {
 
 impl AgentClient {
     /// The generated ttrpc client.
-    pub fn raw(&self) -> &AgentServiceClient {
+    fn raw(&self) -> &AgentServiceClient {
         &self.client
+    }
+
+    /// Runs `call` on the generated ttrpc client: the crate's one way to
+    /// it (the sandbox's `call` helper wraps it with error mapping).
+    pub(crate) async fn call<'a, T, F, Fut>(&'a self, call: F) -> ttrpc::Result<T>
+    where
+        F: FnOnce(&'a AgentServiceClient) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        call(self.raw()).await
     }
 
     /// The agent's crate version.
@@ -200,7 +213,7 @@ impl FileWaker {
 }
 
 /// ttrpc over `stream` and the version check.
-async fn check(stream: UnixStream) -> Result<AgentClient, ConnectError> {
+pub(crate) async fn check(stream: UnixStream) -> Result<AgentClient, ConnectError> {
     let client = AgentServiceClient::new(Client::new(Socket::new(stream)));
     let req = CheckRequest {
         protocol_version: PROTOCOL_VERSION,
@@ -268,29 +281,10 @@ async fn handshake(uds: &Path) -> Result<Option<UnixStream>, ConnectError> {
 mod tests {
     use std::sync::Arc;
 
-    use airlock_protocol::agent::CheckResponse;
-    use airlock_protocol::agent_ttrpc::{create_agent_service, AgentService};
-    use airlock_protocol::ttrpc::r#async::{Server, TtrpcContext};
     use tokio::net::UnixListener;
 
     use super::*;
-
-    struct Agent(u32);
-
-    #[async_trait::async_trait]
-    impl AgentService for Agent {
-        async fn check(
-            &self,
-            _: &TtrpcContext,
-            _: CheckRequest,
-        ) -> airlock_protocol::ttrpc::Result<CheckResponse> {
-            Ok(CheckResponse {
-                protocol_version: self.0,
-                agent_version: "9.9.9".into(),
-                ..Default::default()
-            })
-        }
-    }
+    use crate::sandbox::testing::FakeAgent;
 
     /// A stand-in for the VMM's hybrid vsock: the first `refuse`
     /// connections are hung up on (no listener in the guest yet), later
@@ -307,13 +301,9 @@ mod tests {
     ) -> (PathBuf, Arc<std::sync::atomic::AtomicUsize>) {
         let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = count.clone();
-        let agent_sock = dir.join("agent.sock");
-        let mut server = Server::new()
-            .bind(&format!("unix://{}", agent_sock.display()))
-            .unwrap()
-            .register_service(create_agent_service(Arc::new(Agent(version))));
-        server.start().await.unwrap();
-        std::mem::forget(server);
+        let agent = FakeAgent::start_with_version(dir, version).await;
+        let agent_sock = agent.socket().to_path_buf();
+        std::mem::forget(agent);
         let uds = dir.join("vsock.sock");
         let listener = UnixListener::bind(&uds).unwrap();
         tokio::spawn(async move {

@@ -14,15 +14,16 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use airlock_runtime::config::RuntimeConfig;
-//! use airlock_runtime::sandbox::{io, spec, Sandbox, SandboxOptions};
+//! use airlock_runtime::sandbox::{io, spec, Sandbox, SandboxOptions, Teardown, CONTAINER_ID};
 //!
 //! let config = RuntimeConfig::load(None)?;
 //! let sandbox = Sandbox::create(&config, &SandboxOptions::from_config(&config), &mut |_| {}).await?;
 //! let opts = spec::ProcessOptions { args: vec!["echo".into(), "hi".into()], ..Default::default() };
 //! let spec = spec::container_spec(None, "demo", &opts, &Default::default())?;
 //! sandbox.create_container(&spec).await?;
-//! let exit = io::attach(sandbox.agent.raw(), "", io::Attach::default()).await?;
-//! let report = sandbox.teardown().await; // memory wiped, scratch scrubbed
+//! let init = sandbox.process(CONTAINER_ID, "");
+//! let exit = init.attach(io::Attach::default()).await?;
+//! let report = sandbox.teardown(Teardown::Graceful).await; // memory wiped, scratch scrubbed
 //! # let _ = (exit, report); Ok(()) }
 //! ```
 

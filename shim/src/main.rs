@@ -2,6 +2,7 @@
 //! One shim process per pod (or per `ctr run` container) drives one
 //! microVM through `airlock-runtime`; see ARCHITECTURE.md.
 
+mod logging;
 mod options;
 mod pod;
 mod process;
@@ -35,13 +36,15 @@ fn main() {
     };
     if let Some(id) = std::env::var_os(shim::CLEANUP_ENV) {
         // Detached by `delete`, with stderr on the cleanup log (shim.rs).
-        shim::log_to(std::io::stderr);
+        logging::to_writer(std::io::stderr);
         let id = id.to_string_lossy().into_owned();
         let config = std::env::var_os(shim::CLEANUP_CONFIG_ENV)
             .filter(|p| !p.is_empty())
             .map(std::path::PathBuf::from);
         if let Err(e) = rt.block_on(shim::cleanup(&id, config.as_deref())) {
-            log::error!("cleanup of microVM {id} after a dead shim: {e}: its VMM may still run");
+            tracing::error!(
+                "cleanup of microVM {id} after a dead shim: {e}: its VMM may still run"
+            );
             std::process::exit(1);
         }
         return;

@@ -10,17 +10,52 @@ use std::path::{Path, PathBuf};
 use airlock_runtime::image;
 use containerd_shim::protos::api::Mount;
 
-use crate::pod::{PodError, IMAGE_FILE};
-
+/// The image built from a container's rootfs, in its bundle.
+pub const IMAGE_FILE: &str = "airlock-rootfs.ext4";
 /// The archive of a joining container's rootfs, in its bundle.
 pub const ARCHIVE_FILE: &str = "airlock-rootfs.tar";
 
+/// Errors making the guest's copy of a rootfs.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error("cannot make {}: {source}", .dir.display())]
+    MakeDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot mount the rootfs ({kind} {from}) at {}: {source}", .at.display())]
+    Mount {
+        kind: String,
+        from: String,
+        at: PathBuf,
+        #[source]
+        source: Box<containerd_shim::Error>,
+    },
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    #[error("{}: {source}", .file.display())]
+    Create {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("archiving {}: {source}", .dir.display())]
+    Archive {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rootfs copy task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+}
+
 /// `<bundle>/airlock-rootfs.ext4` from the rootfs.
-pub async fn build_image(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, PodError> {
+pub async fn build_image(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, RootfsError> {
     let out = bundle.join(IMAGE_FILE);
     let file = out.clone();
     with_rootfs(bundle, mounts, move |dir| {
-        image::build_from_dir(dir, &file, &mut |m| log::info!("{m}")).map_err(|e| e.to_string())
+        image::build_from_dir(dir, &file, &mut |m| tracing::info!("{m}")).map_err(Into::into)
     })
     .await?;
     Ok(out)
@@ -28,17 +63,23 @@ pub async fn build_image(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, Pod
 
 /// `<bundle>/airlock-rootfs.tar` from the rootfs: owners, modes, links and
 /// device nodes as they are.
-pub async fn build_archive(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, PodError> {
+pub async fn build_archive(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, RootfsError> {
     let out = bundle.join(ARCHIVE_FILE);
     let file = out.clone();
     with_rootfs(bundle, mounts, move |dir| {
-        let f = std::fs::File::create(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+        let f = std::fs::File::create(&file).map_err(|e| RootfsError::Create {
+            file: file.clone(),
+            source: e,
+        })?;
         let mut tar = tar::Builder::new(std::io::BufWriter::new(f));
         tar.follow_symlinks(false);
         tar.mode(tar::HeaderMode::Complete);
         tar.append_dir_all(".", dir)
             .and_then(|()| tar.finish())
-            .map_err(|e| format!("archiving {}: {e}", dir.display()))
+            .map_err(|e| RootfsError::Archive {
+                dir: dir.to_path_buf(),
+                source: e,
+            })
     })
     .await?;
     Ok(out)
@@ -49,22 +90,24 @@ pub async fn build_archive(bundle: &Path, mounts: &[Mount]) -> Result<PathBuf, P
 async fn with_rootfs(
     bundle: &Path,
     mounts: &[Mount],
-    copy: impl FnOnce(&Path) -> Result<(), String> + Send + 'static,
-) -> Result<(), PodError> {
+    copy: impl FnOnce(&Path) -> Result<(), RootfsError> + Send + 'static,
+) -> Result<(), RootfsError> {
     let rootfs = bundle.join("rootfs");
-    std::fs::create_dir_all(&rootfs)
-        .map_err(|e| PodError::Failed(format!("cannot make {}: {e}", rootfs.display())))?;
+    std::fs::create_dir_all(&rootfs).map_err(|e| RootfsError::MakeDir {
+        dir: rootfs.clone(),
+        source: e,
+    })?;
     for (i, m) in mounts.iter().enumerate() {
         if let Err(e) = containerd_shim::asynchronous::util::mount_rootfs(m, &rootfs).await {
             if i > 0 {
                 unmount(&rootfs);
             }
-            return Err(PodError::Failed(format!(
-                "cannot mount the rootfs ({} {}) at {}: {e}",
-                m.type_,
-                m.source,
-                rootfs.display()
-            )));
+            return Err(RootfsError::Mount {
+                kind: m.type_.clone(),
+                from: m.source.clone(),
+                at: rootfs,
+                source: Box::new(e),
+            });
         }
     }
     let dir = rootfs.clone();
@@ -73,9 +116,8 @@ async fn with_rootfs(
         unmount(&rootfs);
     }
     match copied {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(PodError::Failed(e)),
-        Err(e) => Err(PodError::Failed(format!("rootfs copy task failed: {e}"))),
+        Ok(r) => r,
+        Err(e) => Err(RootfsError::Task(e)),
     }
 }
 
@@ -83,7 +125,7 @@ async fn with_rootfs(
 pub fn unmount(path: &Path) {
     if let Err(e) = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
         if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
-            log::warn!("cannot unmount {}: {e}", path.display());
+            tracing::warn!("cannot unmount {}: {e}", path.display());
         }
     }
 }

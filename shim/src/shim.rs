@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use airlock_runtime::config::{ConfigError, RuntimeConfig};
-use airlock_runtime::sandbox::teardown_state;
+use airlock_runtime::sandbox::Sandbox;
 use airlock_runtime::state::{SandboxId, StateDir, StateError};
 
 use async_trait::async_trait;
@@ -18,7 +18,8 @@ use containerd_shim::protos::api::DeleteResponse;
 use containerd_shim::protos::protobuf::MessageField;
 use containerd_shim::{Config, Error, Flags, StartOpts};
 
-use crate::pod::{self, Pod};
+use crate::logging;
+use crate::pod::{self, remove_socket, Pod};
 use crate::process::Exited;
 use crate::spec;
 use crate::task::{self, TaskService};
@@ -90,20 +91,28 @@ impl Shim for AirlockShim {
                 // containerd gives `delete` a few seconds; stopping a VM
                 // (its memory wipe) and scrubbing its scratch disk may take
                 // longer, so a detached copy of this binary does it (see
-                // main.rs). Both log to the cleanup log: containerd reads
-                // nothing from a `delete` that succeeds.
-                let log = open_cleanup_log(&cleanup_log_path(sandbox.config_path.as_deref()));
-                if let Some(log) = log.as_ref().and_then(|f| f.try_clone().ok()) {
-                    log_to(std::sync::Mutex::new(log));
+                // main.rs). Both log to the cleanup log, and `delete` its
+                // warnings and errors to its stderr too, which containerd
+                // logs.
+                let path = cleanup_log_path(sandbox.config_path.as_deref());
+                let log = open_cleanup_log(&path);
+                logging::for_delete(log.as_ref().ok().and_then(|f| f.try_clone().ok()));
+                if let Err(e) = &log {
+                    tracing::error!(
+                        "{}: cannot open the cleanup log {}: {e}: the cleanup of microVM {} logs nowhere",
+                        self.id,
+                        path.display(),
+                        sandbox.id
+                    );
                 }
-                match spawn_cleanup(&sandbox, log) {
-                    Ok(()) => log::info!(
+                match spawn_cleanup(&sandbox, log.ok()) {
+                    Ok(()) => tracing::info!(
                         "{}: cleaning up microVM {} after a dead shim (bundle {})",
                         self.id,
                         sandbox.id,
                         bundle.display()
                     ),
-                    Err(e) => log::error!(
+                    Err(e) => tracing::error!(
                         "{}: cannot clean up microVM {} after a dead shim: {e}: its VMM may still run",
                         self.id,
                         sandbox.id
@@ -112,10 +121,8 @@ impl Shim for AirlockShim {
             }
             Ok(None) => {}
             Err(e) => {
-                if let Some(log) = open_cleanup_log(&cleanup_log_path(None)) {
-                    log_to(std::sync::Mutex::new(log));
-                }
-                log::error!(
+                logging::for_delete(open_cleanup_log(&cleanup_log_path(None)).ok());
+                tracing::error!(
                     "{}: cannot read {}: {e}: the microVM of a dead shim cannot be found to clean it up",
                     self.id,
                     bundle.join(pod::SANDBOX_FILE).display()
@@ -177,9 +184,8 @@ fn cleanup_log_path(config_path: Option<&Path>) -> PathBuf {
 }
 
 /// Opens the cleanup log at `path` to append to (created 0600, its
-/// directory 0711 as `StateDir::create` makes the state dir); `None` if it
-/// cannot be opened.
-fn open_cleanup_log(path: &Path) -> Option<std::fs::File> {
+/// directory 0711 as `StateDir::create` makes the state dir).
+fn open_cleanup_log(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(dir) = path.parent() {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -192,21 +198,6 @@ fn open_cleanup_log(path: &Path) -> Option<std::fs::File> {
         .append(true)
         .mode(0o600)
         .open(path)
-        .ok()
-}
-
-/// Sends this process's log lines, the `log` crate's and the runtime's
-/// `tracing` events, to `writer` (the daemon's go to containerd's log
-/// FIFO instead; `delete` and the detached cleanup have no such FIFO).
-pub fn log_to<W>(writer: W)
-where
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
-    // Only fails if logging was set up already.
-    let _ = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(false)
-        .try_init();
 }
 
 /// The detached cleanup after a dead shim: stops the VM (the VMM wipes
@@ -224,10 +215,12 @@ pub async fn cleanup(id: &str, config_path: Option<&Path>) -> Result<(), Cleanup
     let state = StateDir::open(&config.state_dir, &id)?;
     let record = state
         .read_record()
-        .inspect_err(|e| log::warn!("{id}: {e}: its VMM, if one runs, cannot be found to stop it"))
+        .inspect_err(|e| {
+            tracing::warn!("{id}: {e}: its VMM, if one runs, cannot be found to stop it")
+        })
         .ok();
-    let report = teardown_state(&config, &state, record.as_ref()).await;
-    log::info!(
+    let report = Sandbox::teardown_remains(&config, &state, record.as_ref()).await;
+    tracing::info!(
         "{id}: cleaned up after a dead shim: {} MiB of guest memory wiped, {} scratch bytes scrubbed, state {}",
         report.wiped_mib.map_or("no".into(), |m| m.to_string()),
         report.scratch_scrubbed_bytes,
@@ -236,29 +229,10 @@ pub async fn cleanup(id: &str, config_path: Option<&Path>) -> Result<(), Cleanup
     Ok(())
 }
 
-/// Removes the shim socket named in `bundle`'s `address` file (written by
-/// `start`; containerd's `unix:///run/containerd/s/<hash>`), if it is a
-/// socket. With `if_unserved`, only when no shim answers on it.
-pub fn remove_socket(bundle: &Path, if_unserved: bool) {
-    let Ok(address) = std::fs::read_to_string(bundle.join("address")) else {
-        return;
-    };
-    let path = address.trim().trim_start_matches("unix://");
-    if if_unserved && std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return;
-    }
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
-            std::fs::remove_file(path).ok();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::net::UnixListener;
 
     /// A config whose state_dir (and cgroup parent) is under `dir`.
     fn config_in(dir: &Path) -> PathBuf {
@@ -313,35 +287,5 @@ mod tests {
             err.to_string(),
             format!("no sandbox {id}: `airlock ls` lists them")
         );
-    }
-
-    #[test]
-    fn socket_removal_follows_the_address_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("s");
-        let address = |p: &Path| {
-            std::fs::write(
-                dir.path().join("address"),
-                format!("unix://{}\n", p.display()),
-            )
-            .unwrap()
-        };
-        address(&sock);
-        let listener = UnixListener::bind(&sock).unwrap();
-        // Served: kept when asked to spare a live shim's socket.
-        remove_socket(dir.path(), true);
-        assert!(sock.exists());
-        // The serving shim removes its own.
-        remove_socket(dir.path(), false);
-        assert!(!sock.exists());
-        drop(listener);
-        // Never a file that is not a socket.
-        let file = dir.path().join("f");
-        std::fs::write(&file, b"").unwrap();
-        address(&file);
-        remove_socket(dir.path(), false);
-        assert!(file.exists());
-        // No address file: nothing to do.
-        remove_socket(&dir.path().join("missing"), false);
     }
 }

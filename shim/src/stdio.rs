@@ -4,18 +4,29 @@
 
 use std::time::Duration;
 
-use airlock_protocol::agent_ttrpc::AgentServiceClient;
-use airlock_runtime::sandbox::io::{self, Output};
-use airlock_runtime::sandbox::SandboxError;
+use airlock_runtime::sandbox::io::{Output, DRAIN_TIMEOUT};
+use airlock_runtime::sandbox::{Process, SandboxError};
 use tokio::task::JoinHandle;
 
-/// How long output may keep flowing after the process exited (a child it
-/// left behind may hold the pipe open).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long CloseIO waits for what is left in the stdin FIFO to go in.
 pub const STDIN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long opening a stdio FIFO may wait for containerd's end of it.
 const FIFO_OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Errors joining a process's stdio to containerd's FIFOs.
+#[derive(Debug, thiserror::Error)]
+pub enum StdioError {
+    #[error("cannot open the stdio FIFO {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the stdio FIFO {path}: its other end was not opened within {limit:?}")]
+    OpenTimeout { path: String, limit: Duration },
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+}
 
 /// The FIFO paths containerd gave; empty means not wanted.
 #[derive(Debug, Clone, Default)]
@@ -28,18 +39,12 @@ pub struct Stdio {
 
 /// The copy tasks of one process.
 pub struct Pumps {
-    outputs: Vec<JoinHandle<Result<(), SandboxError>>>,
-    stdin: Option<JoinHandle<Result<(), SandboxError>>>,
+    outputs: Vec<JoinHandle<Result<(), StdioError>>>,
+    stdin: Option<JoinHandle<Result<(), StdioError>>>,
 }
 
-/// Starts copying between `stdio` and process `exec_id` of container
-/// `container_id`.
-pub async fn connect(
-    client: &AgentServiceClient,
-    container_id: &str,
-    exec_id: &str,
-    stdio: &Stdio,
-) -> Result<Pumps, SandboxError> {
+/// Starts copying between `stdio` and `process`.
+pub async fn connect(process: &Process, stdio: &Stdio) -> Result<Pumps, StdioError> {
     let mut outputs = Vec::new();
     let mut streams = vec![(Output::Stdout, stdio.stdout.as_str())];
     if !stdio.terminal {
@@ -52,28 +57,20 @@ pub async fn connect(
         } else {
             Box::new(open_fifo(path, true).await?)
         };
-        let (c, cid, eid) = (
-            client.clone(),
-            container_id.to_string(),
-            exec_id.to_string(),
-        );
+        let p = process.clone();
         outputs.push(tokio::spawn(async move {
-            io::copy_output(&c, &cid, &eid, which, &mut out).await
+            Ok(p.copy_output(which, &mut out).await?)
         }));
     }
     let stdin = if stdio.stdin.is_empty() {
-        io::close_stdin(client, container_id, exec_id).await?;
+        process.close_stdin().await?;
         None
     } else {
-        let (c, cid, eid) = (
-            client.clone(),
-            container_id.to_string(),
-            exec_id.to_string(),
-        );
+        let p = process.clone();
         let path = stdio.stdin.clone();
         Some(tokio::spawn(async move {
             let mut input = open_fifo(&path, false).await?;
-            io::copy_input(&c, &cid, &eid, &mut input).await
+            Ok(p.copy_input(&mut input).await?)
         }))
     };
     Ok(Pumps { outputs, stdin })
@@ -88,7 +85,7 @@ impl Pumps {
     }
 
     /// The stdin copy, for `CloseIO` to finish.
-    pub fn take_stdin(&mut self) -> Option<JoinHandle<Result<(), SandboxError>>> {
+    pub fn take_stdin(&mut self) -> Option<JoinHandle<Result<(), StdioError>>> {
         self.stdin.take()
     }
 
@@ -98,9 +95,9 @@ impl Pumps {
         for t in self.outputs {
             match tokio::time::timeout(DRAIN_TIMEOUT, t).await {
                 Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => log::warn!("output copy failed: {e}"),
-                Ok(Err(e)) => log::warn!("output task failed: {e}"),
-                Err(_) => log::warn!(
+                Ok(Ok(Err(e))) => tracing::warn!("output copy failed: {e}"),
+                Ok(Err(e)) => tracing::warn!("output task failed: {e}"),
+                Err(_) => tracing::warn!(
                     "output still open {DRAIN_TIMEOUT:?} after the process exited; detaching"
                 ),
             }
@@ -109,7 +106,7 @@ impl Pumps {
 }
 
 /// Opens a FIFO containerd made (containerd already holds its other end).
-async fn open_fifo(path: &str, write: bool) -> Result<tokio::fs::File, SandboxError> {
+async fn open_fifo(path: &str, write: bool) -> Result<tokio::fs::File, StdioError> {
     open_fifo_within(path, write, FIFO_OPEN_TIMEOUT).await
 }
 
@@ -121,7 +118,7 @@ async fn open_fifo_within(
     path: &str,
     write: bool,
     limit: Duration,
-) -> Result<tokio::fs::File, SandboxError> {
+) -> Result<tokio::fs::File, StdioError> {
     let mut o = tokio::fs::OpenOptions::new();
     if write {
         o.write(true);
@@ -129,12 +126,14 @@ async fn open_fifo_within(
         o.read(true);
     }
     match tokio::time::timeout(limit, o.open(path)).await {
-        Ok(opened) => {
-            opened.map_err(|e| SandboxError::Io(format!("cannot open the stdio FIFO {path}: {e}")))
-        }
-        Err(_) => Err(SandboxError::Io(format!(
-            "the stdio FIFO {path}: its other end was not opened within {limit:?}"
-        ))),
+        Ok(opened) => opened.map_err(|source| StdioError::Open {
+            path: path.into(),
+            source,
+        }),
+        Err(_) => Err(StdioError::OpenTimeout {
+            path: path.into(),
+            limit,
+        }),
     }
 }
 

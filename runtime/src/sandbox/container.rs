@@ -4,7 +4,7 @@
 
 use airlock_protocol::agent;
 
-use super::{agent_err, ctx, Sandbox, SandboxError};
+use super::{ctx, Process, Sandbox, SandboxError};
 
 /// Where a container's root filesystem is, inside the guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,31 @@ pub struct GuestRootfs {
     pub read_only: bool,
 }
 
+impl GuestRootfs {
+    /// The workload image, the VM's first drive, read-only.
+    pub fn image() -> Self {
+        Self {
+            source: super::IMAGE_DEVICE.into(),
+            fstype: "ext4".into(),
+            read_only: true,
+        }
+    }
+}
+
+/// A container's cgroup counters and limits, as the guest's cgroup v2
+/// files have them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerStats {
+    pub memory_usage_bytes: u64,
+    pub memory_limit_bytes: u64,
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    pub pids_current: u64,
+    pub pids_limit: u64,
+    pub oom_kills: u64,
+}
+
 impl Sandbox {
     /// Creates container `id` from `spec` on `rootfs`; its init process
     /// waits for [`Sandbox::start_container`].
@@ -25,7 +50,7 @@ impl Sandbox {
         spec: &oci_spec::runtime::Spec,
         rootfs: &GuestRootfs,
     ) -> Result<(), SandboxError> {
-        let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Io(e.to_string()))?;
+        let json = serde_json::to_vec(spec)?;
         let req = agent::CreateContainerRequest {
             container_id: id.into(),
             oci_spec: json,
@@ -42,11 +67,8 @@ impl Sandbox {
             .into(),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .create_container(ctx(), &req)
-            .await
-            .map_err(agent_err("CreateContainer"))?;
+        self.call("CreateContainer", |c| c.create_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 
@@ -56,11 +78,8 @@ impl Sandbox {
             container_id: id.into(),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .start_container(ctx(), &req)
-            .await
-            .map_err(agent_err("StartContainer"))?;
+        self.call("StartContainer", |c| c.start_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 
@@ -70,21 +89,17 @@ impl Sandbox {
         id: &str,
         exec_id: &str,
         process: &oci_spec::runtime::Process,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<Process, SandboxError> {
         let req = agent::ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec_id.into(),
-            process_spec: serde_json::to_vec(process)
-                .map_err(|e| SandboxError::Io(e.to_string()))?,
+            process_spec: serde_json::to_vec(process)?,
             tty: process.terminal().unwrap_or(false),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .exec_process(ctx(), &req)
-            .await
-            .map_err(agent_err("ExecProcess"))?;
-        Ok(())
+        self.call("ExecProcess", |c| c.exec_process(ctx(), &req))
+            .await?;
+        Ok(self.process(id, exec_id))
     }
 
     /// Sends `signal` to process `exec_id` ("" for init) of container
@@ -96,19 +111,7 @@ impl Sandbox {
         signal: u32,
         all: bool,
     ) -> Result<(), SandboxError> {
-        let req = agent::SignalProcessRequest {
-            container_id: id.into(),
-            exec_id: exec_id.into(),
-            signal,
-            all,
-            ..Default::default()
-        };
-        self.agent
-            .raw()
-            .signal_process(ctx(), &req)
-            .await
-            .map_err(agent_err("SignalProcess"))?;
-        Ok(())
+        self.process(id, exec_id).signal(signal, all).await
     }
 
     /// Kills what is left of container `id` and releases it in the guest.
@@ -118,30 +121,32 @@ impl Sandbox {
             timeout_seconds: 0,
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .remove_container(ctx(), &req)
-            .await
-            .map_err(agent_err("RemoveContainer"))?;
+        self.call("RemoveContainer", |c| c.remove_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 }
 
 impl Sandbox {
     /// Container `id`'s cgroup counters and limits.
-    pub async fn container_stats(
-        &self,
-        id: &str,
-    ) -> Result<agent::StatsContainerResponse, SandboxError> {
+    pub async fn container_stats(&self, id: &str) -> Result<ContainerStats, SandboxError> {
         let req = agent::StatsContainerRequest {
             container_id: id.into(),
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .stats_container(ctx(), &req)
-            .await
-            .map_err(agent_err("StatsContainer"))
+        let s = self
+            .call("StatsContainer", |c| c.stats_container(ctx(), &req))
+            .await?;
+        Ok(ContainerStats {
+            memory_usage_bytes: s.memory_usage_bytes,
+            memory_limit_bytes: s.memory_limit_bytes,
+            cpu_usage_usec: s.cpu_usage_usec,
+            cpu_user_usec: s.cpu_user_usec,
+            cpu_system_usec: s.cpu_system_usec,
+            pids_current: s.pids_current,
+            pids_limit: s.pids_limit,
+            oom_kills: s.oom_kills,
+        })
     }
 
     /// Applies new cgroup limits to container `id`.
@@ -152,15 +157,11 @@ impl Sandbox {
     ) -> Result<(), SandboxError> {
         let req = agent::UpdateContainerRequest {
             container_id: id.into(),
-            resources: serde_json::to_vec(resources)
-                .map_err(|e| SandboxError::Io(e.to_string()))?,
+            resources: serde_json::to_vec(resources)?,
             ..Default::default()
         };
-        self.agent
-            .raw()
-            .update_container(ctx(), &req)
-            .await
-            .map_err(agent_err("UpdateContainer"))?;
+        self.call("UpdateContainer", |c| c.update_container(ctx(), &req))
+            .await?;
         Ok(())
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use airlock_protocol::agent;
 
-use super::{agent_err, ctx, Sandbox, SandboxError, CONTAINER_ID};
+use super::{ctx, Sandbox, SandboxError, CONTAINER_ID};
 
 /// Bytes per ReadFile/WriteFile call (ttrpc frames are at most 4 MiB).
 const CHUNK: usize = 1 << 20;
@@ -16,13 +16,9 @@ impl Sandbox {
     /// bytes copied. `dst` ending in `/` or naming a directory receives
     /// `src`'s file name.
     pub async fn copy_in(&self, src: &Path, dst: &str) -> Result<u64, SandboxError> {
-        let meta = std::fs::metadata(src)
-            .map_err(|e| SandboxError::Io(format!("{}: {e}", src.display())))?;
+        let meta = std::fs::metadata(src).map_err(|e| file_err(src, e))?;
         if !meta.is_file() {
-            return Err(SandboxError::Io(format!(
-                "{}: not a regular file (directories are not supported)",
-                src.display()
-            )));
+            return Err(SandboxError::NotAFile(src.to_path_buf()));
         }
         let mut dst = dst.to_string();
         if dst.ends_with('/') || self.is_dir(&dst).await {
@@ -44,16 +40,13 @@ impl Sandbox {
         src: &Path,
         dst: &str,
     ) -> Result<u64, SandboxError> {
-        let meta = std::fs::metadata(src)
-            .map_err(|e| SandboxError::Io(format!("{}: {e}", src.display())))?;
+        let meta = std::fs::metadata(src).map_err(|e| file_err(src, e))?;
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
-        let mut file = std::fs::File::open(src)
-            .map_err(|e| SandboxError::Io(format!("{}: {e}", src.display())))?;
+        let mut file = std::fs::File::open(src).map_err(|e| file_err(src, e))?;
         let mut offset = 0u64;
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = read_full(&mut file, &mut buf)
-                .map_err(|e| SandboxError::Io(format!("{}: {e}", src.display())))?;
+            let n = read_full(&mut file, &mut buf).map_err(|e| file_err(src, e))?;
             let first = offset == 0;
             if n == 0 && !first {
                 break;
@@ -68,11 +61,8 @@ impl Sandbox {
                 mode,
                 ..Default::default()
             };
-            self.agent
-                .raw()
-                .write_file(ctx(), &req)
-                .await
-                .map_err(agent_err("WriteFile"))?;
+            self.call("WriteFile", |c| c.write_file(ctx(), &req))
+                .await?;
             offset += n as u64;
             if n < CHUNK {
                 break;
@@ -91,8 +81,7 @@ impl Sandbox {
         };
         let tmp = dst.with_extension("airlock-partial");
         let result = async {
-            let mut out = std::fs::File::create(&tmp)
-                .map_err(|e| SandboxError::Io(format!("{}: {e}", dst.display())))?;
+            let mut out = std::fs::File::create(&tmp).map_err(|e| file_err(&dst, e))?;
             let mut offset = 0u64;
             loop {
                 let req = agent::ReadFileRequest {
@@ -102,28 +91,20 @@ impl Sandbox {
                     len: CHUNK as u32,
                     ..Default::default()
                 };
-                let resp = self
-                    .agent
-                    .raw()
-                    .read_file(ctx(), &req)
-                    .await
-                    .map_err(agent_err("ReadFile"))?;
-                out.write_all(&resp.data)
-                    .map_err(|e| SandboxError::Io(format!("{}: {e}", dst.display())))?;
+                let resp = self.call("ReadFile", |c| c.read_file(ctx(), &req)).await?;
+                out.write_all(&resp.data).map_err(|e| file_err(&dst, e))?;
                 offset += resp.data.len() as u64;
                 if resp.eof || resp.data.is_empty() {
                     break;
                 }
             }
-            out.sync_all()
-                .map_err(|e| SandboxError::Io(format!("{}: {e}", dst.display())))?;
+            out.sync_all().map_err(|e| file_err(&dst, e))?;
             Ok(offset)
         }
         .await;
         match result {
             Ok(n) => {
-                std::fs::rename(&tmp, &dst)
-                    .map_err(|e| SandboxError::Io(format!("{}: {e}", dst.display())))?;
+                std::fs::rename(&tmp, &dst).map_err(|e| file_err(&dst, e))?;
                 Ok(n)
             }
             Err(e) => {
@@ -140,10 +121,18 @@ impl Sandbox {
             follow_symlinks: true,
             ..Default::default()
         };
-        match self.agent.raw().stat(ctx(), &req).await {
+        match self.call("Stat", |c| c.stat(ctx(), &req)).await {
             Ok(resp) => resp.info.file_type.value() == agent::FileType::FILE_TYPE_DIRECTORY as i32,
             Err(_) => false,
         }
+    }
+}
+
+/// A local file's error, naming it.
+fn file_err(path: &Path, source: std::io::Error) -> SandboxError {
+    SandboxError::File {
+        path: path.to_path_buf(),
+        source,
     }
 }
 

@@ -11,11 +11,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use airlock_protocol::agent::CheckRequest;
-use airlock_protocol::agent_ttrpc::AgentServiceClient;
 use airlock_protocol::ttrpc::context;
 use airlock_protocol::PROTOCOL_VERSION;
 
 use super::SandboxError;
+use crate::agent_client::AgentClient;
 
 /// Pause between two liveness checks.
 pub const CHECK_EVERY: Duration = Duration::from_secs(10);
@@ -27,7 +27,7 @@ pub const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 /// Runs `call` (a pending call to the agent behind `client`) to its end,
 /// or until the agent stops answering; `what` names what was waited for.
 pub async fn while_agent_answers<T>(
-    client: &AgentServiceClient,
+    client: &AgentClient,
     what: &str,
     call: impl Future<Output = Result<T, SandboxError>>,
 ) -> Result<T, SandboxError> {
@@ -36,7 +36,7 @@ pub async fn while_agent_answers<T>(
 
 /// [`while_agent_answers`] with its timings.
 async fn while_answering<T>(
-    client: &AgentServiceClient,
+    client: &AgentClient,
     what: &str,
     every: Duration,
     limit: Duration,
@@ -52,7 +52,7 @@ async fn while_answering<T>(
 
 /// Checks the agent every `every` until it fails to answer within
 /// `limit`; returns why.
-async fn lost(client: &AgentServiceClient, every: Duration, limit: Duration) -> String {
+async fn lost(client: &AgentClient, every: Duration, limit: Duration) -> String {
     let req = CheckRequest {
         protocol_version: PROTOCOL_VERSION,
         ..Default::default()
@@ -62,8 +62,11 @@ async fn lost(client: &AgentServiceClient, every: Duration, limit: Duration) -> 
         tokio::time::sleep(every).await;
         // ttrpc's own timeout only starts once the request is queued: the
         // outer one bounds the queueing too.
-        let checked =
-            tokio::time::timeout(limit, client.check(context::with_timeout(nanos), &req)).await;
+        let checked = tokio::time::timeout(
+            limit,
+            client.call(|c| c.check(context::with_timeout(nanos), &req)),
+        )
+        .await;
         match checked {
             Ok(Ok(_)) => {}
             // The agent answered, if with an error: it is there.
@@ -79,53 +82,10 @@ async fn lost(client: &AgentServiceClient, every: Duration, limit: Duration) -> 
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
     use std::time::Instant;
 
-    use airlock_protocol::agent::CheckResponse;
-    use airlock_protocol::agent_ttrpc::{create_agent_service, AgentService};
-    use airlock_protocol::ttrpc::r#async::transport::Socket;
-    use airlock_protocol::ttrpc::r#async::{Client, Server, TtrpcContext};
-
     use super::*;
-
-    /// An agent whose Check answers, or hangs once `silent` is set.
-    struct Agent {
-        silent: Arc<AtomicBool>,
-    }
-
-    #[async_trait::async_trait]
-    impl AgentService for Agent {
-        async fn check(
-            &self,
-            _: &TtrpcContext,
-            _: CheckRequest,
-        ) -> airlock_protocol::ttrpc::Result<CheckResponse> {
-            if self.silent.load(Ordering::SeqCst) {
-                std::future::pending::<()>().await;
-            }
-            Ok(CheckResponse {
-                protocol_version: PROTOCOL_VERSION,
-                ..Default::default()
-            })
-        }
-    }
-
-    /// A served agent and a client of it.
-    async fn agent(dir: &std::path::Path) -> (Server, AgentServiceClient, Arc<AtomicBool>) {
-        let silent = Arc::new(AtomicBool::new(false));
-        let sock = format!("unix://{}", dir.join("agent.sock").display());
-        let mut server = Server::new()
-            .bind(&sock)
-            .unwrap()
-            .register_service(create_agent_service(Arc::new(Agent {
-                silent: silent.clone(),
-            })));
-        server.start().await.unwrap();
-        let client = AgentServiceClient::new(Client::connect(&sock).await.unwrap());
-        (server, client, silent)
-    }
+    use crate::sandbox::testing::FakeAgent;
 
     const EVERY: Duration = Duration::from_millis(20);
     const LIMIT: Duration = Duration::from_millis(300);
@@ -133,7 +93,8 @@ mod tests {
     #[tokio::test]
     async fn a_call_runs_to_its_end_while_the_agent_answers() {
         let dir = tempfile::tempdir().unwrap();
-        let (_server, client, _) = agent(dir.path()).await;
+        let fake = FakeAgent::start(dir.path()).await;
+        let client = fake.connect().await.unwrap();
         // Many checks pass while the call waits.
         let call = async {
             tokio::time::sleep(LIMIT * 3).await;
@@ -146,8 +107,9 @@ mod tests {
     #[tokio::test]
     async fn a_silent_agent_ends_the_wait_naming_what_was_waited_for() {
         let dir = tempfile::tempdir().unwrap();
-        let (_server, client, silent) = agent(dir.path()).await;
-        silent.store(true, Ordering::SeqCst);
+        let fake = FakeAgent::start(dir.path()).await;
+        let client = fake.connect().await.unwrap();
+        fake.go_silent();
         let started = Instant::now();
         let call = std::future::pending::<Result<(), SandboxError>>();
         let waited = while_answering(&client, "process \"x\" to exit", EVERY, LIMIT, call);
@@ -165,10 +127,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_connection_ends_the_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakeAgent::start(dir.path()).await;
+        let client = fake.connect().await.unwrap();
         // The VMM's end of the vsock socket, closed as when it dies.
-        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
-        drop(theirs);
-        let client = AgentServiceClient::new(Client::new(Socket::new(ours)));
+        fake.cut();
         let started = Instant::now();
         let call = std::future::pending::<Result<(), SandboxError>>();
         let waited = while_answering(&client, "output", EVERY, Duration::from_secs(30), call);

@@ -4,16 +4,25 @@
 //! removed).
 
 pub mod container;
+mod create;
 pub mod files;
 pub mod io;
 pub mod liveness;
+mod process;
 pub mod spec;
+mod teardown;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use airlock_protocol::agent;
+use airlock_protocol::agent_ttrpc::AgentServiceClient;
+use airlock_protocol::ttrpc;
 use airlock_protocol::ttrpc::context::{self, Context};
 
+pub use self::container::ContainerStats;
+pub use self::process::Process;
+pub use self::teardown::{Teardown, TeardownReport};
 use crate::agent_client::{self, AgentClient};
 use crate::config::RuntimeConfig;
 use crate::image::{self, ImageRef};
@@ -26,6 +35,9 @@ pub const CONTAINER_ID: &str = "main";
 pub const IMAGE_DEVICE: &str = "/dev/vda";
 /// Guest device of the scratch disk (second drive).
 pub const SCRATCH_DEVICE: &str = "/dev/vdb";
+/// Where the guest mounts the scratch disk: files sent into the guest
+/// itself (container id "") go below it.
+pub const GUEST_SCRATCH_DIR: &str = airlock_protocol::GUEST_SCRATCH_DIR;
 /// Deadline of short agent calls.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -50,11 +62,28 @@ pub enum SandboxError {
     Spec(#[from] spec::SpecError),
     #[error("the agent refused {0}: {1}")]
     Agent(&'static str, String),
-    /// lost the agent while waiting for {0}: {1}; see the sandbox's console.log
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
     #[error("{0}")]
-    Io(String),
+    Json(#[from] serde_json::Error),
+    #[error("cannot {0} the container spec: {1}")]
+    SpecFile(&'static str, #[source] std::io::Error),
+    #[error("corrupt container spec: {0}")]
+    CorruptSpec(#[source] serde_json::Error),
+    #[error("{}: {source}", .path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not a regular file (directories are not supported)", .0.display())]
+    NotAFile(std::path::PathBuf),
+    #[error("writing output: {0}")]
+    Output(#[source] std::io::Error),
+    #[error("reading stdin: {0}")]
+    Input(#[source] std::io::Error),
+    #[error("output task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl SandboxError {
@@ -69,9 +98,7 @@ impl SandboxError {
 
 /// Turns a ttrpc error into [`SandboxError::Agent`] with the status
 /// message alone (not ttrpc's debug dump).
-pub(crate) fn agent_err(
-    call: &'static str,
-) -> impl FnOnce(airlock_protocol::ttrpc::Error) -> SandboxError {
+fn agent_err(call: &'static str) -> impl FnOnce(airlock_protocol::ttrpc::Error) -> SandboxError {
     move |e| {
         let msg = match e {
             airlock_protocol::ttrpc::Error::RpcStatus(s) => s.message().to_string(),
@@ -104,19 +131,6 @@ impl SandboxOptions {
     }
 }
 
-/// What teardown did, for the user and the logs.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct TeardownReport {
-    pub id: String,
-    /// Guest memory the VMM overwrote before unmapping it (MiB), from its log.
-    pub wiped_mib: Option<u64>,
-    pub guest_mib: Option<u64>,
-    /// Scratch-disk bytes overwritten before the file was deleted.
-    pub scratch_scrubbed_bytes: u64,
-    /// The state dir is gone.
-    pub state_removed: bool,
-}
-
 /// A running sandbox and a connection to its agent.
 pub struct Sandbox {
     pub id: SandboxId,
@@ -129,139 +143,6 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Boots a new sandbox. On failure everything it made is torn down.
-    pub async fn create(
-        config: &RuntimeConfig,
-        opts: &SandboxOptions,
-        progress: &mut (dyn FnMut(&str) + Send),
-    ) -> Result<Self, SandboxError> {
-        // Whoever asked for the size (pod annotations, the pod's limits,
-        // --cpus/--memory), it stays within the config's [limits].
-        config
-            .check_vm_size(u64::from(opts.vcpus), u64::from(opts.memory_mib))
-            .map_err(SandboxError::Size)?;
-        // SAFETY: geteuid has no preconditions.
-        if config.jail.enabled && unsafe { libc::geteuid() } != 0 {
-            return Err(vmm::VmmError::from(crate::jail::JailError::NotRoot).into());
-        }
-        config.check_artifacts()?;
-        let vmm_binary = config.vmm_binary_path()?;
-        let resolved = image::resolve(&opts.image, config, progress)?;
-        let id = SandboxId::generate();
-        let state = StateDir::create(&config.state_dir, &id)?;
-        // The started VMM, for the teardown after a failure (its record may
-        // not have been written).
-        let mut started: Option<SandboxRecord> = None;
-        let result = async {
-            scratch::check_memory_backed(state.path())?;
-            scratch::create(&state.scratch_path(), config.scratch_mib)?;
-            let guest_cid = random_cid();
-            let jail = match config.jail.enabled {
-                true => {
-                    let mut jail = crate::jail::JailSpec::new(
-                        &config.jail,
-                        id.as_str(),
-                        &state.jail_root(),
-                        opts.memory_mib,
-                        config.scratch_mib,
-                    );
-                    (jail.uid, jail.gid) =
-                        crate::jail::reserve_uid(&config.jail, &config.state_dir, id.as_str())
-                            .map_err(vmm::VmmError::from)?;
-                    Some(jail)
-                }
-                false => None,
-            };
-            let mut vm = vmm::VmConfig::new(config.kernel.clone());
-            vm.initrd = Some(config.initrd.clone());
-            vm.vcpus = u32::from(opts.vcpus);
-            vm.memory_mib = u64::from(opts.memory_mib);
-            vm.vsock = Some(vmm::VsockConfig {
-                guest_cid: u64::from(guest_cid),
-                uds: state.vsock_uds(),
-                guest_connect: false,
-                listen_fd: None,
-            });
-            vm.drives = vec![
-                vmm::DriveConfig {
-                    path: resolved.path.clone(),
-                    read_only: true,
-                    id: "image".into(),
-                },
-                vmm::DriveConfig {
-                    path: state.scratch_path(),
-                    read_only: false,
-                    id: "scratch".into(),
-                },
-            ];
-            vm.console = vmm::ConsoleOutput::File(state.console_path());
-            vm.stop_grace_secs = config.timeouts.teardown_secs;
-            let spec = vmm::VmmSpec {
-                vm,
-                dir: state.path().to_path_buf(),
-                die_with_parent: opts.ephemeral,
-                jail,
-            };
-            if !config.jail.enabled {
-                tracing::warn!(id = %id, "[jail] enabled = false: the VMM runs unjailed, with its seccomp filters only");
-            }
-            progress("booting the microVM");
-            let process = vmm::VmmProcess::spawn(&vmm_binary, &spec)?;
-            let record = SandboxRecord {
-                id: id.to_string(),
-                vmm_pid: process.pid(),
-                vmm_start_time: Some(process.start_time()),
-                created_unix: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                image: resolved.name.clone(),
-                vcpus: opts.vcpus,
-                memory_mib: opts.memory_mib,
-                guest_cid,
-            };
-            started = Some(record.clone());
-            state.write_record(&record)?;
-            let deadline = Duration::from_secs(config.timeouts.agent_connect_secs);
-            let pid = record.vmm_pid;
-            let alive = move || !vmm::exited(pid);
-            let agent = agent_client::connect_when_ready(
-                &state.vsock_uds(),
-                &vmm::events_path(state.path()),
-                deadline,
-                alive,
-            )
-            .await?;
-            let sandbox = Sandbox {
-                id: id.clone(),
-                state: state.clone(),
-                record,
-                agent,
-                image_config: resolved.config.clone(),
-                config: config.clone(),
-            };
-            sandbox.setup().await?;
-            Ok::<_, SandboxError>((sandbox, resolved))
-        }
-        .await;
-        match result {
-            Ok((sandbox, _)) => Ok(sandbox),
-            Err(e) => {
-                tracing::debug!(id = %id, "sandbox creation failed; tearing down: {e}");
-                // A VMM that died on its own said why in its log, which the
-                // teardown deletes: that line is the error to report.
-                let e = match (&e, vmm::failure(state.path())) {
-                    (SandboxError::Connect(agent_client::ConnectError::VmGone), Some(line)) => {
-                        vmm::VmmError::Failed(line).into()
-                    }
-                    _ => e,
-                };
-                teardown_state(config, &state, started.as_ref()).await;
-                Err(e)
-            }
-        }
-    }
-
     /// Connects to an existing sandbox.
     pub async fn open(config: &RuntimeConfig, id: &SandboxId) -> Result<Self, SandboxError> {
         let state = StateDir::open(&config.state_dir, id)?;
@@ -277,38 +158,15 @@ impl Sandbox {
         })
     }
 
-    async fn setup(&self) -> Result<(), SandboxError> {
-        let req = agent::CreateSandboxRequest {
-            sandbox_id: self.id.to_string(),
-            hostname: self.id.to_string(),
-            epoch_seconds: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs() as i64)
-                .unwrap_or(0),
-            scratch_device: SCRATCH_DEVICE.into(),
-            ..Default::default()
-        };
-        self.agent
-            .raw()
-            .create_sandbox(ctx(), &req)
-            .await
-            .map_err(agent_err("CreateSandbox"))?;
-        Ok(())
-    }
-
     /// Creates the sandbox's container from `spec` on the workload image.
     pub async fn create_container(
         &self,
         spec: &oci_spec::runtime::Spec,
     ) -> Result<(), SandboxError> {
-        let json = serde_json::to_vec(spec).map_err(|e| SandboxError::Io(e.to_string()))?;
+        let json = serde_json::to_vec(spec)?;
         std::fs::write(self.state.path().join("config.json"), &json)
-            .map_err(|e| SandboxError::Io(format!("cannot save the container spec: {e}")))?;
-        let rootfs = container::GuestRootfs {
-            source: IMAGE_DEVICE.into(),
-            fstype: "ext4".into(),
-            read_only: true,
-        };
+            .map_err(|e| SandboxError::SpecFile("save", e))?;
+        let rootfs = container::GuestRootfs::image();
         self.create_container_on(CONTAINER_ID, spec, &rootfs)
             .await?;
         self.start_container(CONTAINER_ID).await
@@ -317,9 +175,8 @@ impl Sandbox {
     /// The container's spec, as saved by [`Sandbox::create_container`].
     pub fn container_spec(&self) -> Result<oci_spec::runtime::Spec, SandboxError> {
         let bytes = std::fs::read(self.state.path().join("config.json"))
-            .map_err(|e| SandboxError::Io(format!("cannot read the container spec: {e}")))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| SandboxError::Io(format!("corrupt container spec: {e}")))
+            .map_err(|e| SandboxError::SpecFile("read", e))?;
+        serde_json::from_slice(&bytes).map_err(SandboxError::CorruptSpec)
     }
 
     /// Starts `process` in the container as `exec_id`.
@@ -327,125 +184,44 @@ impl Sandbox {
         &self,
         exec_id: &str,
         process: &oci_spec::runtime::Process,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<Process, SandboxError> {
         self.exec_in(CONTAINER_ID, exec_id, process).await
     }
 
-    /// Stops the VM (memory wiped by the VMM), scrubs and deletes the
-    /// scratch disk and removes the state dir.
-    pub async fn teardown(self) -> TeardownReport {
-        self.shutdown().await
+    /// The handle of process `exec_id` ("" for its init) of container
+    /// `container`, whether or not it runs (its calls say so).
+    pub fn process(&self, container: &str, exec_id: &str) -> Process {
+        Process::new(self.agent.clone(), container, exec_id)
     }
 
-    /// [`Sandbox::teardown`] through a shared reference (the containerd
-    /// shim's tasks may still hold the sandbox).
-    pub async fn shutdown(&self) -> TeardownReport {
-        let req = agent::DestroySandboxRequest {
-            sandbox_id: self.id.to_string(),
-            ..Default::default()
-        };
-        // Best effort: a dead or hostile agent must not stop the teardown.
-        let destroyed = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.agent
-                .raw()
-                .destroy_sandbox(context::with_timeout(5_000_000_000), &req),
-        )
-        .await;
-        if !matches!(destroyed, Ok(Ok(_))) {
-            tracing::debug!(id = %self.id, "DestroySandbox failed; stopping the VMM with SIGTERM");
-        }
-        teardown_state(&self.config, &self.state, Some(&self.record)).await
+    /// Calls the agent: `request` runs on the generated client, a failure
+    /// becomes [`SandboxError::Agent`] naming `name`.
+    pub(crate) async fn call<'a, T, F, Fut>(
+        &'a self,
+        name: &'static str,
+        request: F,
+    ) -> Result<T, SandboxError>
+    where
+        F: FnOnce(&'a AgentServiceClient) -> Fut,
+        Fut: std::future::Future<Output = ttrpc::Result<T>>,
+    {
+        call(&self.agent, name, request).await
     }
 }
 
-impl Sandbox {
-    /// Tears down at once, without a clean guest shutdown (e.g. after a
-    /// timeout): the VMM is stopped (and wipes), the rest as in teardown.
-    pub async fn kill(self) -> TeardownReport {
-        drop(self.agent);
-        teardown_state(&self.config, &self.state, Some(&self.record)).await
-    }
-}
-
-/// Tears down whatever is in `state`: the VMM of `record` (else of the
-/// record in `state`), if it still runs, the scratch disk and the state
-/// dir. Used for sandboxes whose agent is unreachable too.
-///
-/// The VMM gets [`Timeouts::stop_grace`](crate::config::Timeouts::stop_grace)
-/// for its guest's memory to stop and wipe before it is killed.
-pub async fn teardown_state(
-    config: &RuntimeConfig,
-    state: &StateDir,
-    record: Option<&SandboxRecord>,
-) -> TeardownReport {
-    let mut report = TeardownReport {
-        id: state.id().to_string(),
-        ..Default::default()
-    };
-    let record = record.cloned().or_else(|| state.read_record().ok());
-    let pid = record.as_ref().map(|r| r.vmm_pid);
-    if let Some(record) = record {
-        let grace = config.timeouts.stop_grace(record.memory_mib);
-        let dir = state.path().to_path_buf();
-        let stop = tokio::task::spawn_blocking(move || vmm::stop(&record, grace, &dir)).await;
-        match stop {
-            Ok(Ok(stop)) => {
-                if let Some((wiped, guest)) = stop.wipe {
-                    report.wiped_mib = Some(wiped);
-                    report.guest_mib = Some(guest);
-                }
-            }
-            Ok(Err(e)) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
-            Err(e) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
-        }
-    }
-    crate::jail::release_uid(&config.state_dir, state.id().as_str());
-    let cgroup = crate::jail::cgroup_dir(&config.jail, state.id().as_str());
-    if let Err(e) = crate::jail::remove_cgroup(&cgroup) {
-        tracing::warn!(
-            "removing the cgroup {} of {}: {e}",
-            cgroup.display(),
-            state.id()
-        );
-    }
-    if report.wiped_mib.is_none() {
-        if let Some((wiped, guest)) = vmm::wiped(state.path()) {
-            report.wiped_mib = Some(wiped);
-            report.guest_mib = Some(guest);
-        }
-    }
-    match report.wiped_mib {
-        Some(mib) => tracing::info!(
-            id = %state.id(),
-            wiped_mib = mib,
-            guest_mib = report.guest_mib.unwrap_or(0),
-            "guest memory wiped"
-        ),
-        // No VMM ever ran a guest (its setup failed): there was no guest
-        // memory to wipe.
-        None if pid.is_none() || !vmm::ran(state.path()) => {}
-        None => tracing::warn!(id = %state.id(), "the VMM reported no memory wipe"),
-    }
-    let scratch = state.scratch_path();
-    if scratch.exists() {
-        match scratch::scrub_and_delete(&scratch) {
-            Ok(r) => {
-                report.scratch_scrubbed_bytes = r.bytes_scrubbed;
-                tracing::info!(id = %state.id(), bytes = r.bytes_scrubbed, "scratch disk scrubbed and deleted");
-            }
-            // Another teardown of the same sandbox (`airlock rm` while its
-            // `airlock run` tears down too) scrubbed and deleted it first:
-            // only a teardown deletes it, and only after the scrub.
-            Err(e) if e.is_not_found() => {}
-            Err(e) => tracing::warn!("scrubbing the scratch disk of {}: {e}", state.id()),
-        }
-    }
-    match state.remove() {
-        Ok(()) => report.state_removed = true,
-        Err(e) => tracing::warn!("removing the state dir of {}: {e}", state.id()),
-    }
-    report
+/// Calls the agent behind `agent`: `request` runs on the generated client,
+/// a failure becomes [`SandboxError::Agent`] naming `name`. The one place
+/// where the crate's agent calls meet ttrpc's errors.
+pub(crate) async fn call<'a, T, F, Fut>(
+    agent: &'a AgentClient,
+    name: &'static str,
+    request: F,
+) -> Result<T, SandboxError>
+where
+    F: FnOnce(&'a AgentServiceClient) -> Fut,
+    Fut: std::future::Future<Output = ttrpc::Result<T>>,
+{
+    agent.call(request).await.map_err(agent_err(name))
 }
 
 /// A fresh guest CID for every sandbox, so that no guest can guess
@@ -465,3 +241,6 @@ pub(crate) fn ctx() -> Context {
 pub(crate) fn no_timeout() -> Context {
     context::with_timeout(0)
 }
+
+#[cfg(test)]
+mod tests;

@@ -40,7 +40,7 @@ async fn forward_within(
             .publish(context::with_timeout(nanos), &topic, &namespace, msg)
             .await
         {
-            log::warn!("cannot publish {topic}: {err}");
+            tracing::warn!("cannot publish {topic}: {err}");
         }
     }
 }

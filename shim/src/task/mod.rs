@@ -50,7 +50,10 @@ impl From<PodError> for ttrpc::Error {
             PodError::Exists(_) => Code::ALREADY_EXISTS,
             PodError::Precondition(_) => Code::FAILED_PRECONDITION,
             PodError::Unsupported(_) => Code::UNIMPLEMENTED,
-            PodError::Failed(_) => Code::INTERNAL,
+            PodError::Failed(_)
+            | PodError::Sandbox(_)
+            | PodError::Rootfs(_)
+            | PodError::Stdio(_) => Code::INTERNAL,
         };
         status(code, e.to_string())
     }
@@ -88,7 +91,7 @@ impl Task for TaskService {
                 options,
             })
             .await
-            .inspect_err(|e| log::error!("create {}: {e}", req.id))?;
+            .inspect_err(|e| tracing::error!("create {}: {e}", req.id))?;
         Ok(CreateTaskResponse {
             pid,
             ..Default::default()
@@ -267,7 +270,7 @@ impl Task for TaskService {
             // `address` file included, and the socket would be left in
             // /run/containerd/s. The daemon runs in the bundle `start` ran
             // in. The connection containerd holds outlives the path.
-            crate::shim::remove_socket(std::path::Path::new("."), false);
+            crate::pod::remove_socket(std::path::Path::new("."), false);
             self.pod.destroy().await;
             self.exit.signal();
         }

@@ -13,8 +13,8 @@ use std::time::Instant;
 
 use airlock_e2e::on_real_kvm;
 use airlock_runtime::config::RuntimeConfig;
-use airlock_runtime::sandbox::io::{self, Attach};
-use airlock_runtime::sandbox::{spec, Sandbox, SandboxOptions};
+use airlock_runtime::sandbox::io::Attach;
+use airlock_runtime::sandbox::{spec, Sandbox, SandboxOptions, Teardown};
 
 /// Cycles unless `$AIRLOCK_LEAK_CYCLES` says otherwise (at least 20).
 const CI_CYCLES: usize = 30;
@@ -84,12 +84,15 @@ async fn cycle(config: &RuntimeConfig, n: usize) {
     )
     .unwrap();
     let exec_id = format!("exec-{n}");
-    sandbox.exec(&exec_id, &process).await.unwrap();
-    let exit = io::attach(sandbox.agent.raw(), &exec_id, Attach::default())
+    let exit = sandbox
+        .exec(&exec_id, &process)
+        .await
+        .unwrap()
+        .attach(Attach::default())
         .await
         .unwrap_or_else(|e| panic!("cycle {n}: exec: {e}"));
     assert_eq!(exit.status, 0, "cycle {n}: exec");
-    let report = sandbox.teardown().await;
+    let report = sandbox.teardown(Teardown::Graceful).await;
     assert!(report.state_removed, "cycle {n}: {report:?}");
     assert!(report.wiped_mib.is_some(), "cycle {n}: no wipe: {report:?}");
 }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use airlock_runtime::config::RuntimeConfig;
-use airlock_runtime::sandbox::{spec, Sandbox};
+use airlock_runtime::sandbox::{spec, Sandbox, Teardown};
 
 use crate::common::{self, SandboxFlags};
 
@@ -37,7 +37,7 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
     };
     if let Err(e) = created {
         let code = common::fail_sandbox(&e);
-        sandbox.kill().await;
+        sandbox.teardown(Teardown::Kill).await;
         return code;
     }
     if args.json {

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use airlock_runtime::config::RuntimeConfig;
-use airlock_runtime::sandbox::io::{self, Attach};
+use airlock_runtime::sandbox::io::Attach;
 use airlock_runtime::sandbox::{spec, Sandbox};
 use airlock_runtime::state::SandboxId;
 
@@ -43,14 +43,15 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
         Err(e) => return common::fail_sandbox(&e),
     };
     let exec_id = exec_id();
-    if let Err(e) = sandbox.exec(&exec_id, &process).await {
-        return common::fail_sandbox(&e);
-    }
+    let process = match sandbox.exec(&exec_id, &process).await {
+        Ok(p) => p,
+        Err(e) => return common::fail_sandbox(&e),
+    };
     let how = Attach {
         interactive: args.process.interactive,
         tty: args.process.tty,
     };
-    match io::attach(sandbox.agent.raw(), &exec_id, how).await {
+    match process.attach(how).await {
         Ok(exit) => common::exit_status(exit),
         Err(e) => common::fail_sandbox(&e),
     }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use airlock_runtime::config::RuntimeConfig;
-use airlock_runtime::sandbox::{self, Sandbox, TeardownReport};
+use airlock_runtime::sandbox::{Sandbox, Teardown, TeardownReport};
 use airlock_runtime::state::{SandboxId, StateDir};
 
 use crate::common;
@@ -46,7 +46,7 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
 async fn remove(config: &RuntimeConfig, id: &str) -> Result<TeardownReport, String> {
     let id = SandboxId::parse(id).map_err(|e| common::error_line(&e))?;
     match Sandbox::open(config, &id).await {
-        Ok(s) => Ok(s.teardown().await),
+        Ok(s) => Ok(s.teardown(Teardown::Graceful).await),
         Err(e) => {
             // The agent is unreachable (the VM died, or hangs): tear down
             // what is left on the host all the same.
@@ -59,7 +59,7 @@ async fn remove(config: &RuntimeConfig, id: &str) -> Result<TeardownReport, Stri
                     tracing::warn!("{id}: {e}: its VMM, if one runs, cannot be found to stop it")
                 })
                 .ok();
-            Ok(sandbox::teardown_state(config, &state, record.as_ref()).await)
+            Ok(Sandbox::teardown_remains(config, &state, record.as_ref()).await)
         }
     }
 }

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use airlock_runtime::config::RuntimeConfig;
-use airlock_runtime::sandbox::io::{self, Attach};
-use airlock_runtime::sandbox::{spec, Sandbox};
+use airlock_runtime::sandbox::io::Attach;
+use airlock_runtime::sandbox::{spec, Sandbox, Teardown, CONTAINER_ID};
 
 use crate::common::{self, ProcessFlags, SandboxFlags, EXIT_TIMEOUT};
 
@@ -53,7 +53,7 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
         sig = signals.recv() => {
             // Let the boot finish (it is bounded), then destroy it.
             if let Ok(Ok(sandbox)) = creating.await {
-                sandbox.kill().await;
+                sandbox.teardown(Teardown::Kill).await;
             }
             return common::interrupted(sig);
         }
@@ -69,9 +69,9 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
     };
     let report = if timed_out {
         // The command is still running: no clean shutdown to wait for.
-        sandbox.kill().await
+        sandbox.teardown(Teardown::Kill).await
     } else {
-        sandbox.teardown().await
+        sandbox.teardown(Teardown::Graceful).await
     };
     tracing::info!(?report, "sandbox removed");
     code
@@ -97,7 +97,8 @@ async fn run_in(
         interactive: args.process.interactive,
         tty: args.process.tty,
     };
-    let attached = io::attach(sandbox.agent.raw(), "", how);
+    let init = sandbox.process(CONTAINER_ID, "");
+    let attached = init.attach(how);
     let result = match args.timeout {
         Some(secs) => match tokio::time::timeout(Duration::from_secs(secs), attached).await {
             Ok(r) => r,
