@@ -55,7 +55,8 @@ impl From<PodError> for ttrpc::Error {
             | PodError::Rootfs(_)
             | PodError::Stdio(_) => Code::INTERNAL,
         };
-        status(code, e.to_string())
+        // The error with its causes: containerd shows this one line.
+        status(code, airlock_report::one_line(&e))
     }
 }
 
