@@ -312,7 +312,11 @@ async fn start_process(
         (launcher::call(exits, make(None), fds).await?, ours)
     };
     let Reply::Pid(pid) = reply else {
-        return Err(LaunchError::Failed("the launcher returned no pid".into()).into());
+        return Err(LaunchError::Failed {
+            message: "the launcher returned no pid".into(),
+            exec: None,
+        }
+        .into());
     };
     let oom_before = cgroup.oom_kills();
     let exited = exits.watch(pid);

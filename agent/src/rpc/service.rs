@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use airlock_protocol::agent::*;
 use airlock_protocol::agent_ttrpc::AgentService;
-use airlock_protocol::{check_compatible, PROTOCOL_VERSION};
+use airlock_protocol::{check_compatible, exec_failure_status, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
 use crate::container::rootfs::RootfsError;
 use crate::container::ContainerError;
 use crate::files::{self, FileError};
-use crate::launcher::LaunchError;
+use crate::launcher::{ExecKind, LaunchError};
 use crate::process::{StdioError, Stream};
 use crate::sandbox::{Sandbox, SandboxError};
 
@@ -49,7 +49,7 @@ impl From<SandboxError> for TtrpcError {
                 ContainerError::NotRunning => Code::FAILED_PRECONDITION,
                 // An exec that failed (e.g. no such command) is the caller's
                 // problem, as runc reports it.
-                ContainerError::Launch(LaunchError::Failed(_)) => Code::FAILED_PRECONDITION,
+                ContainerError::Launch(LaunchError::Failed { .. }) => Code::FAILED_PRECONDITION,
                 ContainerError::Launch(LaunchError::Timeout(_)) => Code::DEADLINE_EXCEEDED,
                 _ => Code::INTERNAL,
             },
@@ -62,8 +62,29 @@ impl From<SandboxError> for TtrpcError {
             },
             SandboxError::Sys(..) => Code::INTERNAL,
         };
-        status(code, crate::init::error_chain(&e))
+        let message = crate::init::error_chain(&e);
+        match exec_failure(&e) {
+            Some(failure) => TtrpcError::RpcStatus(exec_failure_status(code, message, &failure)),
+            None => status(code, message),
+        }
     }
+}
+
+/// Why the program could not be run, when that is why `e` happened.
+fn exec_failure(e: &SandboxError) -> Option<ExecFailure> {
+    let SandboxError::Container(ContainerError::Launch(LaunchError::Failed {
+        exec: Some(exec),
+        ..
+    })) = e
+    else {
+        return None;
+    };
+    let kind = match exec.kind {
+        ExecKind::NotFound => ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND,
+        ExecKind::PermissionDenied => ExecFailureKind::EXEC_FAILURE_KIND_PERMISSION_DENIED,
+        ExecKind::Other => ExecFailureKind::EXEC_FAILURE_KIND_OTHER,
+    };
+    Some(ExecFailure::of(kind, exec.executable.clone()))
 }
 
 fn stdio_err(e: StdioError) -> TtrpcError {
@@ -357,5 +378,62 @@ impl Service {
             data,
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use airlock_protocol::exec_failure;
+
+    use super::*;
+    use crate::launcher::ExecFailure as LaunchExecFailure;
+
+    fn launch_failed(exec: Option<LaunchExecFailure>) -> SandboxError {
+        SandboxError::Container(ContainerError::Launch(LaunchError::Failed {
+            message: "executable 'nosuch' not found in $PATH".into(),
+            exec,
+        }))
+    }
+
+    fn rpc_status(e: SandboxError) -> ttrpc::Status {
+        match TtrpcError::from(e) {
+            TtrpcError::RpcStatus(s) => s,
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_exec_failure_carries_its_kind_in_the_details() {
+        for (kind, want) in [
+            (
+                ExecKind::NotFound,
+                ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND,
+            ),
+            (
+                ExecKind::PermissionDenied,
+                ExecFailureKind::EXEC_FAILURE_KIND_PERMISSION_DENIED,
+            ),
+            (ExecKind::Other, ExecFailureKind::EXEC_FAILURE_KIND_OTHER),
+        ] {
+            let s = rpc_status(launch_failed(Some(LaunchExecFailure {
+                kind,
+                executable: "nosuch".into(),
+            })));
+            assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+            assert!(s.message().contains("not found"), "{}", s.message());
+            let failure = exec_failure(&s).expect("details");
+            assert_eq!(failure.kind_or_other(), want);
+            assert_eq!(failure.executable, "nosuch");
+        }
+    }
+
+    #[test]
+    fn other_failures_have_no_details() {
+        let s = rpc_status(launch_failed(None));
+        assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+        assert!(exec_failure(&s).is_none());
+        let s = rpc_status(SandboxError::NoContainer("c".into()));
+        assert_eq!(s.code(), Code::NOT_FOUND);
+        assert!(s.details.is_empty());
     }
 }

@@ -50,6 +50,13 @@ pub enum SandboxError {
     Spec(#[from] spec::SpecError),
     #[error("the agent refused {0}: {1}")]
     Agent(&'static str, String),
+    /// The agent could not start the program; `failure` says why.
+    #[error("the agent refused {call}: {message}")]
+    CannotRun {
+        call: &'static str,
+        failure: agent::ExecFailure,
+        message: String,
+    },
     /// lost the agent while waiting for {0}: {1}; see the sandbox's console.log
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
@@ -61,7 +68,15 @@ impl SandboxError {
     /// The agent's own message, when the agent refused a call.
     pub fn agent_message(&self) -> Option<&str> {
         match self {
-            SandboxError::Agent(_, msg) => Some(msg),
+            SandboxError::Agent(_, msg) | SandboxError::CannotRun { message: msg, .. } => Some(msg),
+            _ => None,
+        }
+    }
+
+    /// Why the agent could not start the program, when that is the error.
+    pub fn exec_failure(&self) -> Option<&agent::ExecFailure> {
+        match self {
+            SandboxError::CannotRun { failure, .. } => Some(failure),
             _ => None,
         }
     }
@@ -72,12 +87,16 @@ impl SandboxError {
 pub(crate) fn agent_err(
     call: &'static str,
 ) -> impl FnOnce(airlock_protocol::ttrpc::Error) -> SandboxError {
-    move |e| {
-        let msg = match e {
-            airlock_protocol::ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-            other => other.to_string(),
-        };
-        SandboxError::Agent(call, msg)
+    move |e| match e {
+        airlock_protocol::ttrpc::Error::RpcStatus(s) => match airlock_protocol::exec_failure(&s) {
+            Some(failure) => SandboxError::CannotRun {
+                call,
+                failure,
+                message: s.message().to_string(),
+            },
+            None => SandboxError::Agent(call, s.message().to_string()),
+        },
+        other => SandboxError::Agent(call, other.to_string()),
     }
 }
 
