@@ -19,7 +19,9 @@
 
 mod boot_timer;
 mod cmdline;
+pub mod console;
 mod container;
+pub mod error_chain;
 mod files;
 pub mod init;
 pub mod launcher;

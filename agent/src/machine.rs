@@ -53,6 +53,12 @@ pub trait Machine: Send + Sync {
     fn unmount_rootfs(&self, layout: &Layout);
 }
 
+/// Where the writable layers live in the guest (the scratch disk, or a
+/// tmpfs).
+const SCRATCH: &str = airlock_protocol::GUEST_SCRATCH_DIR;
+/// Where bundles live in the guest.
+const BUNDLES: &str = "/run/airlock-agent/bundles";
+
 /// This VM, as PID 1 sees it.
 pub struct Guest;
 
@@ -62,11 +68,11 @@ impl Machine for Guest {
     }
 
     fn scratch(&self) -> &Path {
-        Path::new(crate::sandbox::SCRATCH)
+        Path::new(SCRATCH)
     }
 
     fn bundles(&self) -> &Path {
-        Path::new(crate::container::BUNDLES)
+        Path::new(BUNDLES)
     }
 
     fn set_hostname(&self, name: &str) -> nix::Result<()> {

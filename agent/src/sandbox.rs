@@ -15,9 +15,6 @@ use crate::machine::{Guest, Machine};
 use crate::process::exits::Exits;
 use crate::process::Process;
 
-/// Where the writable layers live (the scratch disk, or a tmpfs).
-pub const SCRATCH: &str = airlock_protocol::GUEST_SCRATCH_DIR;
-
 /// Errors from sandbox operations, sorted by the status code they map to.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

@@ -22,8 +22,6 @@ use cgroup::Cgroup;
 use rootfs::{Layout, RootfsError};
 use spec::SpecError;
 
-/// Where bundles live in the guest.
-pub const BUNDLES: &str = "/run/airlock-agent/bundles";
 /// How long a terminal's master may take to arrive from the container.
 const TTY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -255,10 +253,10 @@ impl Container {
         )
         .await
         {
-            crate::init::console::warn(format_args!(
+            crate::console::warn(format_args!(
                 "airlock-agent: deleting container {}: {}",
                 self.id,
-                crate::init::error_chain(&e)
+                crate::error_chain::error_chain(&e)
             ));
         }
         machine.unmount_rootfs(&self.layout);
@@ -328,7 +326,7 @@ async fn start_process(
             .unwrap_or_else(|| {
                 // Its status went elsewhere: say it was killed rather than
                 // leave every waiter hanging.
-                crate::init::console::warn(format_args!(
+                crate::console::warn(format_args!(
                     "airlock-agent: the exit status of pid {pid} was lost; reporting SIGKILL"
                 ));
                 process::exits::Exit::Signal(libc::SIGKILL)

@@ -1,6 +1,5 @@
 //! The agent as PID 1: bring the guest up, then reap and wait for shutdown.
 
-pub mod console;
 pub mod mounts;
 pub mod reaper;
 pub mod shutdown;
@@ -10,8 +9,9 @@ use std::convert::Infallible;
 
 use crate::boot_timer::{self, Event as BootEvent};
 use crate::cmdline::{Cmdline, CmdlineError};
+use crate::console::{self, info, warn, ConsoleError};
+use crate::error_chain::error_chain;
 use crate::sysinfo::SysInfo;
-use console::{info, warn, ConsoleError};
 use mounts::MountError;
 use reaper::{ReaperError, Signals};
 use shutdown::ShutdownError;
@@ -148,31 +148,4 @@ fn announce_ready() {
     boot_timer::signal(BootEvent::AgentReady);
     info(format_args!("{READY_LINE}"));
     console::flush();
-}
-
-/// Formats an error and its sources as `outer: inner: innermost`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_chain_joins_sources() {
-        let err = InitError::Mounts(MountError::Mount("proc", "/proc", nix::errno::Errno::EPERM));
-        assert_eq!(
-            error_chain(&err),
-            "Cannot mount the base filesystems: Cannot mount proc on /proc: \
-             EPERM: Operation not permitted"
-        );
-    }
 }

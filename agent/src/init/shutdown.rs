@@ -61,7 +61,7 @@ pub fn stop_all_and_reboot(
 
 /// Syncs filesystems and resets the guest; returns only on failure.
 pub fn reboot_now() -> Result<std::convert::Infallible, ShutdownError> {
-    super::console::flush();
+    crate::console::flush();
     nix::unistd::sync();
     reboot(RebootMode::RB_AUTOBOOT).map_err(ShutdownError::Reboot)
 }

@@ -132,5 +132,5 @@ fn load(id: &str) -> Result<Container, String> {
 
 /// The error and its sources on one line.
 fn chain(err: &dyn std::error::Error) -> String {
-    crate::init::error_chain(err)
+    crate::error_chain::error_chain(err)
 }

@@ -62,7 +62,7 @@ impl From<SandboxError> for TtrpcError {
             },
             SandboxError::Sys(..) => Code::INTERNAL,
         };
-        let message = crate::init::error_chain(&e);
+        let message = crate::error_chain::error_chain(&e);
         match exec_failure(&e) {
             Some(failure) => TtrpcError::RpcStatus(exec_failure_status(code, message, &failure)),
             None => status(code, message),
@@ -92,7 +92,7 @@ fn stdio_err(e: StdioError) -> TtrpcError {
         StdioError::Io(_) => Code::INTERNAL,
         _ => Code::FAILED_PRECONDITION,
     };
-    status(code, crate::init::error_chain(&e))
+    status(code, crate::error_chain::error_chain(&e))
 }
 
 fn file_info(i: files::Info) -> FileInfo {
@@ -122,7 +122,7 @@ impl AgentService for Service {
         // Answer even on a mismatch, so the runtime can name both versions;
         // but say it here too, on the console.
         if let Err(e) = check_compatible(req.protocol_version) {
-            crate::init::console::warn(format_args!("airlock-agent: runtime mismatch: {e}"));
+            crate::console::warn(format_args!("airlock-agent: runtime mismatch: {e}"));
         }
         Ok(CheckResponse {
             protocol_version: PROTOCOL_VERSION,
