@@ -436,4 +436,115 @@ mod tests {
         assert_eq!(s.code(), Code::NOT_FOUND);
         assert!(s.details.is_empty());
     }
+
+    // The handlers over a sandbox on the fake machine (no KVM, no launcher).
+
+    fn service() -> (tempfile::TempDir, Service) {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = crate::machine::Fake::new(dir.path()).unwrap();
+        let exits = Arc::new(crate::process::exits::Exits::default());
+        let sandbox = Sandbox::with_machine(exits, Box::new(machine));
+        (dir, Service::new(Arc::new(sandbox)))
+    }
+
+    fn ctx() -> TtrpcContext {
+        TtrpcContext {
+            mh: ttrpc::MessageHeader::default(),
+            metadata: Default::default(),
+            timeout_nano: 0,
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(res: Result<T>) -> Code {
+        match res {
+            Err(TtrpcError::RpcStatus(s)) => s.code(),
+            other => panic!("not an error status: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_on_a_missing_container_are_not_found() {
+        let (_dir, svc) = service();
+        let c = || "c".to_string();
+        let exec = ExecProcessRequest {
+            container_id: c(),
+            exec_id: "e".into(),
+            process_spec: br#"{"args":["nosuch"],"cwd":"/","user":{"uid":0,"gid":0}}"#.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(code(svc.exec_process(&ctx(), exec).await), Code::NOT_FOUND);
+        let wait = WaitProcessRequest {
+            container_id: c(),
+            ..Default::default()
+        };
+        assert_eq!(code(svc.wait_process(&ctx(), wait).await), Code::NOT_FOUND);
+        let read = ReadStreamRequest {
+            container_id: c(),
+            len: 10,
+            ..Default::default()
+        };
+        assert_eq!(code(svc.read_stdout(&ctx(), read).await), Code::NOT_FOUND);
+        let start = StartContainerRequest {
+            container_id: c(),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(svc.start_container(&ctx(), start).await),
+            Code::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_delete_is_not_found_and_leaves_the_sandbox_usable() {
+        let (dir, svc) = service();
+        let create = CreateSandboxRequest {
+            hostname: "h".into(),
+            ..Default::default()
+        };
+        svc.create_sandbox(&ctx(), create.clone()).await.unwrap();
+        // Twice is fine: the scratch disk is mounted once.
+        svc.create_sandbox(&ctx(), create).await.unwrap();
+        let remove = RemoveContainerRequest {
+            container_id: "c".into(),
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            let res = svc.remove_container(&ctx(), remove.clone()).await;
+            assert_eq!(code(res), Code::NOT_FOUND);
+        }
+        // The file API still answers.
+        let write = WriteFileRequest {
+            path: "/f".into(),
+            data: b"x".to_vec(),
+            create: true,
+            ..Default::default()
+        };
+        svc.write_file(&ctx(), write).await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("root/f")).unwrap(), b"x");
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_invalid_before_any_lookup() {
+        let (_dir, svc) = service();
+        let signal = SignalProcessRequest {
+            container_id: "c".into(),
+            signal: u32::MAX,
+            ..Default::default()
+        };
+        let res = svc.signal_process(&ctx(), signal).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+        let update = UpdateContainerRequest {
+            container_id: "c".into(),
+            resources: b"{not json".to_vec(),
+            ..Default::default()
+        };
+        let res = svc.update_container(&ctx(), update).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+        let create = CreateContainerRequest {
+            container_id: "../c".into(),
+            ..Default::default()
+        };
+        let res = svc.create_container(&ctx(), create).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+    }
 }
