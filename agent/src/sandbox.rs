@@ -169,7 +169,8 @@ impl Sandbox {
     }
 
     pub async fn start_container(&self, id: &str) -> Result<(), SandboxError> {
-        Ok(self.container(id).await?.start(&self.exits).await?)
+        let c = self.container(id).await?;
+        Ok(c.start(&self.exits, &*self.machine).await?)
     }
 
     pub async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), SandboxError> {
@@ -204,7 +205,7 @@ impl Sandbox {
     ) -> Result<(), SandboxError> {
         self.container(id)
             .await?
-            .exec(&self.exits, exec_id, process, tty)
+            .exec(&self.exits, &*self.machine, exec_id, process, tty)
             .await?;
         Ok(())
     }
@@ -319,5 +320,164 @@ mod tests {
         root.write("/f", 0, b"x", true, false, 0).unwrap();
         assert_eq!(std::fs::read(dir.path().join("root/f")).unwrap(), b"x");
         sandbox.destroy().await;
+    }
+
+    // A fake machine that starts host processes: the error paths of a
+    // container's life, without KVM.
+
+    fn with_processes() -> (tempfile::TempDir, Sandbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = Fake::with_processes(dir.path()).unwrap();
+        let sandbox = Sandbox::with_machine(Arc::new(Exits::default()), Box::new(machine));
+        (dir, sandbox)
+    }
+
+    fn spec(args: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": process(args),
+            "root": {"path": "rootfs"},
+        }))
+        .unwrap()
+    }
+
+    fn process(args: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "args": args,
+            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+        })
+    }
+
+    async fn created(sandbox: &Sandbox, id: &str, args: &[&str]) {
+        sandbox
+            .create_container(id, &spec(args), "/img", "", &[])
+            .await
+            .unwrap();
+        sandbox.start_container(id).await.unwrap();
+    }
+
+    async fn wait(sandbox: &Sandbox, id: &str, exec_id: &str) -> crate::process::ExitInfo {
+        let p = sandbox.process(id, exec_id).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), p.wait())
+            .await
+            .expect("the process exits")
+    }
+
+    #[tokio::test]
+    async fn a_process_runs_and_its_output_and_status_arrive() {
+        let (_dir, sandbox) = with_processes();
+        created(&sandbox, "fake-run", &["sh", "-c", "echo hi; exit 3"]).await;
+        let p = sandbox.process("fake-run", "").await.unwrap();
+        let out = p.read(crate::process::Stream::Stdout, 64).await.unwrap();
+        assert_eq!(out, b"hi\n");
+        assert_eq!(wait(&sandbox, "fake-run", "").await.exit.status(), 3);
+        sandbox
+            .remove_container("fake-run", Duration::ZERO)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn exec_of_a_missing_or_unrunnable_program_carries_its_kind() {
+        use crate::launcher::{ExecKind, LaunchError};
+        let (dir, sandbox) = with_processes();
+        created(&sandbox, "fake-exec", &["sleep", "30"]).await;
+        let data = dir.path().join("root/data");
+        std::fs::write(&data, "x").unwrap();
+        for (program, want) in [
+            ("nosuch-program", ExecKind::NotFound),
+            (data.to_str().unwrap(), ExecKind::PermissionDenied),
+        ] {
+            let json = serde_json::to_vec(&process(&[program])).unwrap();
+            let err = sandbox
+                .exec("fake-exec", "e1", &json, false)
+                .await
+                .unwrap_err();
+            let SandboxError::Container(ContainerError::Launch(LaunchError::Failed {
+                exec: Some(exec),
+                ..
+            })) = &err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!((exec.kind, exec.executable.as_str()), (want, program));
+            // The exec id was not taken.
+            assert!(matches!(
+                sandbox.process("fake-exec", "e1").await,
+                Err(SandboxError::NoProcess(..))
+            ));
+        }
+        sandbox.signal("fake-exec", "", 9, false).await.unwrap();
+        sandbox
+            .remove_container("fake-exec", Duration::ZERO)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn wait_after_kill_reports_the_signal_and_a_second_delete_is_refused() {
+        let (dir, sandbox) = with_processes();
+        created(&sandbox, "fake-kill", &["sleep", "30"]).await;
+        let json = serde_json::to_vec(&process(&["sleep", "30"])).unwrap();
+        sandbox.exec("fake-kill", "e1", &json, false).await.unwrap();
+        sandbox.signal("fake-kill", "e1", 9, false).await.unwrap();
+        for _ in 0..2 {
+            let info = wait(&sandbox, "fake-kill", "e1").await;
+            assert_eq!(info.exit.signal(), 9);
+            assert_eq!(info.exit.status(), 137);
+        }
+        // A signal to a process that has exited: ESRCH.
+        let err = sandbox
+            .signal("fake-kill", "e1", 9, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SandboxError::Sys("kill", nix::Error::ESRCH)),
+            "{err}"
+        );
+        sandbox.signal("fake-kill", "", 9, false).await.unwrap();
+        wait(&sandbox, "fake-kill", "").await;
+        sandbox
+            .remove_container("fake-kill", Duration::ZERO)
+            .await
+            .unwrap();
+        let again = sandbox.remove_container("fake-kill", Duration::ZERO).await;
+        assert!(
+            matches!(again, Err(SandboxError::NoContainer(_))),
+            "{again:?}"
+        );
+        // Nothing is left of it.
+        assert!(!dir.path().join("bundles/fake-kill").exists());
+        assert!(!dir.path().join("scratch/fake-kill").exists());
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_process_is_gone_ends_and_refuses_input() {
+        let (_dir, sandbox) = with_processes();
+        created(&sandbox, "fake-gone", &["true"]).await;
+        wait(&sandbox, "fake-gone", "").await;
+        let p = sandbox.process("fake-gone", "").await.unwrap();
+        assert!(p
+            .read(crate::process::Stream::Stdout, 64)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(p.write_stdin(b"x").await.is_err());
+        // An exec into a container whose init has exited is refused.
+        let json = serde_json::to_vec(&process(&["true"])).unwrap();
+        let err = sandbox
+            .exec("fake-gone", "e1", &json, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SandboxError::Container(ContainerError::NotRunning)),
+            "{err}"
+        );
+        sandbox
+            .remove_container("fake-gone", Duration::ZERO)
+            .await
+            .unwrap();
     }
 }

@@ -118,6 +118,7 @@ impl Container {
             let id2 = id.to_string();
             start_process(
                 exits,
+                machine,
                 &cgroup,
                 &bundle,
                 "init",
@@ -149,15 +150,15 @@ impl Container {
     }
 
     /// Lets the init process run its program.
-    pub async fn start(&self, exits: &Exits) -> Result<(), ContainerError> {
-        launcher::call(
-            exits,
-            Request::Start {
-                id: self.id.clone(),
-            },
-            vec![],
-        )
-        .await?;
+    pub async fn start(
+        &self,
+        exits: &Arc<Exits>,
+        machine: &dyn Machine,
+    ) -> Result<(), ContainerError> {
+        let start = Request::Start {
+            id: self.id.clone(),
+        };
+        machine.launch(exits, start, vec![]).await?;
         Ok(())
     }
 
@@ -165,6 +166,7 @@ impl Container {
     pub async fn exec(
         &self,
         exits: &Arc<Exits>,
+        machine: &dyn Machine,
         exec_id: &str,
         process_json: &[u8],
         tty: bool,
@@ -185,6 +187,7 @@ impl Container {
         let id = self.id.clone();
         let result = start_process(
             exits,
+            machine,
             &self.cgroup,
             &self.bundle,
             exec_id,
@@ -233,7 +236,7 @@ impl Container {
     /// Stops every process (SIGTERM, then SIGKILL after `grace`), deletes
     /// the container's cgroup and state, unmounts its root filesystem and
     /// deletes its writable layer.
-    pub async fn remove(&self, exits: &Exits, machine: &dyn Machine, grace: Duration) {
+    pub async fn remove(&self, exits: &Arc<Exits>, machine: &dyn Machine, grace: Duration) {
         if !self.init.exited() && !grace.is_zero() {
             self.signal("", libc::SIGTERM, true).await.ok();
             tokio::time::timeout(grace, self.init.wait()).await.ok();
@@ -244,15 +247,10 @@ impl Container {
                 .await
                 .ok();
         }
-        if let Err(e) = launcher::call(
-            exits,
-            Request::Delete {
-                id: self.id.clone(),
-            },
-            vec![],
-        )
-        .await
-        {
+        let delete = Request::Delete {
+            id: self.id.clone(),
+        };
+        if let Err(e) = machine.launch(exits, delete, vec![]).await {
             crate::console::warn(format_args!(
                 "airlock-agent: deleting container {}: {}",
                 self.id,
@@ -278,6 +276,7 @@ impl Container {
 /// the new process's exit.
 async fn start_process(
     exits: &Arc<Exits>,
+    machine: &dyn Machine,
     cgroup: &Cgroup,
     bundle: &Path,
     name: &str,
@@ -289,7 +288,9 @@ async fn start_process(
         std::fs::remove_file(&sock).ok();
         let listener = tokio::net::UnixListener::bind(&sock).map_err(ContainerError::Stdio)?;
         let master = tokio::spawn(receive_master(listener));
-        let reply = launcher::call(exits, make(Some(sock.clone())), vec![]).await;
+        let reply = machine
+            .launch(exits, make(Some(sock.clone())), vec![])
+            .await;
         std::fs::remove_file(&sock).ok();
         let reply = match reply {
             Ok(r) => r,
@@ -307,7 +308,7 @@ async fn start_process(
     } else {
         let (ours, theirs) = process::pipes().map_err(ContainerError::Stdio)?;
         let fds = vec![theirs.stdin, theirs.stdout, theirs.stderr];
-        (launcher::call(exits, make(None), fds).await?, ours)
+        (machine.launch(exits, make(None), fds).await?, ours)
     };
     let Reply::Pid(pid) = reply else {
         return Err(LaunchError::Failed {

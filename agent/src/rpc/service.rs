@@ -547,4 +547,43 @@ mod tests {
         let res = svc.create_container(&ctx(), create).await;
         assert_eq!(code(res), Code::INVALID_ARGUMENT);
     }
+
+    #[tokio::test]
+    async fn exec_not_found_reaches_the_caller_as_its_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = crate::machine::Fake::with_processes(dir.path()).unwrap();
+        let exits = Arc::new(crate::process::exits::Exits::default());
+        let svc = Service::new(Arc::new(Sandbox::with_machine(exits, Box::new(machine))));
+        let process = |prog: &str| {
+            format!(
+                r#"{{"args":["{prog}"],"env":["PATH=/usr/bin:/bin"],"cwd":"/","user":{{"uid":0,"gid":0}}}}"#
+            )
+        };
+        let spec = format!(
+            r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}}}}"#,
+            process("nosuch-init")
+        );
+        let create = CreateContainerRequest {
+            container_id: "fake-svc".into(),
+            oci_spec: spec.into_bytes(),
+            rootfs: protobuf::MessageField::some(Rootfs {
+                source: "/img".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = match svc.create_container(&ctx(), create).await {
+            Err(TtrpcError::RpcStatus(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+        let failure = exec_failure(&s).expect("details");
+        assert_eq!(
+            failure.kind_or_other(),
+            ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND
+        );
+        assert_eq!(failure.executable, "nosuch-init");
+        // Nothing of the container is left.
+        assert!(!dir.path().join("bundles/fake-svc").exists());
+    }
 }
