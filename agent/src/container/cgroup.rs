@@ -3,6 +3,15 @@
 //! it (from `linux.cgroupsPath`, which the agent sets) and removes it.
 //! Their common parent caps the memory of all containers together, below
 //! the guest's ([`limit_containers`]).
+//!
+//! Stats and updates are read and written here rather than through
+//! libcgroups' v2 `Manager` (linked through libcontainer): its `stats()`
+//! reads every controller (cpu, hugetlb, io, memory with swap, pids) and
+//! fails as a whole on the first file that is missing, while the agent
+//! enables `+memory +pids` below the root (hugetlb and io files may be
+//! absent) and the guest has no swap, so all counters would be lost; and its `apply` takes whole
+//! `LinuxResources`, writing more files than an update asks for. The few
+//! files here read as zeros when absent.
 
 use std::path::{Path, PathBuf};
 
