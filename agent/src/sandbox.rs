@@ -18,25 +18,26 @@ use crate::process::Process;
 /// Errors from sandbox operations, sorted by the status code they map to.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// no container {0:?}
     #[error("no container {0:?}")]
     NoContainer(String),
-    /// no process {1:?} in container {0:?}
     #[error("no process {1:?} in container {0:?}")]
     NoProcess(String, String),
-    /// container {0:?} already exists
     #[error("container {0:?} already exists")]
     Exists(String),
-    /// {0}
     #[error("{0}")]
     Invalid(String),
-    /// {0}
+    #[error(transparent)]
+    Archive(#[from] container::unpack::UnpackError),
+    #[error("the unpack task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("malformed resources")]
+    Resources(#[source] serde_json::Error),
+    #[error("cannot apply the resources to container {0}")]
+    Update(String, #[source] std::io::Error),
     #[error(transparent)]
     Container(#[from] ContainerError),
-    /// {0}
     #[error(transparent)]
     File(#[from] FileError),
-    /// {0}: {1}
     #[error("{0}: {1}")]
     Sys(&'static str, nix::Error),
 }
@@ -130,14 +131,12 @@ impl Sandbox {
         // A tar archive on the scratch disk (a container joining a running
         // VM): unpacked next to the container's writable layer.
         let (source, fstype) = if fstype == "tar" {
-            let archive = container::unpack::check_place(source, &scratch.to_string_lossy())
-                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+            let archive = container::unpack::check_place(source, &scratch.to_string_lossy())?;
             let dest = writable.join("image");
             let d = dest.clone();
             tokio::task::spawn_blocking(move || container::unpack::unpack(&archive, &d))
                 .await
-                .map_err(|e| SandboxError::Invalid(format!("unpack task failed: {e}")))?
-                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+                .map_err(SandboxError::Task)??;
             (dest.to_string_lossy().into_owned(), String::new())
         } else {
             (source.to_string(), fstype.to_string())
@@ -188,12 +187,12 @@ impl Sandbox {
 
     /// New cgroup limits for container `id` (OCI `LinuxResources` JSON).
     pub async fn update_container(&self, id: &str, resources: &[u8]) -> Result<(), SandboxError> {
-        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources)
-            .map_err(|e| SandboxError::Invalid(format!("malformed resources: {e}")))?;
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources).map_err(SandboxError::Resources)?;
         let c = self.container(id).await?;
-        c.cgroup().update(&r).map_err(|e| {
-            SandboxError::Invalid(format!("cannot apply the resources to container {id}: {e}"))
-        })
+        c.cgroup()
+            .update(&r)
+            .map_err(|e| SandboxError::Update(id.into(), e))
     }
 
     pub async fn exec(

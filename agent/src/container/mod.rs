@@ -28,31 +28,22 @@ const TTY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Errors managing a container or its processes.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    /// invalid id {0:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.'
     #[error("invalid id {0:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.'")]
     BadId(String),
-    /// {0}
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// Cannot set up the root filesystem
     #[error("Cannot set up the root filesystem")]
     Rootfs(#[from] RootfsError),
-    /// Cannot write the bundle
     #[error("Cannot write the bundle")]
     Bundle(#[source] std::io::Error),
-    /// Cannot set up stdio
     #[error("Cannot set up stdio")]
     Stdio(#[source] std::io::Error),
-    /// the container process did not send its terminal
     #[error("the container process did not send its terminal")]
     NoTty,
-    /// {0}
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    /// exec {0:?} already exists in this container
     #[error("exec {0:?} already exists in this container")]
     ExecExists(String),
-    /// the container is not running (its init process exited)
     #[error("the container is not running (its init process exited)")]
     NotRunning,
 }

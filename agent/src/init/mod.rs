@@ -30,31 +30,22 @@ pub const BOOT_MARKER_LINE: &str = "airlock-agent: init started";
 /// Errors that stop init (and so panic the guest kernel).
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    /// Cannot set up signal handling
     #[error("Cannot set up signal handling")]
     Signals(#[source] ReaperError),
-    /// Cannot mount the base filesystems
     #[error("Cannot mount the base filesystems")]
     Mounts(#[source] MountError),
-    /// Cannot connect stdio to the console
     #[error("Cannot connect stdio to the console")]
     Console(#[source] ConsoleError),
-    /// Cannot read the agent's settings
     #[error("Cannot read the agent's settings")]
     Cmdline(#[source] CmdlineError),
-    /// Waiting for signals failed
     #[error("Waiting for signals failed")]
     Wait(#[source] ReaperError),
-    /// Shutting down failed
     #[error("Shutting down failed")]
     Shutdown(#[source] ShutdownError),
-    /// Cannot move to a tmpfs root
     #[error("Cannot move to a tmpfs root")]
     SwitchRoot(#[source] switch_root::SwitchRootError),
-    /// Cannot start the async runtime
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
-    /// The agent API server failed
     #[error("The agent API server failed")]
     Rpc(#[source] crate::rpc::RpcError),
 }

@@ -22,13 +22,10 @@ pub const GRACE: Duration = Duration::from_secs(2);
 /// Errors shutting down.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
-    /// Cannot signal the other processes
     #[error("Cannot signal the other processes")]
     Kill(#[source] Errno),
-    /// Waiting for the other processes failed
     #[error("Waiting for the other processes failed")]
     Wait(#[source] ReaperError),
-    /// reboot(RB_AUTOBOOT) failed
     #[error("reboot(RB_AUTOBOOT) failed")]
     Reboot(#[source] Errno),
 }

@@ -54,16 +54,12 @@ pub enum Stream {
 /// Errors using a process's stdio.
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    /// stdin of this process is closed
     #[error("stdin of this process is closed")]
     StdinClosed,
-    /// this process has a terminal: its stderr is merged into stdout
     #[error("this process has a terminal: its stderr is merged into stdout")]
     NoStderrWithTty,
-    /// this process has no terminal to resize
     #[error("this process has no terminal to resize")]
     NoTty,
-    /// stdio I/O failed
     #[error("stdio I/O failed")]
     Io(#[from] std::io::Error),
 }

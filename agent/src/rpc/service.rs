@@ -40,7 +40,11 @@ impl From<SandboxError> for TtrpcError {
         let code = match &e {
             SandboxError::NoContainer(_) | SandboxError::NoProcess(..) => Code::NOT_FOUND,
             SandboxError::Exists(_) => Code::ALREADY_EXISTS,
-            SandboxError::Invalid(_) => Code::INVALID_ARGUMENT,
+            SandboxError::Invalid(_)
+            | SandboxError::Archive(_)
+            | SandboxError::Task(_)
+            | SandboxError::Resources(_)
+            | SandboxError::Update(..) => Code::INVALID_ARGUMENT,
             SandboxError::Container(c) => match c {
                 ContainerError::BadId(_)
                 | ContainerError::Spec(_)
