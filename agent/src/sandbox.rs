@@ -38,8 +38,8 @@ pub enum SandboxError {
     Container(#[from] ContainerError),
     #[error(transparent)]
     File(#[from] FileError),
-    #[error("{0}: {1}")]
-    Sys(&'static str, nix::Error),
+    #[error("{0}")]
+    Sys(&'static str, #[source] nix::Error),
 }
 
 /// The one sandbox of this VM.

@@ -15,6 +15,19 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::sysinfo::SysinfoError;
+
+/// Why the containers' common memory limit could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot tell the memory available")]
+    Available(#[source] SysinfoError),
+    #[error("only {0} KiB available, all kept for the agent")]
+    NoRoom(u64),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
+
 /// Where the guest's cgroup2 hierarchy is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// The parent of every container's cgroup.

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use crate::boot_timer::{self, Event as BootEvent};
 use crate::cmdline::{Cmdline, CmdlineError};
 use crate::console::{self, info, warn, ConsoleError};
+use crate::container::cgroup::{self, CgroupError};
 use crate::error_chain::error_chain;
 use crate::sysinfo::SysInfo;
 use mounts::MountError;
@@ -105,7 +106,8 @@ pub fn run() -> Result<Infallible, InitError> {
             )),
             Err(e) => warn(format_args!(
                 "airlock-agent: warning: containers have no memory limit below the guest's, \
-                 so one that allocates without bound can stall the guest: {e}"
+                 so one that allocates without bound can stall the guest: {}",
+                error_chain(&e)
             )),
         }
     };
@@ -124,13 +126,11 @@ pub fn run() -> Result<Infallible, InitError> {
 }
 
 /// Caps all containers' memory below the guest's, leaving the agent room.
-fn limit_containers() -> Result<u64, String> {
-    use crate::container::cgroup;
-    let available = crate::sysinfo::mem_available_kib().map_err(|e| error_chain(&e))?;
-    let limit = cgroup::containers_limit(available)
-        .ok_or_else(|| format!("only {} KiB available, all kept for the agent", available))?;
-    cgroup::limit_containers(std::path::Path::new(cgroup::CGROUP_ROOT), limit)
-        .map_err(|e| format!("cannot write {}: {e}", cgroup::CGROUP_ROOT))?;
+fn limit_containers() -> Result<u64, CgroupError> {
+    let available = crate::sysinfo::mem_available_kib().map_err(CgroupError::Available)?;
+    let limit = cgroup::containers_limit(available).ok_or(CgroupError::NoRoom(available))?;
+    let root = std::path::Path::new(cgroup::CGROUP_ROOT);
+    cgroup::limit_containers(root, limit).map_err(|e| CgroupError::Write(root.into(), e))?;
     Ok(limit)
 }
 
