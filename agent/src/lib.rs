@@ -14,7 +14,7 @@
 //! The library exists so that the fuzz target `agent_request` (tests/fuzz)
 //! can call the RPC handlers: [`rpc::Service`] over a
 //! [`sandbox::Sandbox`] built on a [`machine::Fake`], a directory that
-//! stands for the guest (see `machine.rs` for what the fake refuses to do).
+//! stands for the guest (see `machine/` for what the fake refuses to do).
 //! Everything else stays private to the crate.
 
 mod boot_timer;

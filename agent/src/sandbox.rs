@@ -45,7 +45,7 @@ pub enum SandboxError {
 /// The one sandbox of this VM.
 pub struct Sandbox {
     pub exits: Arc<Exits>,
-    /// The VM itself, or a fake for fuzzing (see `machine.rs`).
+    /// The VM itself, or a fake for fuzzing and tests (see `machine/`).
     machine: Box<dyn Machine>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     scratch_ready: Mutex<bool>,
