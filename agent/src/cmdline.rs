@@ -11,7 +11,6 @@ const PREFIX: &str = "airlock.";
 /// Errors reading the command line.
 #[derive(Debug, thiserror::Error)]
 pub enum CmdlineError {
-    /// Cannot read the kernel command line
     #[error("Cannot read the kernel command line")]
     Read(#[source] io::Error),
 }
@@ -19,10 +18,8 @@ pub enum CmdlineError {
 /// Problems with single parameters; they are reported and then ignored.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamWarning {
-    /// Ignoring unknown parameter {0}
     #[error("Ignoring unknown parameter {0}")]
     Unknown(String),
-    /// Ignoring {0}={1}: the value must be 1 or 0
     #[error("Ignoring {0}={1}: the value must be 1 or 0")]
     NotABool(String, String),
 }

@@ -24,10 +24,8 @@ pub const CHUNK_MAX: usize = 1 << 20;
 /// Errors from the file API; the message names the path and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    /// {0}: {1}
-    #[error("{0}: {1}")]
-    Sys(String, Errno),
-    /// {0}: not a valid path here
+    #[error("{0}")]
+    Sys(String, #[source] Errno),
     #[error("{0}: not a valid path here")]
     BadPath(String),
 }

@@ -14,12 +14,14 @@
 //! The library exists so that the fuzz target `agent_request` (tests/fuzz)
 //! can call the RPC handlers: [`rpc::Service`] over a
 //! [`sandbox::Sandbox`] built on a [`machine::Fake`], a directory that
-//! stands for the guest (see `machine.rs` for what the fake refuses to do).
+//! stands for the guest (see `machine/` for what the fake refuses to do).
 //! Everything else stays private to the crate.
 
 mod boot_timer;
 mod cmdline;
+pub mod console;
 mod container;
+pub mod error_chain;
 mod files;
 pub mod init;
 pub mod launcher;

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     // Refuse before touching anything: as root on a host, this program would
     // otherwise mount over /dev and /tmp, SIGTERM every process and reboot.
     if std::process::id() != 1 {
-        init::console::warn(format_args!(
+        airlock_agent::console::warn(format_args!(
             "airlock-agent: not running as PID 1 (this is the guest's /init; \
              other modes: `{} ...`, `{}`); refusing to start",
             launcher::ARG,
@@ -45,10 +45,10 @@ fn main() -> ExitCode {
     };
     // Exiting makes the kernel panic ("Attempted to kill init"), which the VMM
     // reports as a failed boot. Try hard to make the reason visible first.
-    init::console::ensure_stdio().ok();
-    init::console::warn(format_args!(
+    airlock_agent::console::ensure_stdio().ok();
+    airlock_agent::console::warn(format_args!(
         "airlock-agent: fatal: {}",
-        init::error_chain(&err)
+        airlock_agent::error_chain::error_chain(&err)
     ));
     ExitCode::FAILURE
 }

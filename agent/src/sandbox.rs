@@ -15,39 +15,37 @@ use crate::machine::{Guest, Machine};
 use crate::process::exits::Exits;
 use crate::process::Process;
 
-/// Where the writable layers live (the scratch disk, or a tmpfs).
-pub const SCRATCH: &str = airlock_protocol::GUEST_SCRATCH_DIR;
-
 /// Errors from sandbox operations, sorted by the status code they map to.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    /// no container {0:?}
     #[error("no container {0:?}")]
     NoContainer(String),
-    /// no process {1:?} in container {0:?}
     #[error("no process {1:?} in container {0:?}")]
     NoProcess(String, String),
-    /// container {0:?} already exists
     #[error("container {0:?} already exists")]
     Exists(String),
-    /// {0}
     #[error("{0}")]
     Invalid(String),
-    /// {0}
+    #[error(transparent)]
+    Archive(#[from] container::unpack::UnpackError),
+    #[error("the unpack task failed")]
+    Task(#[source] tokio::task::JoinError),
+    #[error("malformed resources")]
+    Resources(#[source] serde_json::Error),
+    #[error("cannot apply the resources to container {0}")]
+    Update(String, #[source] std::io::Error),
     #[error(transparent)]
     Container(#[from] ContainerError),
-    /// {0}
     #[error(transparent)]
     File(#[from] FileError),
-    /// {0}: {1}
-    #[error("{0}: {1}")]
-    Sys(&'static str, nix::Error),
+    #[error("{0}")]
+    Sys(&'static str, #[source] nix::Error),
 }
 
 /// The one sandbox of this VM.
 pub struct Sandbox {
     pub exits: Arc<Exits>,
-    /// The VM itself, or a fake for fuzzing (see `machine.rs`).
+    /// The VM itself, or a fake for fuzzing and tests (see `machine/`).
     machine: Box<dyn Machine>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     scratch_ready: Mutex<bool>,
@@ -133,14 +131,12 @@ impl Sandbox {
         // A tar archive on the scratch disk (a container joining a running
         // VM): unpacked next to the container's writable layer.
         let (source, fstype) = if fstype == "tar" {
-            let archive = container::unpack::check_place(source, &scratch.to_string_lossy())
-                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+            let archive = container::unpack::check_place(source, &scratch.to_string_lossy())?;
             let dest = writable.join("image");
             let d = dest.clone();
             tokio::task::spawn_blocking(move || container::unpack::unpack(&archive, &d))
                 .await
-                .map_err(|e| SandboxError::Invalid(format!("unpack task failed: {e}")))?
-                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+                .map_err(SandboxError::Task)??;
             (dest.to_string_lossy().into_owned(), String::new())
         } else {
             (source.to_string(), fstype.to_string())
@@ -172,7 +168,8 @@ impl Sandbox {
     }
 
     pub async fn start_container(&self, id: &str) -> Result<(), SandboxError> {
-        Ok(self.container(id).await?.start(&self.exits).await?)
+        let c = self.container(id).await?;
+        Ok(c.start(&self.exits, &*self.machine).await?)
     }
 
     pub async fn remove_container(&self, id: &str, grace: Duration) -> Result<(), SandboxError> {
@@ -190,12 +187,12 @@ impl Sandbox {
 
     /// New cgroup limits for container `id` (OCI `LinuxResources` JSON).
     pub async fn update_container(&self, id: &str, resources: &[u8]) -> Result<(), SandboxError> {
-        let r: oci_spec::runtime::LinuxResources = serde_json::from_slice(resources)
-            .map_err(|e| SandboxError::Invalid(format!("malformed resources: {e}")))?;
+        let r: oci_spec::runtime::LinuxResources =
+            serde_json::from_slice(resources).map_err(SandboxError::Resources)?;
         let c = self.container(id).await?;
-        c.cgroup().update(&r).map_err(|e| {
-            SandboxError::Invalid(format!("cannot apply the resources to container {id}: {e}"))
-        })
+        c.cgroup()
+            .update(&r)
+            .map_err(|e| SandboxError::Update(id.into(), e))
     }
 
     pub async fn exec(
@@ -207,7 +204,7 @@ impl Sandbox {
     ) -> Result<(), SandboxError> {
         self.container(id)
             .await?
-            .exec(&self.exits, exec_id, process, tty)
+            .exec(&self.exits, &*self.machine, exec_id, process, tty)
             .await?;
         Ok(())
     }
@@ -322,5 +319,164 @@ mod tests {
         root.write("/f", 0, b"x", true, false, 0).unwrap();
         assert_eq!(std::fs::read(dir.path().join("root/f")).unwrap(), b"x");
         sandbox.destroy().await;
+    }
+
+    // A fake machine that starts host processes: the error paths of a
+    // container's life, without KVM.
+
+    fn with_processes() -> (tempfile::TempDir, Sandbox) {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = Fake::with_processes(dir.path()).unwrap();
+        let sandbox = Sandbox::with_machine(Arc::new(Exits::default()), Box::new(machine));
+        (dir, sandbox)
+    }
+
+    fn spec(args: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "ociVersion": "1.0.2",
+            "process": process(args),
+            "root": {"path": "rootfs"},
+        }))
+        .unwrap()
+    }
+
+    fn process(args: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "args": args,
+            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/",
+            "user": {"uid": 0, "gid": 0},
+        })
+    }
+
+    async fn created(sandbox: &Sandbox, id: &str, args: &[&str]) {
+        sandbox
+            .create_container(id, &spec(args), "/img", "", &[])
+            .await
+            .unwrap();
+        sandbox.start_container(id).await.unwrap();
+    }
+
+    async fn wait(sandbox: &Sandbox, id: &str, exec_id: &str) -> crate::process::ExitInfo {
+        let p = sandbox.process(id, exec_id).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), p.wait())
+            .await
+            .expect("the process exits")
+    }
+
+    #[tokio::test]
+    async fn a_process_runs_and_its_output_and_status_arrive() {
+        let (_dir, sandbox) = with_processes();
+        created(&sandbox, "fake-run", &["sh", "-c", "echo hi; exit 3"]).await;
+        let p = sandbox.process("fake-run", "").await.unwrap();
+        let out = p.read(crate::process::Stream::Stdout, 64).await.unwrap();
+        assert_eq!(out, b"hi\n");
+        assert_eq!(wait(&sandbox, "fake-run", "").await.exit.status(), 3);
+        sandbox
+            .remove_container("fake-run", Duration::ZERO)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn exec_of_a_missing_or_unrunnable_program_carries_its_kind() {
+        use crate::launcher::{ExecKind, LaunchError};
+        let (dir, sandbox) = with_processes();
+        created(&sandbox, "fake-exec", &["sleep", "30"]).await;
+        let data = dir.path().join("root/data");
+        std::fs::write(&data, "x").unwrap();
+        for (program, want) in [
+            ("nosuch-program", ExecKind::NotFound),
+            (data.to_str().unwrap(), ExecKind::PermissionDenied),
+        ] {
+            let json = serde_json::to_vec(&process(&[program])).unwrap();
+            let err = sandbox
+                .exec("fake-exec", "e1", &json, false)
+                .await
+                .unwrap_err();
+            let SandboxError::Container(ContainerError::Launch(LaunchError::Failed {
+                exec: Some(exec),
+                ..
+            })) = &err
+            else {
+                panic!("{err}");
+            };
+            assert_eq!((exec.kind, exec.executable.as_str()), (want, program));
+            // The exec id was not taken.
+            assert!(matches!(
+                sandbox.process("fake-exec", "e1").await,
+                Err(SandboxError::NoProcess(..))
+            ));
+        }
+        sandbox.signal("fake-exec", "", 9, false).await.unwrap();
+        sandbox
+            .remove_container("fake-exec", Duration::ZERO)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn wait_after_kill_reports_the_signal_and_a_second_delete_is_refused() {
+        let (dir, sandbox) = with_processes();
+        created(&sandbox, "fake-kill", &["sleep", "30"]).await;
+        let json = serde_json::to_vec(&process(&["sleep", "30"])).unwrap();
+        sandbox.exec("fake-kill", "e1", &json, false).await.unwrap();
+        sandbox.signal("fake-kill", "e1", 9, false).await.unwrap();
+        for _ in 0..2 {
+            let info = wait(&sandbox, "fake-kill", "e1").await;
+            assert_eq!(info.exit.signal(), 9);
+            assert_eq!(info.exit.status(), 137);
+        }
+        // A signal to a process that has exited: ESRCH.
+        let err = sandbox
+            .signal("fake-kill", "e1", 9, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SandboxError::Sys("kill", nix::Error::ESRCH)),
+            "{err}"
+        );
+        sandbox.signal("fake-kill", "", 9, false).await.unwrap();
+        wait(&sandbox, "fake-kill", "").await;
+        sandbox
+            .remove_container("fake-kill", Duration::ZERO)
+            .await
+            .unwrap();
+        let again = sandbox.remove_container("fake-kill", Duration::ZERO).await;
+        assert!(
+            matches!(again, Err(SandboxError::NoContainer(_))),
+            "{again:?}"
+        );
+        // Nothing is left of it.
+        assert!(!dir.path().join("bundles/fake-kill").exists());
+        assert!(!dir.path().join("scratch/fake-kill").exists());
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_process_is_gone_ends_and_refuses_input() {
+        let (_dir, sandbox) = with_processes();
+        created(&sandbox, "fake-gone", &["true"]).await;
+        wait(&sandbox, "fake-gone", "").await;
+        let p = sandbox.process("fake-gone", "").await.unwrap();
+        assert!(p
+            .read(crate::process::Stream::Stdout, 64)
+            .await
+            .unwrap()
+            .is_empty());
+        assert!(p.write_stdin(b"x").await.is_err());
+        // An exec into a container whose init has exited is refused.
+        let json = serde_json::to_vec(&process(&["true"])).unwrap();
+        let err = sandbox
+            .exec("fake-gone", "e1", &json, false)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SandboxError::Container(ContainerError::NotRunning)),
+            "{err}"
+        );
+        sandbox
+            .remove_container("fake-gone", Duration::ZERO)
+            .await
+            .unwrap();
     }
 }

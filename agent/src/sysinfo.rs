@@ -3,24 +3,23 @@
 use std::fmt;
 use std::io;
 
+use procfs::{Current, Meminfo};
+
 const CPUS_ONLINE: &str = "/sys/devices/system/cpu/online";
-const MEMINFO: &str = "/proc/meminfo";
 
 /// Errors gathering or parsing system information.
 #[derive(Debug, thiserror::Error)]
 pub enum SysinfoError {
-    /// Cannot read {0}
     #[error("Cannot read {0}")]
     Read(&'static str, #[source] io::Error),
-    /// Invalid CPU list {0:?}
     #[error("Invalid CPU list {0:?}")]
     CpuList(String),
-    /// No valid {0} line in /proc/meminfo
-    #[error("No valid {0} line in /proc/meminfo")]
-    Meminfo(&'static str),
-    /// uname failed
+    #[error("Cannot read /proc/meminfo")]
+    Meminfo(#[source] procfs::ProcError),
+    #[error("No MemAvailable line in /proc/meminfo")]
+    NoMemAvailable,
     #[error("uname failed")]
-    Uname(#[source] io::Error),
+    Uname(#[source] nix::Error),
 }
 
 /// A summary of the guest's resources.
@@ -44,7 +43,7 @@ impl SysInfo {
         Ok(Self {
             cpus: count_cpus(&cpu_list)?,
             cpu_list,
-            mem_kib: meminfo_kib(&read(MEMINFO)?, "MemTotal")?,
+            mem_kib: meminfo()?.mem_total / 1024,
             kernel: kernel_release()?,
         })
     }
@@ -92,34 +91,20 @@ pub fn count_cpus(list: &str) -> Result<u32, SysinfoError> {
 
 /// The memory available now (MemAvailable: free plus reclaimable), in KiB.
 pub fn mem_available_kib() -> Result<u64, SysinfoError> {
-    let text = std::fs::read_to_string(MEMINFO).map_err(|e| SysinfoError::Read(MEMINFO, e))?;
-    meminfo_kib(&text, "MemAvailable")
+    let bytes = meminfo()?
+        .mem_available
+        .ok_or(SysinfoError::NoMemAvailable)?;
+    Ok(bytes / 1024)
 }
 
-/// One figure of /proc/meminfo (`MemTotal`, `MemAvailable`...), in KiB.
-pub fn meminfo_kib(meminfo: &str, field: &'static str) -> Result<u64, SysinfoError> {
-    meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|rest| {
-            let mut words = rest.split_whitespace();
-            let kib = words.next()?.parse().ok()?;
-            matches!(words.next(), Some("kB") | None).then_some(kib)
-        })
-        .ok_or(SysinfoError::Meminfo(field))
+/// /proc/meminfo; its figures are in bytes.
+fn meminfo() -> Result<Meminfo, SysinfoError> {
+    Meminfo::current().map_err(SysinfoError::Meminfo)
 }
 
 fn kernel_release() -> Result<String, SysinfoError> {
-    // SAFETY: utsname is plain old data, for which all zeroes is valid.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uname writes only into the struct it is given, which lives here.
-    if unsafe { libc::uname(&mut uts) } != 0 {
-        return Err(SysinfoError::Uname(io::Error::last_os_error()));
-    }
-    // SAFETY: the kernel NUL-terminates the field, and the struct outlives
-    // the borrow.
-    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
-    Ok(release.to_string_lossy().into_owned())
+    let uts = nix::sys::utsname::uname().map_err(SysinfoError::Uname)?;
+    Ok(uts.release().to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
@@ -144,25 +129,6 @@ mod tests {
             count_cpus("x").unwrap_err().to_string(),
             "Invalid CPU list \"x\""
         );
-    }
-
-    #[test]
-    fn meminfo() {
-        let text = "MemTotal:         248932 kB\nMemFree:          230000 kB\n";
-        assert_eq!(meminfo_kib(text, "MemTotal").unwrap(), 248932);
-        assert_eq!(meminfo_kib(text, "MemFree").unwrap(), 230000);
-        let later = "MemFree: 1 kB\nMemTotal:\t1024 kB\n";
-        assert_eq!(meminfo_kib(later, "MemTotal").unwrap(), 1024);
-        // A field is matched whole: "Mem" is not "MemTotal".
-        assert!(meminfo_kib(later, "Mem").is_err());
-        for bad in [
-            "",
-            "MemFree: 1 kB\n",
-            "MemTotal: lots kB\n",
-            "MemTotal: 5 MB\n",
-        ] {
-            assert!(meminfo_kib(bad, "MemTotal").is_err(), "{bad:?}");
-        }
     }
 
     #[test]

@@ -32,11 +32,16 @@
 
 include!(concat!(env!("OUT_DIR"), "/generated_mods.rs"));
 
+mod exec_failure;
+
+pub use exec_failure::{exec_failure, exec_failure_status, EXEC_FAILURE_TYPE_URL};
 pub use protobuf;
 pub use ttrpc;
 
 /// Version of the agent API spoken by this build. Bump it on any change to
-/// `agent.proto` that is not wire compatible.
+/// `agent.proto` that is not wire compatible. (Version 1 gained the
+/// [`exec_failure`] details without a bump: an old peer ignores them; a
+/// new runtime facing an old agent reports such a failure as a plain one.)
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Guest vsock port the agent's ttrpc server listens on.

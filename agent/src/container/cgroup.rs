@@ -3,8 +3,30 @@
 //! it (from `linux.cgroupsPath`, which the agent sets) and removes it.
 //! Their common parent caps the memory of all containers together, below
 //! the guest's ([`limit_containers`]).
+//!
+//! Stats and updates are read and written here rather than through
+//! libcgroups' v2 `Manager` (linked through libcontainer): its `stats()`
+//! reads every controller (cpu, hugetlb, io, memory with swap, pids) and
+//! fails as a whole on the first file that is missing, while the agent
+//! enables `+memory +pids` below the root (hugetlb and io files may be
+//! absent) and the guest has no swap, so all counters would be lost; and its `apply` takes whole
+//! `LinuxResources`, writing more files than an update asks for. The few
+//! files here read as zeros when absent.
 
 use std::path::{Path, PathBuf};
+
+use crate::sysinfo::SysinfoError;
+
+/// Why the containers' common memory limit could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot tell the memory available")]
+    Available(#[source] SysinfoError),
+    #[error("only {0} KiB available, all kept for the agent")]
+    NoRoom(u64),
+    #[error("cannot write {0}")]
+    Write(PathBuf, #[source] std::io::Error),
+}
 
 /// Where the guest's cgroup2 hierarchy is mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";

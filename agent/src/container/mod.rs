@@ -22,39 +22,28 @@ use cgroup::Cgroup;
 use rootfs::{Layout, RootfsError};
 use spec::SpecError;
 
-/// Where bundles live in the guest.
-pub const BUNDLES: &str = "/run/airlock-agent/bundles";
 /// How long a terminal's master may take to arrive from the container.
 const TTY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors managing a container or its processes.
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    /// invalid id {0:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.'
     #[error("invalid id {0:?}: use 1-64 of [A-Za-z0-9_.-], not starting with '.'")]
     BadId(String),
-    /// {0}
     #[error(transparent)]
     Spec(#[from] SpecError),
-    /// Cannot set up the root filesystem
     #[error("Cannot set up the root filesystem")]
     Rootfs(#[from] RootfsError),
-    /// Cannot write the bundle
     #[error("Cannot write the bundle")]
     Bundle(#[source] std::io::Error),
-    /// Cannot set up stdio
     #[error("Cannot set up stdio")]
     Stdio(#[source] std::io::Error),
-    /// the container process did not send its terminal
     #[error("the container process did not send its terminal")]
     NoTty,
-    /// {0}
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    /// exec {0:?} already exists in this container
     #[error("exec {0:?} already exists in this container")]
     ExecExists(String),
-    /// the container is not running (its init process exited)
     #[error("the container is not running (its init process exited)")]
     NotRunning,
 }
@@ -120,6 +109,7 @@ impl Container {
             let id2 = id.to_string();
             start_process(
                 exits,
+                machine,
                 &cgroup,
                 &bundle,
                 "init",
@@ -151,15 +141,15 @@ impl Container {
     }
 
     /// Lets the init process run its program.
-    pub async fn start(&self, exits: &Exits) -> Result<(), ContainerError> {
-        launcher::call(
-            exits,
-            Request::Start {
-                id: self.id.clone(),
-            },
-            vec![],
-        )
-        .await?;
+    pub async fn start(
+        &self,
+        exits: &Arc<Exits>,
+        machine: &dyn Machine,
+    ) -> Result<(), ContainerError> {
+        let start = Request::Start {
+            id: self.id.clone(),
+        };
+        machine.launch(exits, start, vec![]).await?;
         Ok(())
     }
 
@@ -167,6 +157,7 @@ impl Container {
     pub async fn exec(
         &self,
         exits: &Arc<Exits>,
+        machine: &dyn Machine,
         exec_id: &str,
         process_json: &[u8],
         tty: bool,
@@ -187,6 +178,7 @@ impl Container {
         let id = self.id.clone();
         let result = start_process(
             exits,
+            machine,
             &self.cgroup,
             &self.bundle,
             exec_id,
@@ -235,7 +227,7 @@ impl Container {
     /// Stops every process (SIGTERM, then SIGKILL after `grace`), deletes
     /// the container's cgroup and state, unmounts its root filesystem and
     /// deletes its writable layer.
-    pub async fn remove(&self, exits: &Exits, machine: &dyn Machine, grace: Duration) {
+    pub async fn remove(&self, exits: &Arc<Exits>, machine: &dyn Machine, grace: Duration) {
         if !self.init.exited() && !grace.is_zero() {
             self.signal("", libc::SIGTERM, true).await.ok();
             tokio::time::timeout(grace, self.init.wait()).await.ok();
@@ -246,19 +238,14 @@ impl Container {
                 .await
                 .ok();
         }
-        if let Err(e) = launcher::call(
-            exits,
-            Request::Delete {
-                id: self.id.clone(),
-            },
-            vec![],
-        )
-        .await
-        {
-            crate::init::console::warn(format_args!(
+        let delete = Request::Delete {
+            id: self.id.clone(),
+        };
+        if let Err(e) = machine.launch(exits, delete, vec![]).await {
+            crate::console::warn(format_args!(
                 "airlock-agent: deleting container {}: {}",
                 self.id,
-                crate::init::error_chain(&e)
+                crate::error_chain::error_chain(&e)
             ));
         }
         machine.unmount_rootfs(&self.layout);
@@ -280,6 +267,7 @@ impl Container {
 /// the new process's exit.
 async fn start_process(
     exits: &Arc<Exits>,
+    machine: &dyn Machine,
     cgroup: &Cgroup,
     bundle: &Path,
     name: &str,
@@ -291,7 +279,9 @@ async fn start_process(
         std::fs::remove_file(&sock).ok();
         let listener = tokio::net::UnixListener::bind(&sock).map_err(ContainerError::Stdio)?;
         let master = tokio::spawn(receive_master(listener));
-        let reply = launcher::call(exits, make(Some(sock.clone())), vec![]).await;
+        let reply = machine
+            .launch(exits, make(Some(sock.clone())), vec![])
+            .await;
         std::fs::remove_file(&sock).ok();
         let reply = match reply {
             Ok(r) => r,
@@ -309,10 +299,14 @@ async fn start_process(
     } else {
         let (ours, theirs) = process::pipes().map_err(ContainerError::Stdio)?;
         let fds = vec![theirs.stdin, theirs.stdout, theirs.stderr];
-        (launcher::call(exits, make(None), fds).await?, ours)
+        (machine.launch(exits, make(None), fds).await?, ours)
     };
     let Reply::Pid(pid) = reply else {
-        return Err(LaunchError::Failed("the launcher returned no pid".into()).into());
+        return Err(LaunchError::Failed {
+            message: "the launcher returned no pid".into(),
+            exec: None,
+        }
+        .into());
     };
     let oom_before = cgroup.oom_kills();
     let exited = exits.watch(pid);
@@ -324,7 +318,7 @@ async fn start_process(
             .unwrap_or_else(|| {
                 // Its status went elsewhere: say it was killed rather than
                 // leave every waiter hanging.
-                crate::init::console::warn(format_args!(
+                crate::console::warn(format_args!(
                     "airlock-agent: the exit status of pid {pid} was lost; reporting SIGKILL"
                 ));
                 process::exits::Exit::Signal(libc::SIGKILL)

@@ -10,16 +10,12 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 /// Errors mounting or unmounting a root filesystem.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
-    /// Cannot create {0}
     #[error("Cannot create {0}")]
     Dir(PathBuf, #[source] std::io::Error),
-    /// Cannot mount the workload image {0} ({1}) at {2}
     #[error("Cannot mount the workload image {0} ({1}) at {2}")]
     Image(String, String, PathBuf, #[source] Errno),
-    /// Cannot mount the overlay at {0}
     #[error("Cannot mount the overlay at {0}")]
     Overlay(PathBuf, #[source] Errno),
-    /// unsupported rootfs mount option {0:?}
     #[error("unsupported rootfs mount option {0:?}")]
     Option(String),
 }

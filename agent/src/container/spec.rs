@@ -22,17 +22,15 @@ pub const REQUIRED_NAMESPACES: &[LinuxNamespaceType] = &[
 /// A spec the agent cannot use.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// invalid OCI spec: {0}
-    #[error("invalid OCI spec: {0}")]
-    Parse(String),
-    /// invalid OCI spec: {0}
+    #[error("invalid OCI spec")]
+    Parse(#[source] serde_json::Error),
     #[error("invalid OCI spec: {0}")]
     Invalid(&'static str),
 }
 
 /// Parses the runtime's `config.json` bytes.
 pub fn parse(json: &[u8]) -> Result<Spec, SpecError> {
-    let spec: Spec = serde_json::from_slice(json).map_err(|e| SpecError::Parse(e.to_string()))?;
+    let spec: Spec = serde_json::from_slice(json).map_err(SpecError::Parse)?;
     if !spec.version().starts_with("1.") {
         return Err(SpecError::Invalid("ociVersion must be 1.x"));
     }
@@ -46,8 +44,7 @@ pub fn parse(json: &[u8]) -> Result<Spec, SpecError> {
 
 /// Parses an exec's OCI process object.
 pub fn parse_process(json: &[u8]) -> Result<Process, SpecError> {
-    let process: Process =
-        serde_json::from_slice(json).map_err(|e| SpecError::Parse(e.to_string()))?;
+    let process: Process = serde_json::from_slice(json).map_err(SpecError::Parse)?;
     check_process(&process)?;
     Ok(process)
 }
@@ -142,7 +139,7 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused_with_a_reason() {
-        let err = parse(b"{not json").unwrap_err().to_string();
+        let err = crate::error_chain::error_chain(&parse(b"{not json").unwrap_err());
         assert!(err.starts_with("invalid OCI spec: "), "{err}");
         let no_args =
             r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#;

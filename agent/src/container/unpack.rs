@@ -8,12 +8,10 @@ use std::path::{Path, PathBuf};
 /// Errors unpacking a rootfs archive.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
-    /// rootfs archive {0} must be a file under {1}
     #[error("rootfs archive {0} must be a file under {1}")]
     Place(String, String),
-    /// cannot unpack the rootfs archive {0}: {1}
-    #[error("cannot unpack the rootfs archive {0}: {1}")]
-    Unpack(PathBuf, std::io::Error),
+    #[error("cannot unpack the rootfs archive {0}")]
+    Unpack(PathBuf, #[source] std::io::Error),
 }
 
 /// Checks that `archive` is a plain path under `scratch` (no `..`).

@@ -1,6 +1,5 @@
 //! The agent as PID 1: bring the guest up, then reap and wait for shutdown.
 
-pub mod console;
 pub mod mounts;
 pub mod reaper;
 pub mod shutdown;
@@ -10,8 +9,10 @@ use std::convert::Infallible;
 
 use crate::boot_timer::{self, Event as BootEvent};
 use crate::cmdline::{Cmdline, CmdlineError};
+use crate::console::{self, info, warn, ConsoleError};
+use crate::container::cgroup::{self, CgroupError};
+use crate::error_chain::error_chain;
 use crate::sysinfo::SysInfo;
-use console::{info, warn, ConsoleError};
 use mounts::MountError;
 use reaper::{ReaperError, Signals};
 use shutdown::ShutdownError;
@@ -30,31 +31,22 @@ pub const BOOT_MARKER_LINE: &str = "airlock-agent: init started";
 /// Errors that stop init (and so panic the guest kernel).
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    /// Cannot set up signal handling
     #[error("Cannot set up signal handling")]
     Signals(#[source] ReaperError),
-    /// Cannot mount the base filesystems
     #[error("Cannot mount the base filesystems")]
     Mounts(#[source] MountError),
-    /// Cannot connect stdio to the console
     #[error("Cannot connect stdio to the console")]
     Console(#[source] ConsoleError),
-    /// Cannot read the agent's settings
     #[error("Cannot read the agent's settings")]
     Cmdline(#[source] CmdlineError),
-    /// Waiting for signals failed
     #[error("Waiting for signals failed")]
     Wait(#[source] ReaperError),
-    /// Shutting down failed
     #[error("Shutting down failed")]
     Shutdown(#[source] ShutdownError),
-    /// Cannot move to a tmpfs root
     #[error("Cannot move to a tmpfs root")]
     SwitchRoot(#[source] switch_root::SwitchRootError),
-    /// Cannot start the async runtime
     #[error("Cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
-    /// The agent API server failed
     #[error("The agent API server failed")]
     Rpc(#[source] crate::rpc::RpcError),
 }
@@ -114,7 +106,8 @@ pub fn run() -> Result<Infallible, InitError> {
             )),
             Err(e) => warn(format_args!(
                 "airlock-agent: warning: containers have no memory limit below the guest's, \
-                 so one that allocates without bound can stall the guest: {e}"
+                 so one that allocates without bound can stall the guest: {}",
+                error_chain(&e)
             )),
         }
     };
@@ -133,13 +126,11 @@ pub fn run() -> Result<Infallible, InitError> {
 }
 
 /// Caps all containers' memory below the guest's, leaving the agent room.
-fn limit_containers() -> Result<u64, String> {
-    use crate::container::cgroup;
-    let available = crate::sysinfo::mem_available_kib().map_err(|e| error_chain(&e))?;
-    let limit = cgroup::containers_limit(available)
-        .ok_or_else(|| format!("only {} KiB available, all kept for the agent", available))?;
-    cgroup::limit_containers(std::path::Path::new(cgroup::CGROUP_ROOT), limit)
-        .map_err(|e| format!("cannot write {}: {e}", cgroup::CGROUP_ROOT))?;
+fn limit_containers() -> Result<u64, CgroupError> {
+    let available = crate::sysinfo::mem_available_kib().map_err(CgroupError::Available)?;
+    let limit = cgroup::containers_limit(available).ok_or(CgroupError::NoRoom(available))?;
+    let root = std::path::Path::new(cgroup::CGROUP_ROOT);
+    cgroup::limit_containers(root, limit).map_err(|e| CgroupError::Write(root.into(), e))?;
     Ok(limit)
 }
 
@@ -148,31 +139,4 @@ fn announce_ready() {
     boot_timer::signal(BootEvent::AgentReady);
     info(format_args!("{READY_LINE}"));
     console::flush();
-}
-
-/// Formats an error and its sources as `outer: inner: innermost`.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_chain_joins_sources() {
-        let err = InitError::Mounts(MountError::Mount("proc", "/proc", nix::errno::Errno::EPERM));
-        assert_eq!(
-            error_chain(&err),
-            "Cannot mount the base filesystems: Cannot mount proc on /proc: \
-             EPERM: Operation not permitted"
-        );
-    }
 }

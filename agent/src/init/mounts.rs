@@ -65,10 +65,8 @@ pub const BASE_MOUNTS: &[BaseMount] = &[
 /// Errors setting up the base mounts.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    /// Cannot create mount point {0}
     #[error("Cannot create mount point {0}")]
     MountPoint(&'static str, #[source] std::io::Error),
-    /// Cannot mount {0} on {1}
     #[error("Cannot mount {0} on {1}")]
     Mount(&'static str, &'static str, #[source] Errno),
 }

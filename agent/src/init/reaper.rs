@@ -26,16 +26,12 @@ pub const SHUTDOWN_SIGNALS: &[Signal] = &[
 /// Errors waiting for signals or children.
 #[derive(Debug, thiserror::Error)]
 pub enum ReaperError {
-    /// Cannot block signals
     #[error("Cannot block signals")]
     Block(#[source] Errno),
-    /// Cannot create a signalfd
     #[error("Cannot create a signalfd")]
     SignalFd(#[source] Errno),
-    /// Cannot wait for a signal
     #[error("Cannot wait for a signal")]
     Wait(#[source] Errno),
-    /// waitpid failed
     #[error("waitpid failed")]
     WaitPid(#[source] Errno),
 }

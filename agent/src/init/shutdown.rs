@@ -22,13 +22,10 @@ pub const GRACE: Duration = Duration::from_secs(2);
 /// Errors shutting down.
 #[derive(Debug, thiserror::Error)]
 pub enum ShutdownError {
-    /// Cannot signal the other processes
     #[error("Cannot signal the other processes")]
     Kill(#[source] Errno),
-    /// Waiting for the other processes failed
     #[error("Waiting for the other processes failed")]
     Wait(#[source] ReaperError),
-    /// reboot(RB_AUTOBOOT) failed
     #[error("reboot(RB_AUTOBOOT) failed")]
     Reboot(#[source] Errno),
 }
@@ -61,7 +58,7 @@ pub fn stop_all_and_reboot(
 
 /// Syncs filesystems and resets the guest; returns only on failure.
 pub fn reboot_now() -> Result<std::convert::Infallible, ShutdownError> {
-    super::console::flush();
+    crate::console::flush();
     nix::unistd::sync();
     reboot(RebootMode::RB_AUTOBOOT).map_err(ShutdownError::Reboot)
 }

@@ -23,19 +23,14 @@ const NEW_ROOT: &str = "/.airlock-root";
 /// Errors switching to the tmpfs root.
 #[derive(Debug, thiserror::Error)]
 pub enum SwitchRootError {
-    /// Cannot create the new root at /.airlock-root
     #[error("Cannot create the new root at {NEW_ROOT}")]
     Create(#[source] std::io::Error),
-    /// Cannot mount a tmpfs for the new root
     #[error("Cannot mount a tmpfs for the new root")]
     Mount(#[source] Errno),
-    /// Cannot read the initramfs at {0}
     #[error("Cannot read the initramfs at {0}")]
     Read(String, #[source] std::io::Error),
-    /// Cannot place {0} in the new root
     #[error("Cannot place {0} in the new root")]
     Place(String, #[source] std::io::Error),
-    /// Cannot move the new root onto /
     #[error("Cannot move the new root onto /")]
     Move(#[source] Errno),
 }

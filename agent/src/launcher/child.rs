@@ -4,7 +4,7 @@
 //! It stays single-threaded: no tokio, no logging threads (libcontainer's
 //! `tracing` events go nowhere, its errors come back in the reply).
 
-use std::os::fd::{OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -12,6 +12,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 
+use super::exec_check::{self, Checked, ExecFailure};
 use super::{wire, Reply, Request, YOUKI_ROOT};
 
 const SOCK: RawFd = 0;
@@ -33,7 +34,7 @@ pub fn main() -> ExitCode {
     };
     let reply = match perform(req, fds) {
         Ok(reply) => reply,
-        Err(msg) => Reply::Failed(msg),
+        Err(Failure(message, exec)) => Reply::Failed { message, exec },
     };
     match wire::send(SOCK, &reply, &[]) {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,20 +45,41 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, String> {
+/// A failed operation: libcontainer's error chain, and why the program
+/// could not be run if that was the cause.
+struct Failure(String, Option<ExecFailure>);
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self(message, None)
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Self(message.into(), None)
+    }
+}
+
+fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, Failure> {
+    // The container's init process reports on it why its program cannot
+    // be run (see exec_check); read once the build is over.
+    let (report_read, report_write) = exec_check::pipe().map_err(|e| chain(&e))?;
+    let checked = Checked::new(report_write.as_fd());
+    let failed = |e: &dyn std::error::Error| Failure(chain(e), exec_check::reported(&report_read));
     match req {
         Request::Create {
             id,
             bundle,
             console_socket,
         } => {
-            let builder = with_stdio(base(&id, console_socket)?, fds)?;
+            let builder = with_stdio(base(&id, console_socket)?, fds)?.with_executor(checked);
             let container = builder
                 .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| failed(&e))?;
             let pid = container.pid().ok_or("the container has no init process")?;
             Ok(Reply::Pid(pid.as_raw()))
         }
@@ -70,13 +92,13 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, String> {
             process,
             console_socket,
         } => {
-            let builder = with_stdio(base(&id, console_socket)?, fds)?;
+            let builder = with_stdio(base(&id, console_socket)?, fds)?.with_executor(checked);
             let pid = builder
                 .as_tenant()
                 .with_process(Some(process))
                 .with_detach(true)
                 .build()
-                .map_err(|e| chain(&e))?;
+                .map_err(|e| failed(&e))?;
             Ok(Reply::Pid(pid.as_raw()))
         }
         Request::Delete { id } => {
@@ -110,5 +132,5 @@ fn load(id: &str) -> Result<Container, String> {
 
 /// The error and its sources on one line.
 fn chain(err: &dyn std::error::Error) -> String {
-    crate::init::error_chain(err)
+    crate::error_chain::error_chain(err)
 }

@@ -15,6 +15,7 @@
 //! exit status reaches [`crate::process::exits::Exits`].
 
 mod child;
+pub mod exec_check;
 pub mod wire;
 
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -28,6 +29,8 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
 use crate::process::exits::{exit_of, Exit, Exits};
+
+pub use exec_check::{ExecFailure, ExecKind};
 
 pub use child::main;
 
@@ -68,28 +71,34 @@ pub enum Reply {
     Pid(i32),
     /// Done.
     Done,
-    /// It failed; the message is libcontainer's error chain.
-    Failed(String),
+    /// It failed; the message is libcontainer's error chain, and `exec`
+    /// says why the program could not be run when that was the cause.
+    Failed {
+        message: String,
+        exec: Option<ExecFailure>,
+    },
 }
 
 /// Errors running the launcher.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    /// Cannot start the launcher process
     #[error("Cannot start the launcher process")]
     Spawn(#[source] std::io::Error),
-    /// Cannot talk to the launcher
     #[error("Cannot talk to the launcher")]
     Wire(#[from] wire::WireError),
-    /// the launcher ended without a reply ({0:?})
     #[error("the launcher ended without a reply ({0:?})")]
     Died(Option<Exit>),
-    /// the launcher did not reply within {0:?}; it was killed
     #[error("the launcher did not reply within {0:?}; it was killed")]
     Timeout(Duration),
-    /// {0}
-    #[error("{0}")]
-    Failed(String),
+    #[error("the launcher's task failed")]
+    Task(#[source] tokio::task::JoinError),
+    /// What the launcher replied (libcontainer's error chain, from the
+    /// launcher process: no source to keep), with the exec failure if any.
+    #[error("{message}")]
+    Failed {
+        message: String,
+        exec: Option<ExecFailure>,
+    },
 }
 
 /// How long one launcher operation may take. libcontainer's create,
@@ -130,7 +139,7 @@ pub async fn call(exits: &Exits, req: Request, fds: Vec<OwnedFd>) -> Result<Repl
     };
     let reply = exchange(ours, req, fds, LAUNCH_TIMEOUT, kill).await?;
     match reply {
-        Some(Reply::Failed(msg)) => Err(LaunchError::Failed(msg)),
+        Some(Reply::Failed { message, exec }) => Err(LaunchError::Failed { message, exec }),
         Some(reply) => Ok(reply),
         None => {
             let status = tokio::time::timeout(EXIT_WAIT, exit_of(exited, pid))
@@ -159,9 +168,7 @@ async fn exchange(
         Ok(reply)
     });
     match tokio::time::timeout(deadline, task).await {
-        Ok(joined) => {
-            Ok(joined.map_err(|e| LaunchError::Failed(format!("launcher task failed: {e}")))??)
-        }
+        Ok(joined) => Ok(joined.map_err(LaunchError::Task)??),
         Err(_) => {
             on_timeout();
             Err(LaunchError::Timeout(deadline))

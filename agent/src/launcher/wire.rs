@@ -21,22 +21,16 @@ pub const FDS_MAX: usize = 3;
 /// Errors on the launcher's socket.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    /// Cannot create the socket pair
     #[error("Cannot create the socket pair")]
     Pair(#[source] Errno),
-    /// Cannot send a message
     #[error("Cannot send a message")]
     Send(#[source] Errno),
-    /// Cannot receive a message
     #[error("Cannot receive a message")]
     Recv(#[source] Errno),
-    /// Malformed message
     #[error("Malformed message")]
     Json(#[from] serde_json::Error),
-    /// A message carried {0} fds, more than 3
     #[error("A message carried {0} fds, more than {FDS_MAX}")]
     TooManyFds(usize),
-    /// A message was truncated
     #[error("A message was truncated")]
     Truncated,
 }

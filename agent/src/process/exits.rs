@@ -97,7 +97,7 @@ impl Exits {
         }
     }
 
-    fn record(&self, pid: i32, exit: Exit) {
+    pub(crate) fn record(&self, pid: i32, exit: Exit) {
         let mut inner = self.lock();
         match inner.waiters.remove(&pid) {
             Some(waiters) => waiters.into_iter().for_each(|tx| {

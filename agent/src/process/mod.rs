@@ -54,16 +54,12 @@ pub enum Stream {
 /// Errors using a process's stdio.
 #[derive(Debug, thiserror::Error)]
 pub enum StdioError {
-    /// stdin of this process is closed
     #[error("stdin of this process is closed")]
     StdinClosed,
-    /// this process has a terminal: its stderr is merged into stdout
     #[error("this process has a terminal: its stderr is merged into stdout")]
     NoStderrWithTty,
-    /// this process has no terminal to resize
     #[error("this process has no terminal to resize")]
     NoTty,
-    /// stdio I/O failed
     #[error("stdio I/O failed")]
     Io(#[from] std::io::Error),
 }
@@ -212,4 +208,60 @@ pub fn tty(master: OwnedFd) -> std::io::Result<Stdio> {
         read_lock: Mutex::new(()),
         closed: std::sync::atomic::AtomicBool::new(false),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_whose_peer_is_gone_ends_or_fails_without_hanging() {
+        let (ours, theirs) = pipes().unwrap();
+        let (_exit_tx, exit_rx) = Process::exit_channel();
+        let p = Process::new(1, ours, exit_rx);
+        // The process's ends close (it exited, or the launcher failed).
+        drop(theirs);
+        assert!(p.read(Stream::Stdout, 16).await.unwrap().is_empty());
+        assert!(p.read(Stream::Stderr, 16).await.unwrap().is_empty());
+        let err = p.write_stdin(b"x").await.unwrap_err();
+        match err {
+            StdioError::Io(e) => assert_eq!(e.raw_os_error(), Some(libc::EPIPE)),
+            other => panic!("{other}"),
+        }
+        p.close_stdin().await.unwrap();
+        assert!(matches!(
+            p.write_stdin(b"x").await,
+            Err(StdioError::StdinClosed)
+        ));
+        assert!(matches!(p.resize(1, 1), Err(StdioError::NoTty)));
+    }
+
+    #[tokio::test]
+    async fn wait_after_kill_returns_the_signal_every_time() {
+        let (ours, _theirs) = pipes().unwrap();
+        let (exit_tx, exit_rx) = Process::exit_channel();
+        let p = Process::new(1, ours, exit_rx);
+        assert!(!p.exited());
+        let killed = ExitInfo {
+            exit: Exit::Signal(libc::SIGKILL),
+            oom_killed: false,
+        };
+        exit_tx.send(Some(killed)).unwrap();
+        assert!(p.exited());
+        assert_eq!(p.wait().await, killed);
+        assert_eq!(p.wait().await, killed);
+        assert_eq!(p.wait().await.exit.status(), 128 + libc::SIGKILL);
+    }
+
+    #[tokio::test]
+    async fn a_process_the_agent_lost_track_of_waits_as_killed() {
+        let (ours, _theirs) = pipes().unwrap();
+        let (exit_tx, exit_rx) = Process::exit_channel();
+        let p = Process::new(1, ours, exit_rx);
+        drop(exit_tx);
+        let info = tokio::time::timeout(std::time::Duration::from_secs(5), p.wait())
+            .await
+            .expect("no hang");
+        assert_eq!(info.exit, Exit::Signal(libc::SIGKILL));
+    }
 }

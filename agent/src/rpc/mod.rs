@@ -19,13 +19,10 @@ pub use service::Service;
 /// Errors running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
-    /// Cannot listen on vsock port 1024
     #[error("Cannot listen on vsock port {AGENT_VSOCK_PORT}")]
     Listen(#[source] ttrpc::Error),
-    /// Cannot start the ttrpc server
     #[error("Cannot start the ttrpc server")]
     Start(#[source] ttrpc::Error),
-    /// Cannot watch signals
     #[error("Cannot watch signals")]
     Signals(#[source] std::io::Error),
 }

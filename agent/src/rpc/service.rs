@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use airlock_protocol::agent::*;
 use airlock_protocol::agent_ttrpc::AgentService;
-use airlock_protocol::{check_compatible, PROTOCOL_VERSION};
+use airlock_protocol::{check_compatible, exec_failure_status, PROTOCOL_VERSION};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
 use crate::container::rootfs::RootfsError;
 use crate::container::ContainerError;
 use crate::files::{self, FileError};
-use crate::launcher::LaunchError;
+use crate::launcher::{ExecKind, LaunchError};
 use crate::process::{StdioError, Stream};
 use crate::sandbox::{Sandbox, SandboxError};
 
@@ -40,7 +40,11 @@ impl From<SandboxError> for TtrpcError {
         let code = match &e {
             SandboxError::NoContainer(_) | SandboxError::NoProcess(..) => Code::NOT_FOUND,
             SandboxError::Exists(_) => Code::ALREADY_EXISTS,
-            SandboxError::Invalid(_) => Code::INVALID_ARGUMENT,
+            SandboxError::Invalid(_)
+            | SandboxError::Archive(_)
+            | SandboxError::Task(_)
+            | SandboxError::Resources(_)
+            | SandboxError::Update(..) => Code::INVALID_ARGUMENT,
             SandboxError::Container(c) => match c {
                 ContainerError::BadId(_)
                 | ContainerError::Spec(_)
@@ -49,7 +53,7 @@ impl From<SandboxError> for TtrpcError {
                 ContainerError::NotRunning => Code::FAILED_PRECONDITION,
                 // An exec that failed (e.g. no such command) is the caller's
                 // problem, as runc reports it.
-                ContainerError::Launch(LaunchError::Failed(_)) => Code::FAILED_PRECONDITION,
+                ContainerError::Launch(LaunchError::Failed { .. }) => Code::FAILED_PRECONDITION,
                 ContainerError::Launch(LaunchError::Timeout(_)) => Code::DEADLINE_EXCEEDED,
                 _ => Code::INTERNAL,
             },
@@ -62,8 +66,29 @@ impl From<SandboxError> for TtrpcError {
             },
             SandboxError::Sys(..) => Code::INTERNAL,
         };
-        status(code, crate::init::error_chain(&e))
+        let message = crate::error_chain::error_chain(&e);
+        match exec_failure(&e) {
+            Some(failure) => TtrpcError::RpcStatus(exec_failure_status(code, message, &failure)),
+            None => status(code, message),
+        }
     }
+}
+
+/// Why the program could not be run, when that is why `e` happened.
+fn exec_failure(e: &SandboxError) -> Option<ExecFailure> {
+    let SandboxError::Container(ContainerError::Launch(LaunchError::Failed {
+        exec: Some(exec),
+        ..
+    })) = e
+    else {
+        return None;
+    };
+    let kind = match exec.kind {
+        ExecKind::NotFound => ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND,
+        ExecKind::PermissionDenied => ExecFailureKind::EXEC_FAILURE_KIND_PERMISSION_DENIED,
+        ExecKind::Other => ExecFailureKind::EXEC_FAILURE_KIND_OTHER,
+    };
+    Some(ExecFailure::of(kind, exec.executable.clone()))
 }
 
 fn stdio_err(e: StdioError) -> TtrpcError {
@@ -71,7 +96,7 @@ fn stdio_err(e: StdioError) -> TtrpcError {
         StdioError::Io(_) => Code::INTERNAL,
         _ => Code::FAILED_PRECONDITION,
     };
-    status(code, crate::init::error_chain(&e))
+    status(code, crate::error_chain::error_chain(&e))
 }
 
 fn file_info(i: files::Info) -> FileInfo {
@@ -101,7 +126,7 @@ impl AgentService for Service {
         // Answer even on a mismatch, so the runtime can name both versions;
         // but say it here too, on the console.
         if let Err(e) = check_compatible(req.protocol_version) {
-            crate::init::console::warn(format_args!("airlock-agent: runtime mismatch: {e}"));
+            crate::console::warn(format_args!("airlock-agent: runtime mismatch: {e}"));
         }
         Ok(CheckResponse {
             protocol_version: PROTOCOL_VERSION,
@@ -357,5 +382,212 @@ impl Service {
             data,
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use airlock_protocol::exec_failure;
+
+    use super::*;
+    use crate::launcher::ExecFailure as LaunchExecFailure;
+
+    fn launch_failed(exec: Option<LaunchExecFailure>) -> SandboxError {
+        SandboxError::Container(ContainerError::Launch(LaunchError::Failed {
+            message: "executable 'nosuch' not found in $PATH".into(),
+            exec,
+        }))
+    }
+
+    fn rpc_status(e: SandboxError) -> ttrpc::Status {
+        match TtrpcError::from(e) {
+            TtrpcError::RpcStatus(s) => s,
+            other => panic!("not a status: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_exec_failure_carries_its_kind_in_the_details() {
+        for (kind, want) in [
+            (
+                ExecKind::NotFound,
+                ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND,
+            ),
+            (
+                ExecKind::PermissionDenied,
+                ExecFailureKind::EXEC_FAILURE_KIND_PERMISSION_DENIED,
+            ),
+            (ExecKind::Other, ExecFailureKind::EXEC_FAILURE_KIND_OTHER),
+        ] {
+            let s = rpc_status(launch_failed(Some(LaunchExecFailure {
+                kind,
+                executable: "nosuch".into(),
+            })));
+            assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+            assert!(s.message().contains("not found"), "{}", s.message());
+            let failure = exec_failure(&s).expect("details");
+            assert_eq!(failure.kind_or_other(), want);
+            assert_eq!(failure.executable, "nosuch");
+        }
+    }
+
+    #[test]
+    fn other_failures_have_no_details() {
+        let s = rpc_status(launch_failed(None));
+        assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+        assert!(exec_failure(&s).is_none());
+        let s = rpc_status(SandboxError::NoContainer("c".into()));
+        assert_eq!(s.code(), Code::NOT_FOUND);
+        assert!(s.details.is_empty());
+    }
+
+    // The handlers over a sandbox on the fake machine (no KVM, no launcher).
+
+    fn service() -> (tempfile::TempDir, Service) {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = crate::machine::Fake::new(dir.path()).unwrap();
+        let exits = Arc::new(crate::process::exits::Exits::default());
+        let sandbox = Sandbox::with_machine(exits, Box::new(machine));
+        (dir, Service::new(Arc::new(sandbox)))
+    }
+
+    fn ctx() -> TtrpcContext {
+        TtrpcContext {
+            mh: ttrpc::MessageHeader::default(),
+            metadata: Default::default(),
+            timeout_nano: 0,
+        }
+    }
+
+    fn code<T: std::fmt::Debug>(res: Result<T>) -> Code {
+        match res {
+            Err(TtrpcError::RpcStatus(s)) => s.code(),
+            other => panic!("not an error status: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_on_a_missing_container_are_not_found() {
+        let (_dir, svc) = service();
+        let c = || "c".to_string();
+        let exec = ExecProcessRequest {
+            container_id: c(),
+            exec_id: "e".into(),
+            process_spec: br#"{"args":["nosuch"],"cwd":"/","user":{"uid":0,"gid":0}}"#.to_vec(),
+            ..Default::default()
+        };
+        assert_eq!(code(svc.exec_process(&ctx(), exec).await), Code::NOT_FOUND);
+        let wait = WaitProcessRequest {
+            container_id: c(),
+            ..Default::default()
+        };
+        assert_eq!(code(svc.wait_process(&ctx(), wait).await), Code::NOT_FOUND);
+        let read = ReadStreamRequest {
+            container_id: c(),
+            len: 10,
+            ..Default::default()
+        };
+        assert_eq!(code(svc.read_stdout(&ctx(), read).await), Code::NOT_FOUND);
+        let start = StartContainerRequest {
+            container_id: c(),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(svc.start_container(&ctx(), start).await),
+            Code::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_delete_is_not_found_and_leaves_the_sandbox_usable() {
+        let (dir, svc) = service();
+        let create = CreateSandboxRequest {
+            hostname: "h".into(),
+            ..Default::default()
+        };
+        svc.create_sandbox(&ctx(), create.clone()).await.unwrap();
+        // Twice is fine: the scratch disk is mounted once.
+        svc.create_sandbox(&ctx(), create).await.unwrap();
+        let remove = RemoveContainerRequest {
+            container_id: "c".into(),
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            let res = svc.remove_container(&ctx(), remove.clone()).await;
+            assert_eq!(code(res), Code::NOT_FOUND);
+        }
+        // The file API still answers.
+        let write = WriteFileRequest {
+            path: "/f".into(),
+            data: b"x".to_vec(),
+            create: true,
+            ..Default::default()
+        };
+        svc.write_file(&ctx(), write).await.unwrap();
+        assert_eq!(std::fs::read(dir.path().join("root/f")).unwrap(), b"x");
+    }
+
+    #[tokio::test]
+    async fn bad_arguments_are_invalid_before_any_lookup() {
+        let (_dir, svc) = service();
+        let signal = SignalProcessRequest {
+            container_id: "c".into(),
+            signal: u32::MAX,
+            ..Default::default()
+        };
+        let res = svc.signal_process(&ctx(), signal).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+        let update = UpdateContainerRequest {
+            container_id: "c".into(),
+            resources: b"{not json".to_vec(),
+            ..Default::default()
+        };
+        let res = svc.update_container(&ctx(), update).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+        let create = CreateContainerRequest {
+            container_id: "../c".into(),
+            ..Default::default()
+        };
+        let res = svc.create_container(&ctx(), create).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+    }
+
+    #[tokio::test]
+    async fn exec_not_found_reaches_the_caller_as_its_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = crate::machine::Fake::with_processes(dir.path()).unwrap();
+        let exits = Arc::new(crate::process::exits::Exits::default());
+        let svc = Service::new(Arc::new(Sandbox::with_machine(exits, Box::new(machine))));
+        let process = |prog: &str| {
+            format!(
+                r#"{{"args":["{prog}"],"env":["PATH=/usr/bin:/bin"],"cwd":"/","user":{{"uid":0,"gid":0}}}}"#
+            )
+        };
+        let spec = format!(
+            r#"{{"ociVersion":"1.0.2","process":{},"root":{{"path":"rootfs"}}}}"#,
+            process("nosuch-init")
+        );
+        let create = CreateContainerRequest {
+            container_id: "fake-svc".into(),
+            oci_spec: spec.into_bytes(),
+            rootfs: protobuf::MessageField::some(Rootfs {
+                source: "/img".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let s = match svc.create_container(&ctx(), create).await {
+            Err(TtrpcError::RpcStatus(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+        let failure = exec_failure(&s).expect("details");
+        assert_eq!(
+            failure.kind_or_other(),
+            ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND
+        );
+        assert_eq!(failure.executable, "nosuch-init");
+        // Nothing of the container is left.
+        assert!(!dir.path().join("bundles/fake-svc").exists());
     }
 }

@@ -16,6 +16,7 @@ pub mod testing;
 
 use std::time::Duration;
 
+use airlock_protocol::agent;
 use airlock_protocol::agent_ttrpc::AgentServiceClient;
 use airlock_protocol::ttrpc;
 use airlock_protocol::ttrpc::context::{self, Context};
@@ -62,6 +63,13 @@ pub enum SandboxError {
     Spec(#[from] spec::SpecError),
     #[error("the agent refused {0}: {1}")]
     Agent(&'static str, String),
+    /// The agent could not start the program; `failure` says why.
+    #[error("the agent refused {call}: {message}")]
+    CannotRun {
+        call: &'static str,
+        failure: agent::ExecFailure,
+        message: String,
+    },
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
     #[error("{0}")]
@@ -90,7 +98,15 @@ impl SandboxError {
     /// The agent's own message, when the agent refused a call.
     pub fn agent_message(&self) -> Option<&str> {
         match self {
-            SandboxError::Agent(_, msg) => Some(msg),
+            SandboxError::Agent(_, msg) | SandboxError::CannotRun { message: msg, .. } => Some(msg),
+            _ => None,
+        }
+    }
+
+    /// Why the agent could not start the program, when that is the error.
+    pub fn exec_failure(&self) -> Option<&agent::ExecFailure> {
+        match self {
+            SandboxError::CannotRun { failure, .. } => Some(failure),
             _ => None,
         }
     }
@@ -98,13 +114,19 @@ impl SandboxError {
 
 /// Turns a ttrpc error into [`SandboxError::Agent`] with the status
 /// message alone (not ttrpc's debug dump).
-fn agent_err(call: &'static str) -> impl FnOnce(airlock_protocol::ttrpc::Error) -> SandboxError {
-    move |e| {
-        let msg = match e {
-            airlock_protocol::ttrpc::Error::RpcStatus(s) => s.message().to_string(),
-            other => other.to_string(),
-        };
-        SandboxError::Agent(call, msg)
+pub(crate) fn agent_err(
+    call: &'static str,
+) -> impl FnOnce(airlock_protocol::ttrpc::Error) -> SandboxError {
+    move |e| match e {
+        airlock_protocol::ttrpc::Error::RpcStatus(s) => match airlock_protocol::exec_failure(&s) {
+            Some(failure) => SandboxError::CannotRun {
+                call,
+                failure,
+                message: s.message().to_string(),
+            },
+            None => SandboxError::Agent(call, s.message().to_string()),
+        },
+        other => SandboxError::Agent(call, other.to_string()),
     }
 }
 

@@ -4,7 +4,7 @@
 //! `airlock_agent::rpc::Service`, over a sandbox on a
 //! `airlock_agent::machine::Fake`: a temporary directory standing for the
 //! guest, where nothing is mounted and no process is launched (see the
-//! agent's `machine.rs`). The file API works for real in the fake's root,
+//! agent's `machine/`). The file API works for real in the fake's root,
 //! which is rebuilt for every input with a few files, directories,
 //! symlinks that point out of it, and a FIFO.
 //!

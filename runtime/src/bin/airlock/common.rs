@@ -6,6 +6,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use airlock_protocol::agent::{ExecFailure, ExecFailureKind};
 use airlock_runtime::config::{self, ConfigError, RuntimeConfig, MIN_MEMORY_MIB};
 use airlock_runtime::image::ImageRef;
 use airlock_runtime::sandbox::io::ProcessExit;
@@ -74,14 +75,10 @@ pub fn fail_sandbox(err: &SandboxError) -> ExitCode {
             return fail(&line);
         }
     }
-    if let Some(msg) = err.agent_message() {
-        if let Some(cmd) = between(msg, "executable '", "' not found") {
-            eprintln!("airlock: exec: \"{cmd}\": executable file not found in $PATH");
-            return ExitCode::from(EXIT_NOT_FOUND);
-        }
-        if let Some(cmd) = between(msg, "executable '", "' at path") {
-            eprintln!("airlock: exec: \"{cmd}\": permission denied");
-            return ExitCode::from(EXIT_CANNOT_RUN);
+    if let Some(failure) = err.exec_failure() {
+        if let Some((line, status)) = cannot_run(failure) {
+            eprintln!("{line}");
+            return ExitCode::from(status);
         }
     }
     fail(&error_line(err))
@@ -104,10 +101,21 @@ fn size_flag_error(e: &ConfigError) -> Option<String> {
     Some(format!("{flag}: {e}"))
 }
 
-fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
-    let from = s.find(start)? + start.len();
-    let len = s[from..].find(end)?;
-    Some(&s[from..from + len])
+/// The line and status runc gives a program that cannot be run: 127 when
+/// it was not found, 126 when it is not executable.
+fn cannot_run(failure: &ExecFailure) -> Option<(String, u8)> {
+    let cmd = &failure.executable;
+    match failure.kind_or_other() {
+        ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND => Some((
+            format!("airlock: exec: \"{cmd}\": executable file not found in $PATH"),
+            EXIT_NOT_FOUND,
+        )),
+        ExecFailureKind::EXEC_FAILURE_KIND_PERMISSION_DENIED => Some((
+            format!("airlock: exec: \"{cmd}\": permission denied"),
+            EXIT_CANNOT_RUN,
+        )),
+        ExecFailureKind::EXEC_FAILURE_KIND_OTHER => None,
+    }
 }
 
 /// The exit status that mirrors the process's, with a note on stderr when
@@ -316,5 +324,25 @@ mod tests {
             huge.contains("MiB of memory is more than this host's"),
             "{huge}"
         );
+    }
+
+    #[test]
+    fn the_exec_failure_kind_gives_126_or_127() {
+        let of = |kind| cannot_run(&ExecFailure::of(kind, "prog"));
+        assert_eq!(
+            of(ExecFailureKind::EXEC_FAILURE_KIND_NOT_FOUND),
+            Some((
+                "airlock: exec: \"prog\": executable file not found in $PATH".into(),
+                EXIT_NOT_FOUND
+            ))
+        );
+        assert_eq!(
+            of(ExecFailureKind::EXEC_FAILURE_KIND_PERMISSION_DENIED),
+            Some((
+                "airlock: exec: \"prog\": permission denied".into(),
+                EXIT_CANNOT_RUN
+            ))
+        );
+        assert_eq!(of(ExecFailureKind::EXEC_FAILURE_KIND_OTHER), None);
     }
 }

@@ -2,9 +2,10 @@
 //! where its directories are, the guest's hostname and clock, the scratch
 //! disk, and containers' root filesystems.
 //!
-//! PID 1 uses [`Guest`], the real thing. [`Fake`] is the seam for the fuzz
-//! target `agent_request` (tests/fuzz), which calls the RPC handlers with
-//! hostile requests, as root, on a host that is not a guest:
+//! PID 1 uses [`Guest`], the real thing. [`Fake`] (`fake.rs`) is the seam
+//! for the fuzz target `agent_request` (tests/fuzz), which calls the RPC
+//! handlers with hostile requests, as root, on a host that is not a guest,
+//! and for the unit tests of the sandbox and the RPC service:
 //! * a directory stands for the guest's `/` (the file API of container
 //!   ""), and two others for the scratch disk and the bundles; they are
 //!   siblings, so the file API cannot plant symlinks where the sandbox
@@ -14,17 +15,33 @@
 //! * mounting a container's root filesystem checks the options, as the
 //!   guest does, then fails. So no container is ever created: nothing
 //!   reaches the launcher (which starts processes), a cgroup or a kill, and
-//!   every request naming a container gets "no container".
+//!   every request naming a container gets "no container";
+//! * unless it was made with [`Fake::with_processes`] (unit tests only):
+//!   then a container's rootfs is a plain directory and its processes are
+//!   the host's, started from the spec's args without namespaces or
+//!   cgroups (see `fake.rs`).
 //!
 //! The production agent never builds a [`Fake`]: `rpc::serve` makes its
 //! sandbox with `Sandbox::new`, which takes [`Guest`].
 
-use std::path::{Path, PathBuf};
+mod fake;
 
-use nix::errno::Errno;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use nix::mount::{mount, MsFlags};
 
 use crate::container::rootfs::{self, Layout, RootfsError};
+use crate::launcher::{self, LaunchError, Reply, Request};
+use crate::process::exits::Exits;
+
+pub use fake::Fake;
+
+/// A launcher operation under way (see [`Machine::launch`]).
+pub type Launch<'a> = Pin<Box<dyn Future<Output = Result<Reply, LaunchError>> + Send + 'a>>;
 
 /// The machine-level operations a sandbox needs.
 pub trait Machine: Send + Sync {
@@ -51,7 +68,15 @@ pub trait Machine: Send + Sync {
     ) -> Result<(), RootfsError>;
     /// Undoes [`Machine::mount_rootfs`], best effort.
     fn unmount_rootfs(&self, layout: &Layout);
+    /// Performs one OCI operation (see [`launcher::call`]).
+    fn launch<'a>(&'a self, exits: &'a Arc<Exits>, req: Request, fds: Vec<OwnedFd>) -> Launch<'a>;
 }
+
+/// Where the writable layers live in the guest (the scratch disk, or a
+/// tmpfs).
+const SCRATCH: &str = airlock_protocol::GUEST_SCRATCH_DIR;
+/// Where bundles live in the guest.
+const BUNDLES: &str = "/run/airlock-agent/bundles";
 
 /// This VM, as PID 1 sees it.
 pub struct Guest;
@@ -62,11 +87,11 @@ impl Machine for Guest {
     }
 
     fn scratch(&self) -> &Path {
-        Path::new(crate::sandbox::SCRATCH)
+        Path::new(SCRATCH)
     }
 
     fn bundles(&self) -> &Path {
-        Path::new(crate::container::BUNDLES)
+        Path::new(BUNDLES)
     }
 
     fn set_hostname(&self, name: &str) -> nix::Result<()> {
@@ -101,102 +126,8 @@ impl Machine for Guest {
     fn unmount_rootfs(&self, layout: &Layout) {
         rootfs::unmount_rootfs(layout);
     }
-}
 
-/// A directory standing for the guest, for fuzzing (see the module's
-/// comment): it never mounts, launches or signals anything.
-pub struct Fake {
-    root: PathBuf,
-    scratch: PathBuf,
-    bundles: PathBuf,
-}
-
-/// The kernel's limit on a hostname (`HOST_NAME_MAX`).
-const HOST_NAME_MAX: usize = 64;
-
-impl Fake {
-    /// A fake guest in `dir`: `dir/root` (the guest's `/`), `dir/scratch`
-    /// and `dir/bundles`, created if missing.
-    pub fn new(dir: &Path) -> std::io::Result<Self> {
-        let fake = Self {
-            root: dir.join("root"),
-            scratch: dir.join("scratch"),
-            bundles: dir.join("bundles"),
-        };
-        for d in [&fake.root, &fake.scratch, &fake.bundles] {
-            std::fs::create_dir_all(d)?;
-        }
-        Ok(fake)
-    }
-}
-
-impl Machine for Fake {
-    fn root(&self) -> &Path {
-        &self.root
-    }
-
-    fn scratch(&self) -> &Path {
-        &self.scratch
-    }
-
-    fn bundles(&self) -> &Path {
-        &self.bundles
-    }
-
-    fn set_hostname(&self, name: &str) -> nix::Result<()> {
-        if name.len() > HOST_NAME_MAX {
-            return Err(Errno::EINVAL);
-        }
-        Ok(())
-    }
-
-    fn set_clock(&self, _: i64) -> nix::Result<()> {
-        Ok(())
-    }
-
-    fn mount_scratch(&self, _: &str) -> nix::Result<()> {
-        Ok(())
-    }
-
-    fn mount_rootfs(
-        &self,
-        source: &str,
-        fstype: &str,
-        options: &[String],
-        layout: &Layout,
-    ) -> Result<(), RootfsError> {
-        rootfs::image_flags(options)?;
-        Err(RootfsError::Image(
-            source.into(),
-            fstype.into(),
-            layout.lower.clone(),
-            Errno::EPERM,
-        ))
-    }
-
-    fn unmount_rootfs(&self, _: &Layout) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_fake_refuses_every_mount_and_keeps_to_its_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = Fake::new(dir.path()).unwrap();
-        assert_eq!(fake.root(), dir.path().join("root"));
-        assert!(fake.scratch().is_dir() && fake.bundles().is_dir());
-        let layout = Layout::new(&fake.bundles.join("c"), &fake.scratch.join("c"));
-        let err = fake.mount_rootfs("/", "", &[], &layout).unwrap_err();
-        assert!(matches!(err, RootfsError::Image(..)), "{err}");
-        let err = fake
-            .mount_rootfs("/", "", &["data=journal".into()], &layout)
-            .unwrap_err();
-        assert!(matches!(err, RootfsError::Option(_)), "{err}");
-        // Nothing was created for the container.
-        assert!(!layout.lower.exists());
-        assert_eq!(fake.set_hostname(&"h".repeat(65)), Err(Errno::EINVAL));
-        assert_eq!(fake.set_hostname("h"), Ok(()));
+    fn launch<'a>(&'a self, exits: &'a Arc<Exits>, req: Request, fds: Vec<OwnedFd>) -> Launch<'a> {
+        Box::pin(launcher::call(exits, req, fds))
     }
 }

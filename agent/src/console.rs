@@ -15,10 +15,8 @@ const CONSOLE: &str = "/dev/console";
 /// Errors connecting stdio to the console.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsoleError {
-    /// Cannot open /dev/console
     #[error("Cannot open /dev/console")]
     Open(#[source] nix::Error),
-    /// Cannot duplicate the console onto fd {0}
     #[error("Cannot duplicate the console onto fd {0}")]
     Dup(i32, #[source] nix::Error),
 }
