@@ -21,7 +21,6 @@ mod boot_timer;
 mod cmdline;
 pub mod console;
 mod container;
-pub mod error_chain;
 mod files;
 pub mod init;
 pub mod launcher;

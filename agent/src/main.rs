@@ -48,7 +48,7 @@ fn main() -> ExitCode {
     airlock_agent::console::ensure_stdio().ok();
     airlock_agent::console::warn(format_args!(
         "airlock-agent: fatal: {}",
-        airlock_agent::error_chain::error_chain(&err)
+        airlock_report::chain(&err)
     ));
     ExitCode::FAILURE
 }

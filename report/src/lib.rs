@@ -43,7 +43,12 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 /// [`chain`], with every run of whitespace (newlines included) one space:
 /// one line of a terminal or a log.
 pub fn one_line(err: &dyn std::error::Error) -> String {
-    chain(err).split_whitespace().collect::<Vec<_>>().join(" ")
+    flatten(&chain(err))
+}
+
+/// `text` with every run of whitespace (newlines included) one space.
+pub fn flatten(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

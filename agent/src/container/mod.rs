@@ -245,7 +245,7 @@ impl Container {
             crate::console::warn(format_args!(
                 "airlock-agent: deleting container {}: {}",
                 self.id,
-                crate::error_chain::error_chain(&e)
+                airlock_report::chain(&e)
             ));
         }
         machine.unmount_rootfs(&self.layout);

@@ -139,7 +139,7 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused_with_a_reason() {
-        let err = crate::error_chain::error_chain(&parse(b"{not json").unwrap_err());
+        let err = airlock_report::chain(&parse(b"{not json").unwrap_err());
         assert!(err.starts_with("invalid OCI spec: "), "{err}");
         let no_args =
             r#"{"ociVersion":"1.0.2","process":{"args":[],"cwd":"/","user":{"uid":0,"gid":0}}}"#;

@@ -64,9 +64,11 @@ impl From<&str> for Failure {
 fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, Failure> {
     // The container's init process reports on it why its program cannot
     // be run (see exec_check); read once the build is over.
-    let (report_read, report_write) = exec_check::pipe().map_err(|e| chain(&e))?;
+    let (report_read, report_write) = exec_check::pipe().map_err(|e| airlock_report::chain(&e))?;
     let checked = Checked::new(report_write.as_fd());
-    let failed = |e: &dyn std::error::Error| Failure(chain(e), exec_check::reported(&report_read));
+    let failed = |e: &dyn std::error::Error| {
+        Failure(airlock_report::chain(e), exec_check::reported(&report_read))
+    };
     match req {
         Request::Create {
             id,
@@ -84,7 +86,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, Failure> {
             Ok(Reply::Pid(pid.as_raw()))
         }
         Request::Start { id } => {
-            load(&id)?.start().map_err(|e| chain(&e))?;
+            load(&id)?.start().map_err(|e| airlock_report::chain(&e))?;
             Ok(Reply::Done)
         }
         Request::Exec {
@@ -102,7 +104,9 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, Failure> {
             Ok(Reply::Pid(pid.as_raw()))
         }
         Request::Delete { id } => {
-            load(&id)?.delete(true).map_err(|e| chain(&e))?;
+            load(&id)?
+                .delete(true)
+                .map_err(|e| airlock_report::chain(&e))?;
             Ok(Reply::Done)
         }
     }
@@ -111,7 +115,7 @@ fn perform(req: Request, fds: Vec<OwnedFd>) -> Result<Reply, Failure> {
 fn base(id: &str, console_socket: Option<PathBuf>) -> Result<ContainerBuilder, String> {
     ContainerBuilder::new(id.to_string(), SyscallType::Linux)
         .with_root_path(YOUKI_ROOT)
-        .map_err(|e| chain(&e))
+        .map_err(|e| airlock_report::chain(&e))
         .map(|b| b.with_console_socket(console_socket))
 }
 
@@ -127,10 +131,5 @@ fn with_stdio(builder: ContainerBuilder, fds: Vec<OwnedFd>) -> Result<ContainerB
 }
 
 fn load(id: &str) -> Result<Container, String> {
-    Container::load(PathBuf::from(YOUKI_ROOT).join(id)).map_err(|e| chain(&e))
-}
-
-/// The error and its sources on one line.
-fn chain(err: &dyn std::error::Error) -> String {
-    crate::error_chain::error_chain(err)
+    Container::load(PathBuf::from(YOUKI_ROOT).join(id)).map_err(|e| airlock_report::chain(&e))
 }

@@ -66,7 +66,7 @@ impl From<SandboxError> for TtrpcError {
             },
             SandboxError::Sys(..) => Code::INTERNAL,
         };
-        let message = crate::error_chain::error_chain(&e);
+        let message = airlock_report::chain(&e);
         match exec_failure(&e) {
             Some(failure) => TtrpcError::RpcStatus(exec_failure_status(code, message, &failure)),
             None => status(code, message),
@@ -96,7 +96,7 @@ fn stdio_err(e: StdioError) -> TtrpcError {
         StdioError::Io(_) => Code::INTERNAL,
         _ => Code::FAILED_PRECONDITION,
     };
-    status(code, crate::error_chain::error_chain(&e))
+    status(code, airlock_report::chain(&e))
 }
 
 fn file_info(i: files::Info) -> FileInfo {

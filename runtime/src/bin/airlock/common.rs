@@ -44,27 +44,16 @@ pub fn load_config(path: Option<&Path>) -> Result<RuntimeConfig, String> {
 
 /// Prints `airlock: error: MSG` and returns status 125.
 pub fn fail(msg: &dyn Display) -> ExitCode {
-    eprintln!("airlock: error: {}", one_line(&msg.to_string()));
+    eprintln!(
+        "airlock: error: {}",
+        airlock_report::flatten(&msg.to_string())
+    );
     ExitCode::from(EXIT_AIRLOCK)
 }
 
 /// An error and its sources on one line.
 pub fn error_line(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let s = e.to_string();
-        if !text.contains(&s) {
-            text.push_str(": ");
-            text.push_str(&s);
-        }
-        source = e.source();
-    }
-    one_line(&text)
-}
-
-fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    airlock_report::one_line(err)
 }
 
 /// Reports a failed sandbox operation. A command that could not be started
