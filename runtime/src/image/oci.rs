@@ -301,7 +301,7 @@ impl Blob {
             file: self.digest.clone(),
             source,
         })?;
-        if hex_string(&self.hasher.finalize()) != self.hex {
+        if hex::encode(self.hasher.finalize()) != self.hex {
             return Err(OciError::Mismatch {
                 dir: dir.to_path_buf(),
                 digest: self.digest,
@@ -317,10 +317,6 @@ impl Read for Blob {
         self.hasher.update(buf.get(..n).unwrap_or_default());
         Ok(n)
     }
-}
-
-fn hex_string(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Unpacks an image tarball (an archived layout) into `dir`, within the
@@ -350,7 +346,7 @@ pub(crate) mod tests {
 
     /// Writes a blob; returns its descriptor JSON.
     fn put(dir: &Path, media: &str, data: &[u8]) -> String {
-        let hex = hex_string(&Sha256::digest(data));
+        let hex = hex::encode(Sha256::digest(data));
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("blobs/sha256").join(&hex), data).unwrap();
         format!(
