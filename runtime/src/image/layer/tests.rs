@@ -5,6 +5,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use tar::{Builder, EntryType, Header};
 
+use nix::unistd::geteuid;
+
 use super::*;
 
 const SENTINEL: &[u8] = b"outside the root\n";
