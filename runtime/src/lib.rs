@@ -31,6 +31,7 @@ pub mod agent_client;
 pub mod config;
 pub mod image;
 pub mod jail;
+pub mod preflight;
 pub mod sandbox;
 pub mod scratch;
 pub mod state;

@@ -10,18 +10,16 @@ use std::process::Command;
 /// Errors making or scrubbing a scratch disk.
 #[derive(Debug, thiserror::Error)]
 pub enum ScratchError {
-    /// Cannot create the scratch disk {0}: {1}
     #[error("Cannot create the scratch disk {0}: {1}")]
-    Create(PathBuf, std::io::Error),
-    /// mkfs.ext4 not found: apt-get install e2fsprogs
+    Create(PathBuf, #[source] std::io::Error),
     #[error("mkfs.ext4 not found: apt-get install e2fsprogs")]
     NoMkfs,
-    /// mkfs.ext4 failed on {0}: {1}
     #[error("mkfs.ext4 failed on {0}: {1}")]
     Mkfs(PathBuf, String),
-    /// Cannot scrub the scratch disk {0}: {1}
+    #[error("Cannot run mkfs.ext4 on {0}: {1}")]
+    Spawn(PathBuf, #[source] std::io::Error),
     #[error("Cannot scrub the scratch disk {0}: {1}")]
-    Scrub(PathBuf, std::io::Error),
+    Scrub(PathBuf, #[source] std::io::Error),
     #[error(
         "the scratch disk would be kept in {0}, which is not in memory (filesystem type {1:#x}): \
          on a disk, a scrub cannot erase what a sandbox wrote; mount a tmpfs there, or set \
@@ -96,7 +94,7 @@ pub(crate) fn mkfs(path: &Path, args: &[&str]) -> Result<(), ScratchError> {
         .output()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => ScratchError::NoMkfs,
-            _ => ScratchError::Mkfs(path.to_path_buf(), e.to_string()),
+            _ => ScratchError::Spawn(path.to_path_buf(), e),
         })?;
     if !out.status.success() {
         let msg = String::from_utf8_lossy(&out.stderr)

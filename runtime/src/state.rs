@@ -3,7 +3,6 @@
 //! Removed at teardown.
 
 use std::fmt;
-use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -23,19 +22,32 @@ pub enum StateError {
     #[error("Cannot write {0}: {1}")]
     Write(PathBuf, #[source] std::io::Error),
     #[error("Cannot read {0}: {1}")]
-    Read(PathBuf, String),
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("malformed sandbox record {0}: {1}")]
+    Parse(PathBuf, #[source] serde_json::Error),
+    #[error("Cannot get random bytes from the kernel: {0}")]
+    Random(#[source] getrandom::Error),
     #[error("Cannot remove the state dir {0}: {1}")]
     Remove(PathBuf, #[source] std::io::Error),
 }
 
-/// `bytes` random bytes from the kernel, as lowercase hex (ids, names of
-/// temporary files).
-pub fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the kernel (getrandom(2)), as lowercase hex
+/// (ids, names of temporary files).
+pub fn try_random_hex(bytes: usize) -> Result<String, StateError> {
     let mut b = vec![0u8; bytes];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        f.read_exact(&mut b).ok();
+    getrandom::fill(&mut b).map_err(StateError::Random)?;
+    Ok(hex::encode(b))
+}
+
+/// [`try_random_hex`] for callers that cannot go on without randomness:
+/// panics with the kernel's error rather than returning a predictable id.
+/// getrandom(2) fails only before the kernel's pool is seeded at early boot
+/// or under a seccomp filter that denies it, neither the case for the CLI.
+pub fn random_hex(bytes: usize) -> String {
+    match try_random_hex(bytes) {
+        Ok(h) => h,
+        Err(e) => panic!("{e}"),
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// A sandbox's ID; safe as a path component.
@@ -208,8 +220,8 @@ impl StateDir {
 
     pub fn read_record(&self) -> Result<SandboxRecord, StateError> {
         let p = self.dir.join(RECORD);
-        let bytes = std::fs::read(&p).map_err(|e| StateError::Read(p.clone(), e.to_string()))?;
-        serde_json::from_slice(&bytes).map_err(|e| StateError::Read(p, e.to_string()))
+        let bytes = std::fs::read(&p).map_err(|e| StateError::Read(p.clone(), e))?;
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Parse(p, e))
     }
 
     /// Deletes the dir and everything in it.
@@ -232,7 +244,7 @@ pub fn list(root: &Path) -> Result<Vec<SandboxRecord>, StateError> {
     let entries = match std::fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(StateError::Read(root.to_path_buf(), e.to_string())),
+        Err(e) => return Err(StateError::Read(root.to_path_buf(), e)),
     };
     let mut out: Vec<SandboxRecord> = entries
         .filter_map(Result::ok)

@@ -31,30 +31,28 @@
 //! names, pax records) the parser may read for one entry.
 
 use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::fs::File;
 use std::hash::{BuildHasher, DefaultHasher, Hasher, RandomState};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::{openat, openat2, AtFlags, OFlag, OpenHow, ResolveFlag};
-use nix::sys::stat::{
-    fchmod, fstat, fstatat, futimens, mkdirat, mknodat, utimensat, FileStat, Mode, SFlag,
-    UtimensatFlags,
-};
-use nix::sys::time::TimeSpec;
-use nix::unistd::{
-    fchown, fchownat, geteuid, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags,
-};
+use nix::fcntl::{openat, AtFlags, OFlag, ResolveFlag};
+use nix::sys::stat::{mkdirat, mknodat, Mode, SFlag};
+use nix::unistd::{linkat, symlinkat};
 
 mod input;
+mod meta;
+mod root;
 
 use input::{decompressed, Budget, Meter};
+use meta::Meta;
+pub(crate) use root::Root;
+use root::{is_dir, names, open_subdir, remove_at, stat_at, too_deep};
 
 /// Default [`Limits::bytes`]: 16 GiB.
 pub const DEFAULT_BYTES: u64 = 16 << 30;
@@ -230,133 +228,6 @@ impl Unpacker {
     }
 }
 
-/// A directory that paths are resolved in, as if it were `/`.
-pub(crate) struct Root {
-    fd: OwnedFd,
-}
-
-impl Root {
-    pub(crate) fn open(dir: &Path) -> io::Result<Self> {
-        let fd = nix::fcntl::open(
-            dir,
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )?;
-        Ok(Self { fd })
-    }
-
-    /// Opens `path` resolved inside the root: `..` and symlinks, absolute
-    /// or relative, never leave it; magic links are refused.
-    fn resolve(&self, path: &Path, flags: OFlag) -> nix::Result<OwnedFd> {
-        let how = OpenHow::new()
-            .flags(flags | OFlag::O_CLOEXEC)
-            .resolve(RESOLVE);
-        let path = if path.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            path
-        };
-        let mut last = Errno::EAGAIN;
-        for _ in 0..RESOLVE_TRIES {
-            match openat2(self.fd.as_fd(), path, how) {
-                Err(e @ (Errno::EAGAIN | Errno::EINTR)) => last = e,
-                other => return other,
-            }
-        }
-        Err(last)
-    }
-
-    /// The directory `comps` (the root itself when empty), for reading and
-    /// as the parent fd of `*at` calls.
-    fn dir(&self, comps: &[&OsStr]) -> nix::Result<OwnedFd> {
-        let path: PathBuf = comps.iter().collect();
-        self.resolve(&path, OFlag::O_RDONLY | OFlag::O_DIRECTORY)
-    }
-
-    /// Opens the regular file `rel` (resolved inside the root) for reading;
-    /// anything else (a FIFO, a device) is refused without blocking.
-    pub(crate) fn open_file(&self, rel: &Path) -> io::Result<File> {
-        let fd = self.resolve(rel, OFlag::O_RDONLY | OFlag::O_NONBLOCK | OFlag::O_NOCTTY)?;
-        if file_type(&fstat(&fd)?) != SFlag::S_IFREG {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "not a regular file",
-            ));
-        }
-        Ok(File::from(fd))
-    }
-}
-
-fn file_type(st: &FileStat) -> SFlag {
-    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
-}
-
-fn is_dir(st: &FileStat) -> bool {
-    file_type(st) == SFlag::S_IFDIR
-}
-
-/// `name` in `dir`, not followed; `None` if there is none.
-fn stat_at(dir: impl AsFd, name: &OsStr) -> nix::Result<Option<FileStat>> {
-    match fstatat(dir, name, AtFlags::AT_SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some(st)),
-        Err(Errno::ENOENT) => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-/// The directory `name` in `dir`, never through a symlink.
-fn open_subdir(dir: impl AsFd, name: &OsStr) -> nix::Result<OwnedFd> {
-    openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// The names in `dir`, without `.` and `..`.
-fn names(dir: impl AsFd) -> nix::Result<Vec<OsString>> {
-    // A fresh open file description: the listing starts at the beginning.
-    let mut d = Dir::openat(
-        dir,
-        ".",
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let mut out = Vec::new();
-    for e in d.iter() {
-        let name = e?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            out.push(OsString::from(OsStr::from_bytes(&name)));
-        }
-    }
-    Ok(out)
-}
-
-fn too_deep() -> io::Error {
-    io::Error::other(format!("directory tree deeper than {MAX_DEPTH} levels"))
-}
-
-/// Removes `name` from `dir` if it is there: a directory with everything
-/// in it, walked with `O_NOFOLLOW` directory fds (a symlink is removed,
-/// never followed).
-fn remove_at(dir: BorrowedFd<'_>, name: &OsStr, depth: usize) -> io::Result<()> {
-    let Some(st) = stat_at(dir, name)? else {
-        return Ok(());
-    };
-    if !is_dir(&st) {
-        return Ok(unlinkat(dir, name, UnlinkatFlags::NoRemoveDir)?);
-    }
-    if depth >= MAX_DEPTH {
-        return Err(too_deep());
-    }
-    let child = open_subdir(dir, name)?;
-    for n in names(&child)? {
-        remove_at(child.as_fd(), &n, depth + 1)?;
-    }
-    Ok(unlinkat(dir, name, UnlinkatFlags::RemoveDir)?)
-}
-
 /// An entry path split into names: no empty or `.` components; `None` if
 /// one is `..`.
 fn components(path: &[u8]) -> Option<Vec<&OsStr>> {
@@ -425,75 +296,6 @@ impl Seen {
 
     fn has(&self, key: &DefaultHasher) -> bool {
         self.keys.contains(&key.finish())
-    }
-}
-
-/// An entry's owner, mode and mtime.
-struct Meta {
-    uid: Uid,
-    gid: Gid,
-    mode: Mode,
-    mtime: TimeSpec,
-}
-
-impl Meta {
-    fn of(header: &tar::Header, path: &Path) -> Result<Self, LayerError> {
-        let field = |e| LayerError::Header(path.to_path_buf(), e);
-        let id = |what, value: u64| {
-            u32::try_from(value).map_err(|_| LayerError::Range {
-                path: path.to_path_buf(),
-                what,
-                value,
-            })
-        };
-        let uid = id("uid", header.uid().map_err(field)?)?;
-        let gid = id("gid", header.gid().map_err(field)?)?;
-        let mode = header.mode().map_err(field)? & 0o7777;
-        let mtime = header.mtime().map_err(field)?;
-        Ok(Self {
-            uid: Uid::from_raw(uid),
-            gid: Gid::from_raw(gid),
-            mode: Mode::from_bits_truncate(mode),
-            mtime: TimeSpec::new(
-                libc::time_t::try_from(mtime).unwrap_or(libc::time_t::MAX),
-                0,
-            ),
-        })
-    }
-
-    /// Owner first: `chown` clears setuid and setgid bits, the mode then
-    /// sets them.
-    fn set(&self, fd: BorrowedFd<'_>) -> nix::Result<()> {
-        owned(fchown(fd, Some(self.uid), Some(self.gid)))?;
-        fchmod(fd, self.mode)?;
-        futimens(fd, &self.mtime, &self.mtime)
-    }
-
-    /// A symlink's owner and mtime (its mode means nothing).
-    fn set_link(&self, dir: BorrowedFd<'_>, name: &OsStr) -> nix::Result<()> {
-        owned(fchownat(
-            dir,
-            name,
-            Some(self.uid),
-            Some(self.gid),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        ))?;
-        utimensat(
-            dir,
-            name,
-            &self.mtime,
-            &self.mtime,
-            UtimensatFlags::NoFollowSymlink,
-        )
-    }
-}
-
-/// Owners as archived; an unprivileged caller (tests) keeps its own, as
-/// `tar` does.
-fn owned(r: nix::Result<()>) -> nix::Result<()> {
-    match r {
-        Err(Errno::EPERM) if !geteuid().is_root() => Ok(()),
-        r => r,
     }
 }
 

@@ -15,10 +15,11 @@
 pub mod layer;
 pub mod oci;
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use crate::config::RuntimeConfig;
 use crate::scratch;
@@ -26,23 +27,22 @@ use crate::scratch;
 /// Errors resolving an image.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    /// unknown image "{0}": known images: {1} (built by scripts/setup into {2})
     #[error("unknown image \"{0}\": known images: {1} (built by scripts/setup into {2})")]
     Unknown(String, String, PathBuf),
-    /// invalid image name {0:?}: use [a-z0-9._-]
     #[error("invalid image name {0:?}: use [a-z0-9._-]")]
     BadName(String),
-    /// image path {0} does not exist
     #[error("image path {0} does not exist")]
     NoPath(PathBuf),
     #[error(transparent)]
     Oci(#[from] oci::OciError),
-    /// Cannot read {0}: {1}
     #[error("Cannot read {0}: {1}")]
     Read(PathBuf, std::io::Error),
-    /// Cannot build the image for {0}: {1}
+    #[error("Cannot create {0}: {1}")]
+    Create(PathBuf, #[source] std::io::Error),
     #[error("Cannot build the image for {0}: {1}")]
-    Build(PathBuf, String),
+    Mkfs(PathBuf, #[source] scratch::ScratchError),
+    #[error("Cannot name a work dir: {0}")]
+    Random(#[from] crate::state::StateError),
 }
 
 /// Which image the user asked for.
@@ -195,8 +195,7 @@ fn from_oci(
     cache: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<ResolvedImage, ImageError> {
-    std::fs::create_dir_all(cache)
-        .map_err(|e| ImageError::Build(path.into(), format!("{}: {e}", cache.display())))?;
+    std::fs::create_dir_all(cache).map_err(|e| ImageError::Create(cache.into(), e))?;
     let work = tempfile_dir(cache)?;
     let result = (|| {
         let layout_dir = match image {
@@ -223,8 +222,7 @@ fn from_oci(
             // 0755 as before: mkfs.ext4 -d may take the image's `/` mode
             // from it; the private work dir above keeps others out.
             let root = work.join("rootfs");
-            std::fs::create_dir(&root)
-                .map_err(|e| ImageError::Build(root.clone(), e.to_string()))?;
+            std::fs::create_dir(&root).map_err(|e| ImageError::Create(root.clone(), e))?;
             layout.unpack(&root)?;
             let (_, bytes, inodes) = tree_key(&root)?;
             build_ext4(&root, &out, bytes, inodes, progress)?;
@@ -241,7 +239,7 @@ fn from_oci(
 
 /// A fresh private work dir under `cache`.
 fn tempfile_dir(cache: &Path) -> Result<PathBuf, ImageError> {
-    let d = cache.join(format!(".work-{}", crate::state::random_hex(8)));
+    let d = cache.join(format!(".work-{}", crate::state::try_random_hex(8)?));
     private_dir(&d)?;
     Ok(d)
 }
@@ -252,7 +250,7 @@ fn private_dir(d: &Path) -> Result<(), ImageError> {
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(d)
-        .map_err(|e| ImageError::Build(d.to_path_buf(), e.to_string()))
+        .map_err(|e| ImageError::Create(d.to_path_buf(), e))
 }
 
 /// Converts `dir` to an ext4 image in `cache` (reused while the tree is
@@ -263,12 +261,11 @@ pub fn from_dir(
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, ImageError> {
     let (key, bytes, inodes) = tree_key(dir)?;
-    let out = cache.join(format!("{key:016x}.ext4"));
+    let out = cache.join(format!("{key}.ext4"));
     if out.is_file() {
         return Ok(out);
     }
-    std::fs::create_dir_all(cache)
-        .map_err(|e| ImageError::Build(dir.into(), format!("{}: {e}", cache.display())))?;
+    std::fs::create_dir_all(cache).map_err(|e| ImageError::Create(cache.into(), e))?;
     build_ext4(dir, &out, bytes, inodes, progress)?;
     Ok(out)
 }
@@ -300,25 +297,29 @@ fn build_ext4(
     ));
     let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
     let built = (|| {
-        let f = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
-        f.set_len(size).map_err(|e| e.to_string())?;
+        let create = |e| ImageError::Create(tmp.clone(), e);
+        let f = std::fs::File::create(&tmp).map_err(create)?;
+        f.set_len(size).map_err(create)?;
         drop(f);
         let d = dir.to_string_lossy().into_owned();
-        scratch::mkfs(&tmp, &["-d", &d, "-E", "root_owner=0:0"]).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, out).map_err(|e| e.to_string())
+        scratch::mkfs(&tmp, &["-d", &d, "-E", "root_owner=0:0"])
+            .map_err(|e| ImageError::Mkfs(dir.into(), e))?;
+        std::fs::rename(&tmp, out).map_err(|e| ImageError::Create(out.into(), e))
     })();
-    if let Err(e) = built {
+    if built.is_err() {
         std::fs::remove_file(&tmp).ok();
-        return Err(ImageError::Build(dir.into(), e));
     }
-    Ok(())
+    built
 }
 
-/// A hash of the tree (names, types, sizes, modes, mtimes, link targets),
-/// its bytes (block-rounded) and its inode count.
-fn tree_key(dir: &Path) -> Result<(u64, u64, u64), ImageError> {
-    let mut h = DefaultHasher::new();
-    dir.hash(&mut h);
+/// A SHA-256 of the tree (names, types, sizes, modes, mtimes, owners, link
+/// targets), as 32 hex digits, with its bytes (block-rounded) and its inode
+/// count. The key is stable across Rust releases (std's `DefaultHasher` was
+/// not); entries cached under the older 16-digit keys simply miss and are
+/// rebuilt once.
+fn tree_key(dir: &Path) -> Result<(String, u64, u64), ImageError> {
+    let mut h = Sha256::new();
+    field(&mut h, dir.as_os_str().as_bytes());
     let (mut bytes, mut inodes) = (0u64, 0u64);
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -331,18 +332,23 @@ fn tree_key(dir: &Path) -> Result<(u64, u64, u64), ImageError> {
             let p = e.path();
             let m =
                 std::fs::symlink_metadata(&p).map_err(|err| ImageError::Read(p.clone(), err))?;
-            p.strip_prefix(dir).unwrap_or(&p).hash(&mut h);
-            (
-                m.mode(),
+            field(
+                &mut h,
+                p.strip_prefix(dir).unwrap_or(&p).as_os_str().as_bytes(),
+            );
+            for n in [
+                u64::from(m.mode()),
                 m.size(),
-                m.mtime(),
-                m.mtime_nsec(),
-                m.uid(),
-                m.gid(),
-            )
-                .hash(&mut h);
+                m.mtime() as u64,
+                m.mtime_nsec() as u64,
+                u64::from(m.uid()),
+                u64::from(m.gid()),
+            ] {
+                h.update(n.to_le_bytes());
+            }
             if m.file_type().is_symlink() {
-                std::fs::read_link(&p).ok().hash(&mut h);
+                let target = std::fs::read_link(&p).unwrap_or_default();
+                field(&mut h, target.as_os_str().as_bytes());
             }
             inodes += 1;
             bytes += m.size().div_ceil(4096) * 4096;
@@ -351,7 +357,14 @@ fn tree_key(dir: &Path) -> Result<(u64, u64, u64), ImageError> {
             }
         }
     }
-    Ok((h.finish(), bytes, inodes))
+    let digest = h.finalize();
+    Ok((hex::encode(&digest[..16]), bytes, inodes))
+}
+
+/// Feeds `b` with its length first, so that no two trees run together.
+fn field(h: &mut Sha256, b: &[u8]) {
+    h.update((b.len() as u64).to_le_bytes());
+    h.update(b);
 }
 
 #[cfg(test)]

@@ -11,13 +11,16 @@
 //! directory (`openat2(RESOLVE_IN_ROOT)`), regular files only: a layout
 //! unpacked from a user's tarball cannot point a blob at a host file.
 //!
-//! The JSON is read with serde_json rather than oci-spec's image types:
-//! only five fields are needed, and unknown fields must not fail.
+//! The index and manifests are oci-spec's image types (unknown fields are
+//! ignored). The config is read leniently: only its `config` section, also
+//! oci-spec's, matters, and a config that does not parse gives no defaults
+//! rather than an error.
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use oci_spec::image::{Arch, Config, Descriptor, ImageIndex, ImageManifest, MediaType, Os};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -27,10 +30,8 @@ use super::ImageConfig;
 /// Largest index, manifest or config read.
 pub const MAX_JSON: u64 = 4 << 20;
 
-const INDEX_TYPES: &[&str] = &[
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-];
+/// Docker's manifest list, an index by another name.
+const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// Errors reading an OCI image; each names the image.
 #[derive(Debug, thiserror::Error)]
@@ -80,49 +81,11 @@ pub enum OciError {
     NoIndex(PathBuf),
 }
 
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    #[serde(default)]
-    platform: Option<Platform>,
-}
-
-#[derive(Deserialize)]
-struct Platform {
-    architecture: String,
-    os: String,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
+/// The one part of an image config that is used.
 #[derive(Deserialize, Default)]
 struct ConfigFile {
     #[serde(default)]
-    config: Option<ConfigSection>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(rename_all = "PascalCase")]
-struct ConfigSection {
-    #[serde(default)]
-    env: Option<Vec<String>>,
-    #[serde(default)]
-    entrypoint: Option<Vec<String>>,
-    #[serde(default)]
-    cmd: Option<Vec<String>>,
-    #[serde(default)]
-    working_dir: Option<String>,
+    config: Option<Config>,
 }
 
 /// An image layout, opened.
@@ -132,7 +95,7 @@ pub struct Layout {
     root: Root,
     /// The chosen manifest's digest: the image's identity.
     pub manifest_digest: String,
-    manifest: Manifest,
+    manifest: ImageManifest,
 }
 
 impl Layout {
@@ -151,21 +114,22 @@ impl Layout {
                     source,
                 })?;
         let data = read_capped(&mut file, dir, "index.json")?;
-        let index: Index = parse(&data, dir, "index.json")?;
-        let mut manifests = index.manifests;
+        let index: ImageIndex = parse(&data, dir, "index.json")?;
+        let mut manifests = index.manifests().clone();
         for _ in 0..8 {
             let pick = pick(&manifests).ok_or_else(|| OciError::NoPlatform(dir.to_path_buf()))?;
-            let blob = json_blob(&root, dir, &pick.digest)?;
-            if INDEX_TYPES.contains(&pick.media_type.as_str()) {
-                let nested: Index = parse(&blob, dir, &pick.digest)?;
-                manifests = nested.manifests;
+            let digest = pick.digest().to_string();
+            let blob = json_blob(&root, dir, &digest)?;
+            if is_index(pick.media_type()) {
+                let nested: ImageIndex = parse(&blob, dir, &digest)?;
+                manifests = nested.manifests().clone();
                 continue;
             }
-            let manifest: Manifest = parse(&blob, dir, &format!("manifest {}", pick.digest))?;
+            let manifest: ImageManifest = parse(&blob, dir, &format!("manifest {digest}"))?;
             return Ok(Self {
                 dir: dir.to_path_buf(),
                 root,
-                manifest_digest: pick.digest.clone(),
+                manifest_digest: digest,
                 manifest,
             });
         }
@@ -175,14 +139,15 @@ impl Layout {
     /// The image's process defaults (none from a config that does not
     /// parse).
     pub fn config(&self) -> Result<ImageConfig, OciError> {
-        let data = json_blob(&self.root, &self.dir, &self.manifest.config.digest)?;
+        let digest = self.manifest.config().digest().to_string();
+        let data = json_blob(&self.root, &self.dir, &digest)?;
         let cfg: ConfigFile = serde_json::from_slice(&data).unwrap_or_default();
         let c = cfg.config.unwrap_or_default();
         Ok(ImageConfig {
-            env: c.env.unwrap_or_default(),
-            entrypoint: c.entrypoint.unwrap_or_default(),
-            cmd: c.cmd.unwrap_or_default(),
-            working_dir: c.working_dir.filter(|w| !w.is_empty()),
+            env: c.env().clone().unwrap_or_default(),
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            working_dir: c.working_dir().clone().filter(|w| !w.is_empty()),
         })
     }
 
@@ -197,15 +162,16 @@ impl Layout {
     pub fn unpack_with(&self, root: &Path, limits: &Limits) -> Result<(), OciError> {
         let mut unpacker =
             Unpacker::new(root, *limits).map_err(|e| OciError::Root(self.dir.clone(), e))?;
-        for layer in &self.manifest.layers {
-            let mut blob = Blob::open(&self.root, &self.dir, &layer.digest)?;
+        for layer in self.manifest.layers() {
+            let digest = layer.digest().to_string();
+            let mut blob = Blob::open(&self.root, &self.dir, &digest)?;
             let applied = unpacker.apply(&mut blob);
             // A blob that is not what the manifest names explains any
             // error applying it.
             blob.verify(&self.dir)?;
             applied.map_err(|source| OciError::Layer {
                 dir: self.dir.clone(),
-                digest: layer.digest.clone(),
+                digest,
                 source,
             })?;
         }
@@ -217,11 +183,20 @@ fn pick(manifests: &[Descriptor]) -> Option<&Descriptor> {
     manifests
         .iter()
         .find(|m| {
-            m.platform
+            m.platform()
                 .as_ref()
-                .is_some_and(|p| p.os == "linux" && p.architecture == "amd64")
+                .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
         })
-        .or_else(|| manifests.iter().find(|m| m.platform.is_none()))
+        .or_else(|| manifests.iter().find(|m| m.platform().is_none()))
+}
+
+/// An OCI index or a Docker manifest list.
+fn is_index(media: &MediaType) -> bool {
+    match media {
+        MediaType::ImageIndex => true,
+        MediaType::Other(m) => m == DOCKER_LIST,
+        _ => false,
+    }
 }
 
 fn parse<'a, T: Deserialize<'a>>(data: &'a [u8], dir: &Path, file: &str) -> Result<T, OciError> {
@@ -301,7 +276,7 @@ impl Blob {
             file: self.digest.clone(),
             source,
         })?;
-        if hex_string(&self.hasher.finalize()) != self.hex {
+        if hex::encode(self.hasher.finalize()) != self.hex {
             return Err(OciError::Mismatch {
                 dir: dir.to_path_buf(),
                 digest: self.digest,
@@ -317,10 +292,6 @@ impl Read for Blob {
         self.hasher.update(buf.get(..n).unwrap_or_default());
         Ok(n)
     }
-}
-
-fn hex_string(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Unpacks an image tarball (an archived layout) into `dir`, within the
@@ -348,9 +319,21 @@ pub fn unpack_archive_with(archive: &Path, dir: &Path, limits: &Limits) -> Resul
 pub(crate) mod tests {
     use super::*;
 
+    #[test]
+    fn oci_indexes_and_docker_lists_are_indexes() {
+        assert!(is_index(&MediaType::from(
+            "application/vnd.oci.image.index.v1+json"
+        )));
+        assert!(is_index(&MediaType::from(DOCKER_LIST)));
+        assert!(!is_index(&MediaType::ImageManifest));
+        assert!(!is_index(&MediaType::from(
+            "application/vnd.docker.distribution.manifest.v2+json"
+        )));
+    }
+
     /// Writes a blob; returns its descriptor JSON.
     fn put(dir: &Path, media: &str, data: &[u8]) -> String {
-        let hex = hex_string(&Sha256::digest(data));
+        let hex = hex::encode(Sha256::digest(data));
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("blobs/sha256").join(&hex), data).unwrap();
         format!(

@@ -70,6 +70,8 @@ pub enum SandboxError {
         failure: agent::ExecFailure,
         message: String,
     },
+    #[error(transparent)]
+    Preflight(#[from] crate::preflight::PreflightError),
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
     #[error("{0}")]

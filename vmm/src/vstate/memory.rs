@@ -39,8 +39,12 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set up guest memory regions: {0}")]
-    Regions(String),
+    #[error("cannot set up a guest memory region")]
+    Region(#[source] vm_memory::mmap::MmapRegionError),
+    #[error("a guest memory region wraps the address space")]
+    Wraps,
+    #[error("cannot set up guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
 /// Alignment of guest RAM in the VMM's address space. With guest-physical
@@ -203,9 +207,8 @@ impl GuestRam {
                     .with_raw_mmap_pointer(addr)
             }
             .build()
-            .map_err(|e| MemoryError::Regions(e.to_string()))?;
-            let region = GuestRegionMmap::new(region, guest_addr)
-                .ok_or_else(|| MemoryError::Regions("region wraps the address space".into()))?;
+            .map_err(MemoryError::Region)?;
+            let region = GuestRegionMmap::new(region, guest_addr).ok_or(MemoryError::Wraps)?;
             regions.push(region);
         }
         let mut ram = GuestRam {
@@ -215,8 +218,7 @@ impl GuestRam {
             bytes,
         };
         // On error, dropping `ram` unmaps the mappings.
-        ram.mem = GuestMemoryMmap::from_regions(regions)
-            .map_err(|e| MemoryError::Regions(e.to_string()))?;
+        ram.mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
         Ok(ram)
     }
 

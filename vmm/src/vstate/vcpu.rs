@@ -21,7 +21,6 @@ use crate::vstate::vm::Vm;
 /// Errors from creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    /// A KVM vCPU ioctl failed.
     #[error("cannot set up vCPU {id}: {what}")]
     Kvm {
         id: u8,
@@ -29,28 +28,24 @@ pub enum VcpuError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Register setup failed.
     #[error("cannot set up the registers of vCPU {id}")]
     Regs {
         id: u8,
         #[source]
         source: regs::RegsError,
     },
-    /// MSR setup failed.
     #[error("cannot set up the MSRs of vCPU {id}")]
     Msrs {
         id: u8,
         #[source]
         source: msr::MsrError,
     },
-    /// Local APIC setup failed.
     #[error("cannot set up the local APIC of vCPU {id}")]
     Lapic {
         id: u8,
         #[source]
         source: interrupts::InterruptsError,
     },
-    /// The vCPU thread could not be started.
     #[error("cannot start the thread of vCPU {id}")]
     Thread {
         id: u8,

@@ -13,13 +13,11 @@ use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 /// Errors from setting up the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// /dev/kvm is missing.
     #[error(
         "no /dev/kvm: this host has no KVM. Enable hardware virtualisation (VT-x/AMD-V) and \
          load kvm_intel or kvm_amd, or on a cloud VM enable nested virtualisation"
     )]
     NoKvm,
-    /// /dev/kvm cannot be opened.
     #[error("cannot open /dev/kvm (add this user to the 'kvm' group, or check its permissions)")]
     OpenKvm(#[source] kvm_ioctls::Error),
     /// The host's KVM is paravirtual and cannot run unmodified guests.
@@ -29,10 +27,8 @@ pub enum VmError {
          tests/testhost/run target/release/airlock-vmm ..."
     )]
     ParavirtKvm,
-    /// The KVM API version is unsupported.
     #[error("unsupported KVM API version {0} (need 12)")]
     ApiVersion(i32),
-    /// A KVM ioctl failed while setting up the VM.
     #[error("KVM setup failed: {what}")]
     Kvm {
         what: &'static str,

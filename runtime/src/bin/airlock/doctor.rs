@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::preflight::{self, Host};
 
 use crate::common;
 
@@ -55,31 +56,21 @@ pub fn main(config_path: Option<&Path>, args: &Args) -> ExitCode {
             .map(|_| "loaded (defaults where unset)".to_string())
             .map_err(Clone::clone),
     ));
-    checks.push(check("kvm", kvm()));
     if let Ok(config) = &config {
-        checks.push(check(
-            "vmm",
-            config
-                .vmm_binary_path()
-                .map(|p| p.display().to_string())
-                .map_err(|e| common::error_line(&e)),
-        ));
-        checks.push(check(
-            "guest",
-            config
-                .check_artifacts()
-                .map(|()| {
-                    format!(
-                        "kernel {}, initramfs {}",
-                        config.kernel.display(),
-                        config.initrd.display()
-                    )
-                })
-                .map_err(|e| common::error_line(&e)),
-        ));
+        for o in preflight::checks(config, &preflight::RealHost) {
+            let mut c = check(o.name, o.result.map_err(|e| common::error_line(&e)));
+            c.warning = o.warning;
+            checks.push(c);
+        }
         checks.push(check("images", images(config)));
-        checks.push(check("state dir", state_dir(config)));
-        checks.push(jail(config));
+    } else {
+        // Without a config only KVM can be checked.
+        checks.push(check(
+            "kvm",
+            preflight::RealHost
+                .kvm()
+                .map_err(|e| common::error_line(&e)),
+        ));
     }
     checks.push(check(
         "mkfs.ext4",
@@ -112,27 +103,6 @@ pub fn main(config_path: Option<&Path>, args: &Args) -> ExitCode {
     }
 }
 
-fn kvm() -> Result<String, String> {
-    let dev = Path::new("/dev/kvm");
-    if !dev.exists() {
-        return Err("no /dev/kvm: enable VT-x/AMD-V in the firmware (or nested virtualisation on a cloud VM) and load kvm_intel or kvm_amd".into());
-    }
-    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open(dev) {
-        return Err(format!(
-            "cannot open /dev/kvm read-write ({e}): run as root or join the kvm group"
-        ));
-    }
-    let module = |m: &str| Path::new("/sys/module").join(m).exists();
-    if module("kvm_pvm") {
-        return Err("/dev/kvm is kvm_pvm, a paravirtual KVM: it cannot boot unmodified Linux guests; use a host with VT-x/AMD-V (on this machine, run airlock inside tests/testhost/run)".into());
-    }
-    match (module("kvm_intel"), module("kvm_amd")) {
-        (true, _) => Ok("/dev/kvm (kvm_intel)".into()),
-        (_, true) => Ok("/dev/kvm (kvm_amd)".into()),
-        _ => Ok("/dev/kvm (module unknown; assuming hardware KVM)".into()),
-    }
-}
-
 fn images(config: &RuntimeConfig) -> Result<String, String> {
     let names = airlock_runtime::image::known_names(&config.image_dir);
     if !names.contains(&config.default_image) {
@@ -143,62 +113,6 @@ fn images(config: &RuntimeConfig) -> Result<String, String> {
         ));
     }
     Ok(names.join(", "))
-}
-
-fn state_dir(config: &RuntimeConfig) -> Result<String, String> {
-    let dir = &config.state_dir;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let probe = dir.join(format!(".doctor-{}", std::process::id()));
-    std::fs::create_dir(&probe).map_err(|e| format!("{} is not writable: {e}", dir.display()))?;
-    std::fs::remove_dir(&probe).ok();
-    airlock_runtime::scratch::check_memory_backed(dir).map_err(|e| e.to_string())?;
-    Ok(format!("{} (in memory)", dir.display()))
-}
-
-/// The VMM jail: on, and able to run (root, cgroup v2), or off, which is
-/// reported as a warning at every start and here.
-fn jail(config: &RuntimeConfig) -> Check {
-    if !config.jail.enabled {
-        return Check {
-            name: "jail",
-            ok: true,
-            warning: true,
-            detail: "disabled ([jail] enabled = false): each VMM runs unjailed, with its seccomp \
-                     filters only between a guest that escapes KVM and this host"
-                .into(),
-        };
-    }
-    check("jail", jail_ready(config))
-}
-
-fn jail_ready(config: &RuntimeConfig) -> Result<String, String> {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        return Err(
-            "the VMM jail needs root: run airlock as root, or set [jail] enabled = false \
-             (weaker isolation)"
-                .into(),
-        );
-    }
-    let parent = &config.jail.cgroup_parent;
-    let mount = parent
-        .ancestors()
-        .find(|p| p.exists())
-        .unwrap_or(Path::new("/"));
-    const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
-    let fs = nix::sys::statfs::statfs(mount).map_err(|e| format!("{}: {e}", mount.display()))?;
-    if fs.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
-        return Err(format!(
-            "{} is not on a cgroup v2 filesystem (a cgroup v1 host?): boot with \
-             systemd.unified_cgroup_hierarchy=1, or set [jail] cgroup_parent to a cgroup v2 directory",
-            mount.display()
-        ));
-    }
-    Ok(format!(
-        "uid {}, cgroups under {}",
-        config.jail.uid,
-        parent.display()
-    ))
 }
 
 fn which(cmd: &str) -> Option<String> {

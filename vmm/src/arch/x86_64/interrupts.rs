@@ -24,7 +24,6 @@ pub enum InterruptsError {
     /// `KVM_SET_LAPIC` failed.
     #[error("failed to write the local APIC state")]
     SetLapic(#[source] kvm_ioctls::Error),
-    /// A register offset past the end of the APIC page.
     #[error("local APIC register offset {0:#x} is out of range")]
     OutOfRange(usize),
 }

@@ -163,16 +163,12 @@ pub const fn mptable_size(num_cpus: u8) -> usize {
 /// Errors building the MP table.
 #[derive(Debug, thiserror::Error)]
 pub enum MptableError {
-    /// No CPUs to describe.
     #[error("the MP table needs at least one CPU")]
     NoCpus,
-    /// More CPUs than fit in the EBDA.
     #[error("{0} CPUs is more than the MP table supports ({MAX_VCPUS})")]
     TooManyCpus(u8),
-    /// Guest memory does not cover the table's location.
     #[error("guest memory does not cover the MP table at {MPTABLE_START:#x}")]
     NotEnoughMemory,
-    /// Writing the table failed.
     #[error("failed to write the MP table into guest memory")]
     Write(#[source] GuestMemoryError),
 }

@@ -36,7 +36,6 @@ pub const MTRR_MEM_TYPE_WB: u64 = 6;
 /// Errors setting up a vCPU's MSRs.
 #[derive(Debug, thiserror::Error)]
 pub enum MsrError {
-    /// The MSR list could not be built.
     #[error("failed to build the MSR list")]
     Build(#[source] vmm_sys_util::fam::Error),
     /// `KVM_SET_MSRS` failed.

@@ -53,13 +53,10 @@ pub enum RegsError {
     /// `KVM_SET_FPU` failed.
     #[error("failed to set the FPU state")]
     SetFpu(#[source] kvm_ioctls::Error),
-    /// The boot GDT or IDT does not fit in guest memory.
     #[error("failed to write the boot GDT and IDT into guest memory")]
     WriteDescriptorTables(#[source] GuestMemoryError),
-    /// The boot page tables do not fit in guest memory.
     #[error("failed to write the boot page tables into guest memory")]
     WritePageTables(#[source] GuestMemoryError),
-    /// A boot address the starting CPU mode cannot reach.
     #[error("{what} at {addr:#x} is not below {limit:#x}, out of reach at boot")]
     Unreachable {
         /// What the address is for.

@@ -47,10 +47,8 @@ pub mod status {
 /// Errors from creating a transport.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
-    /// An eventfd could not be created.
     #[error("cannot create an eventfd for a virtio device")]
     EventFd(#[source] std::io::Error),
-    /// The device declares an invalid queue size.
     #[error("virtio device declares an invalid queue size {0}")]
     QueueSize(u16),
 }

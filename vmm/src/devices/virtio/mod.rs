@@ -108,13 +108,10 @@ impl IrqTrigger {
 /// Errors from activating a device.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    /// The driver set up the wrong number of queues.
     #[error("expected {expected} queues, the driver set up {got}")]
     QueueCount { expected: usize, got: usize },
-    /// The device's worker thread could not start.
     #[error("cannot start the device worker")]
     Worker(#[source] std::io::Error),
-    /// The device's backend failed.
     #[error("device backend failed: {0}")]
     Backend(String),
 }

@@ -16,13 +16,10 @@ pub const BOUNCE_SIZE: usize = 64 * 1024;
 /// Errors from I/O between the image and guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    /// Reading or writing the image failed.
     #[error("disk image I/O failed")]
     Io(#[source] io::Error),
-    /// Guest memory could not be accessed.
     #[error("cannot access guest memory")]
     GuestMemory(#[source] GuestMemoryError),
-    /// An offset or address overflowed.
     #[error("disk or guest address overflow")]
     Overflow,
 }

@@ -47,7 +47,6 @@ pub const MAX_REQUEST_BYTES: u64 = SEG_MAX as u64 * SEGMENT_MAX_BYTES as u64;
 /// Errors from opening a drive's image.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    /// The image does not exist.
     #[error("disk image {} not found", path.display())]
     NotFound { path: PathBuf },
     /// The image cannot be inspected or opened.
@@ -57,10 +56,8 @@ pub enum BlockError {
         #[source]
         source: std::io::Error,
     },
-    /// The image is neither a regular file nor a block device.
     #[error("disk image {} is not a regular file or a block device", path.display())]
     NotAFile { path: PathBuf },
-    /// The image's size is not a whole number of sectors.
     #[error("disk image {} is {size} bytes, not a multiple of {SECTOR_SIZE}", path.display())]
     Size { path: PathBuf, size: u64 },
 }

@@ -30,46 +30,34 @@ pub enum RequestError {
     /// The chain is empty or unreadable.
     #[error("empty descriptor chain")]
     Empty,
-    /// The chain has more descriptors than the queue.
     #[error("descriptor chain longer than {MAX_DESCS}")]
     TooLong,
     /// The last descriptor is not a device-writable byte in guest memory.
     #[error("no writable status byte")]
     NoStatus,
-    /// There is no header descriptor before the status.
     #[error("missing request header")]
     NoHeader,
     /// The header is device-writable, too short or outside guest memory.
     #[error("invalid request header")]
     BadHeader,
-    /// The request type is not supported.
     #[error("unsupported request type {0}")]
     Unsupported(u32),
-    /// A data descriptor has the wrong direction for the request.
     #[error("data descriptor has the wrong direction")]
     Direction,
-    /// A data descriptor is empty or outside guest memory.
     #[error("data descriptor {addr:#x}+{len:#x} is empty or outside guest memory")]
     BadData { addr: u64, len: u32 },
-    /// A read or write carries no data.
     #[error("read or write without data")]
     NoData,
-    /// The data length is not a multiple of the sector size.
     #[error("data length {0} is not a multiple of {SECTOR_SIZE}")]
     Unaligned(u64),
-    /// The request carries more data than the device allows.
     #[error("request of {0} bytes is over the maximum of {MAX_REQUEST_BYTES}")]
     TooLarge(u64),
-    /// The request reaches beyond the end of the drive.
     #[error("sector {sector} + {len} bytes is beyond the end of the drive")]
     OutOfRange { sector: u64, len: u64 },
-    /// A write to a read-only drive.
     #[error("write to a read-only drive")]
     ReadOnly,
-    /// The I/O failed.
     #[error("I/O failed")]
     Disk(#[source] DiskError),
-    /// The device was stopped before the request was done.
     #[error("the device was stopped during the request")]
     Stopped,
 }

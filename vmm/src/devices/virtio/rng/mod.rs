@@ -42,22 +42,16 @@ const MIN_REQUEST_COST: u64 = 64;
 /// Errors from serving entropy requests.
 #[derive(Debug, thiserror::Error)]
 pub enum RngError {
-    /// A request buffer is not device-writable.
     #[error("virtio-rng request has a device-readable descriptor")]
     ReadableDescriptor,
-    /// A request buffer is not in guest memory.
     #[error("virtio-rng request buffer {addr:#x}+{len:#x} is outside guest memory")]
     OutOfRange { addr: u64, len: u32 },
-    /// A request has more descriptors than the queue.
     #[error("virtio-rng request has more than {MAX_CHAIN_DESCS} descriptors")]
     ChainTooLong,
-    /// getrandom(2) failed.
     #[error("getrandom failed")]
     GetRandom(#[source] io::Error),
-    /// Writing the random bytes to guest memory failed.
     #[error("cannot write random bytes to guest memory")]
     GuestMemory(#[source] vm_memory::GuestMemoryError),
-    /// The worker's event loop failed.
     #[error("virtio-rng event loop failed")]
     EventLoop(#[source] io::Error),
 }

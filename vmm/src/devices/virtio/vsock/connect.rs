@@ -18,13 +18,11 @@ pub enum ConnectError {
     /// More than [`MAX_CONNECT_LINE`] bytes without a newline.
     #[error("handshake line too long")]
     TooLong,
-    /// The line does not start with `CONNECT `.
     #[error("handshake line does not start with CONNECT")]
     BadCommand,
     /// The port is missing, not decimal digits, or beyond u32.
     #[error("bad port in handshake line")]
     BadPort,
-    /// Bytes follow the newline.
     #[error("trailing bytes after the handshake line")]
     Trailing,
 }
