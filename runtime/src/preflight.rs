@@ -143,6 +143,21 @@ pub fn checks(config: &RuntimeConfig, host: &dyn Host) -> Vec<Outcome> {
     ]
 }
 
+/// Whether this user may start a jailed VMM (root), checked before
+/// anything else: a user who is not root may not read what the others
+/// need either.
+pub fn check_user(config: &RuntimeConfig) -> Result<(), PreflightError> {
+    check_user_on(config, &RealHost)
+}
+
+/// [`check_user`] on `host`.
+pub fn check_user_on(config: &RuntimeConfig, host: &dyn Host) -> Result<(), PreflightError> {
+    match config.jail.enabled && !host.is_root() {
+        true => Err(PreflightError::NotRoot),
+        false => Ok(()),
+    }
+}
+
 /// The first failed precondition of this host for a sandbox, if any: a
 /// usable KVM, then the jail.
 pub fn check_host(config: &RuntimeConfig) -> Result<(), PreflightError> {
@@ -151,14 +166,7 @@ pub fn check_host(config: &RuntimeConfig) -> Result<(), PreflightError> {
 
 /// [`check_host`] on `host`.
 pub fn check_host_on(config: &RuntimeConfig, host: &dyn Host) -> Result<(), PreflightError> {
-    match host.kvm() {
-        // A jailed VMM is started by root, which opens /dev/kvm: for a
-        // user who is not root, root is the fix to name.
-        Err(PreflightError::KvmAccess(_)) if config.jail.enabled && !host.is_root() => {
-            return Err(PreflightError::NotRoot)
-        }
-        r => r?,
-    };
+    host.kvm()?;
     jail(config, host).result.map(drop)
 }
 
@@ -354,12 +362,13 @@ mod tests {
     }
 
     #[test]
-    fn a_user_who_cannot_open_kvm_is_told_to_be_root_when_the_jail_is_on() {
+    fn a_user_who_is_not_root_is_told_so_first_when_the_jail_is_on() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = config(dir.path());
-        let err = check_host_on(&c, &NoAccess).unwrap_err();
+        let err = check_user_on(&c, &NoAccess).unwrap_err();
         assert!(matches!(err, PreflightError::NotRoot), "{err}");
         c.jail.enabled = false;
+        check_user_on(&c, &NoAccess).unwrap();
         let err = check_host_on(&c, &NoAccess).unwrap_err();
         assert!(matches!(err, PreflightError::KvmAccess(_)), "{err}");
     }

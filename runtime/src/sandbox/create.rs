@@ -71,12 +71,13 @@ fn prepare(
     config
         .check_vm_size(u64::from(opts.vcpus), u64::from(opts.memory_mib))
         .map_err(SandboxError::Size)?;
+    crate::preflight::check_user(config)?;
     config.check_artifacts()?;
     let vmm_binary = config.vmm_binary_path()?;
     let image = image::resolve(&opts.image, config, progress)?;
-    // The host, most basic first: a usable KVM, then the jail (root,
-    // cgroup v2), as `airlock doctor` lists them. After the input's own
-    // checks, so that bad input is named as such on any host.
+    // The host, most basic first: a usable KVM, then the jail's cgroup
+    // v2, as `airlock doctor` lists them. After the input's own checks,
+    // so that bad input is named as such on any host.
     crate::preflight::check_host(config)?;
     let id = SandboxId::generate();
     let state = StateDir::create(&config.state_dir, &id)?;
