@@ -36,13 +36,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Errors reaching the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// the agent did not answer on vsock port 1024 within {1:?} (socket {0}): see the sandbox's console.log
     #[error("the agent did not answer on vsock port {AGENT_VSOCK_PORT} within {1:?} (socket {0}): see the sandbox's console.log")]
     Timeout(PathBuf, Duration),
-    /// the VM stopped before its agent answered: see the sandbox's vmm.log and console.log
     #[error("the VM stopped before its agent answered: see the sandbox's vmm.log and console.log")]
     VmGone,
-    /// the VMM answered the vsock handshake with {0:?}
     #[error("the VMM answered the vsock handshake with {0:?}")]
     Handshake(String),
     /// the VMM accepted the vsock connection on {0} but answered nothing to CONNECT within {1:?}
@@ -50,7 +47,6 @@ pub enum ConnectError {
         "the VMM accepted the vsock connection on {0} but answered nothing to CONNECT within {1:?}"
     )]
     HandshakeTimeout(PathBuf, Duration),
-    /// the agent's version check failed: {0}
     #[error("the agent's version check failed: {0}")]
     Check(String),
     /// {0}

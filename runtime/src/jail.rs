@@ -22,10 +22,8 @@ use crate::config::JailSettings;
 /// Errors setting up the jail.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// the VMM jail needs root (namespaces, mounts, a cgroup): run as root, or set `[jail] enabled = false` in the runtime config (weaker isolation: seccomp only)
     #[error("the VMM jail needs root (namespaces, mounts, a cgroup): run as root, or set `[jail] enabled = false` in the runtime config (weaker isolation: seccomp only)")]
     NotRoot,
-    /// {0} is not on a cgroup v2 filesystem: mount cgroup2 on /sys/fs/cgroup, or set `[jail] cgroup_parent`
     #[error("{0} is not on a cgroup v2 filesystem: mount cgroup2 on /sys/fs/cgroup, or set `[jail] cgroup_parent`")]
     NoCgroup2(PathBuf),
     #[error("cannot reserve a uid for the VMM ({0}): {1}")]
@@ -35,16 +33,12 @@ pub enum JailError {
          remove sandboxes, or widen the range"
     )]
     NoUid(u32, u32),
-    /// cgroup {0}: {1}
     #[error("cgroup {0}: {1}")]
     Cgroup(PathBuf, std::io::Error),
-    /// an argument or environment variable holds a NUL byte
     #[error("an argument or environment variable holds a NUL byte")]
     Nul,
-    /// cannot start the jailed VMM: {0}
     #[error("cannot start the jailed VMM: {0}")]
     Clone(std::io::Error),
-    /// the jailed VMM failed to start ({0}): {1}
     #[error("the jailed VMM failed to start ({0}): {1}")]
     Child(&'static str, std::io::Error),
 }

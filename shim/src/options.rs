@@ -14,7 +14,6 @@ use containerd_shim::protos::protobuf::CodedInputStream;
 /// Options that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum OptionsError {
-    /// malformed runtime options ({0}): {1}
     #[error("malformed runtime options ({0}): {1}")]
     Malformed(String, String),
 }

@@ -40,7 +40,6 @@ pub enum JailError {
         "the jail needs root (it mounts and changes user); airlock-runtime starts the VMM as root"
     )]
     NotRoot,
-    /// jail: {step} {path}: {source}
     #[error("jail: {step} {path}: {source}")]
     Step {
         step: &'static str,
@@ -48,12 +47,10 @@ pub enum JailError {
         #[source]
         source: std::io::Error,
     },
-    /// jail: the vsock socket {0} must be inside the jail root {1}
     #[error("jail: the vsock socket {0} must be inside the jail root {1}")]
     VsockOutsideRoot(PathBuf, PathBuf),
     #[error(transparent)]
     Kvm(#[from] crate::vstate::vm::VmError),
-    /// jail: cannot drop capabilities: {0}
     #[error("jail: cannot drop capabilities: {0}")]
     Caps(String),
 }

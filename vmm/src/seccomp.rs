@@ -28,10 +28,8 @@ use seccompiler::{
 /// Errors building or installing a filter.
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
-    /// Cannot build the {0:?} thread's seccomp filter: {1}
     #[error("Cannot build the {0:?} thread's seccomp filter: {1}")]
     Build(ThreadKind, seccompiler::BackendError),
-    /// Cannot install the {0:?} thread's seccomp filter: {1}
     #[error("Cannot install the {0:?} thread's seccomp filter: {1}")]
     Install(ThreadKind, seccompiler::Error),
 }

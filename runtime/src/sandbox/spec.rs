@@ -15,16 +15,12 @@ pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/u
 /// A spec that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    /// invalid OCI spec {0}: {1}
     #[error("invalid OCI spec {0}: {1}")]
     Parse(String, String),
-    /// invalid OCI spec {0}: {1}
     #[error("invalid OCI spec {0}: {1}")]
     Invalid(String, &'static str),
-    /// Cannot read the OCI spec {0}: {1}
     #[error("Cannot read the OCI spec {0}: {1}")]
     Read(String, std::io::Error),
-    /// no command: give one after `--`, or use an image that has one
     #[error("no command: give one after `--`, or use an image that has one")]
     NoCommand,
 }
