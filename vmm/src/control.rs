@@ -6,11 +6,14 @@
 //! Only the launcher (root) can reach the socket, but a peer that connects
 //! and says nothing must not stall the loop: sockets are non-blocking, a
 //! command is read as it arrives, at most [`MAX_CONNECTIONS`] are open and
-//! a line longer than `MAX_COMMAND` ends its connection.
+//! a line longer than `MAX_COMMAND` ends its connection. The calls it makes
+//! (`accept4`, `ioctl(FIONBIO)`, `read`, `write`, `close`, `epoll_ctl`) are
+//! all on the main thread's seccomp filter (`recvfrom`, `sendto` and
+//! `shutdown`, which std's socket calls use, are not: reads and writes go
+//! through `read(2)` and `write(2)` themselves).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -90,7 +93,7 @@ impl Control {
         };
         let mut chunk = [0u8; 512];
         let done = loop {
-            match stream.read(&mut chunk) {
+            match read(stream, &mut chunk) {
                 Ok(0) => break Some(None),
                 Ok(n) => {
                     buf.extend_from_slice(&chunk[..n]);
@@ -113,16 +116,16 @@ impl Control {
         };
         if let Some((stream, _)) = self.conns.remove(&fd) {
             if let Some(reply) = reply {
-                // A reply of a few bytes fits the socket's buffer; a peer
+                // write(2), not std's send(2), which is off the filter. A
+                // reply of a few bytes fits the socket's buffer; a peer
                 // that does not read it loses it.
-                let _ = (&stream).write_all(reply.to_line().as_bytes());
-                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let _ = nix::unistd::write(stream.as_fd(), reply.to_line().as_bytes());
                 // Closed with unread bytes, a Unix socket resets its peer,
                 // which may then lose the reply: read what is there now
                 // (a bounded amount), then close.
                 let mut rest = [0u8; 512];
                 for _ in 0..(2 * MAX_COMMAND / rest.len()) {
-                    if !matches!((&stream).read(&mut rest), Ok(n) if n > 0) {
+                    if !matches!(read(&stream, &mut rest), Ok(n) if n > 0) {
                         break;
                     }
                 }
@@ -130,6 +133,13 @@ impl Control {
             let _ = ops.remove(Events::new(&stream, EventSet::IN));
         }
     }
+}
+
+/// `read(2)` on `stream`: std's socket reads are `recvfrom(2)` (and its
+/// writes `sendto(2)`), which the main thread's seccomp filter does not
+/// allow.
+fn read(stream: &UnixStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    nix::unistd::read(stream.as_fd(), buf).map_err(std::io::Error::from)
 }
 
 /// Carries out one command line.
@@ -173,6 +183,8 @@ mod tests {
 
     use airlock_vmm_api::command::{send, CommandError};
     use event_manager::{EventManager, SubscriberOps};
+
+    use std::io::{Read, Write};
 
     use super::*;
 

@@ -42,6 +42,69 @@ fn boots_default_guest_with_two_cpus() {
 }
 
 #[test]
+fn a_stop_command_ends_the_vm_and_its_events_say_so() {
+    use airlock_vmm_api::command::{send, Command as VmmCommand};
+    use airlock_vmm_api::{Event, EventLog};
+    on_real_kvm("a_stop_command_ends_the_vm_and_its_events_say_so", || {
+        let dir = tempfile::tempdir().unwrap();
+        let (events, control) = (dir.path().join("events"), dir.path().join("control.sock"));
+        let mut child = Command::new(vmm_binary())
+            .args(["--keep-running", "--console", "off", "--events"])
+            .arg(&events)
+            .arg("--control")
+            .arg(&control)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start airlock-vmm");
+        let mut log = EventLog::new(&events);
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while !log.agent_ready() {
+            assert!(std::time::Instant::now() < deadline, "{:?}", log.events());
+            assert!(child.try_wait().unwrap().is_none(), "{:?}", log.events());
+            std::thread::sleep(Duration::from_millis(100));
+            log.refresh();
+        }
+        let sent = send(&control, &VmmCommand::Stop, Duration::from_secs(10));
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        println!("--- stderr\n{stderr}");
+        sent.unwrap();
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        let events = EventLog::read(&events);
+        let has = |f: &dyn Fn(&Event) -> bool| events.iter().any(f);
+        assert!(has(&|e| matches!(e, Event::Running { .. })), "{events:?}");
+        assert!(
+            has(&|e| matches!(e, Event::KernelEntered { .. })),
+            "{events:?}"
+        );
+        assert!(
+            has(&|e| matches!(e, Event::InitStarted { .. })),
+            "{events:?}"
+        );
+        assert!(
+            has(
+                &|e| matches!(e, Event::Exited { status: 0, reason } if reason == "stopped by a command")
+            ),
+            "{events:?}"
+        );
+        // The keeper's wipe, after the VMM is gone.
+        assert!(
+            has(
+                &|e| matches!(e, Event::Wiped { total_mib: 128, touched_mib, .. } if *touched_mib > 0)
+            ),
+            "{events:?}"
+        );
+        assert!(!has(&|e| matches!(e, Event::Error { .. })), "{events:?}");
+    });
+}
+
+#[test]
 fn guest_panic_exits_nonzero() {
     on_real_kvm("guest_panic_exits_nonzero", || {
         // No such init: the guest kernel panics ("No working init found").
