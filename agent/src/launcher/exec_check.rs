@@ -63,9 +63,8 @@ impl Executor for Checked {
         if res.is_err() {
             if let Some(failure) = classify(spec) {
                 if let Ok(bytes) = serde_json::to_vec(&failure) {
-                    // SAFETY: `report` is the pipe's write end, open for as
-                    // long as the container is built (see `new`), and this
-                    // fork of the launcher has it.
+                    // SAFETY: `report` is the pipe's write end, open while the
+                    // container is built (`new`); this fork of the launcher has it.
                     let fd = unsafe { BorrowedFd::borrow_raw(self.report) };
                     // Best effort: without it the failure is a plain one.
                     nix::unistd::write(fd, &bytes).ok();
