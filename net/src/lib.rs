@@ -1,0 +1,3 @@
+//! Airlock's egress policy (`airlock run --net egress --allow-out/--deny-out`).
+
+pub mod policy;
