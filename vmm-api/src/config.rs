@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::limits::{
     DEFAULT_CONSOLE_MAX_BYTES, MAX_DRIVE_ID_LEN, MAX_VCPUS, MIN_GUEST_CID, VMM_MIN_MEMORY_MIB,
 };
+use crate::mac::MacAddr;
 
 /// Errors in a VM configuration.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -25,6 +26,12 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("{0} {1}: not an open socket handed to this process")]
     NotASocket(&'static str, i32),
+    #[error("invalid net MAC address {0}: it is a multicast address (the first byte is odd); give the NIC a unicast one, like 02:00:00:00:00:01")]
+    MacMulticast(MacAddr),
+    #[error("net tap_fd {0}: not an open tap descriptor handed to this process (TUNGETIFF refused it); open /dev/net/tun, attach it with TUNSETIFF and pass the descriptor without FD_CLOEXEC")]
+    NotATap(i32),
+    #[error("net tap_fd {fd}: the tap's flags are {flags:#x}, not IFF_TAP | IFF_NO_PI | IFF_VNET_HDR; open it with TUNSETIFF and exactly those (no IFF_MULTI_QUEUE)")]
+    TapFlags { fd: i32, flags: u32 },
 }
 
 /// Errors reading a VM configuration file.
@@ -95,6 +102,22 @@ pub struct VmConfig {
     /// itself, and on which it accepts [`crate::Command`]s.
     #[serde(default)]
     pub control: Option<PathBuf>,
+    /// The network device, if any.
+    #[serde(default)]
+    pub net: Option<NetConfig>,
+}
+
+/// The virtio-net device: one NIC, backed by a tap that whoever started
+/// the VMM opened (`/dev/net/tun`, `TUNSETIFF` with `IFF_TAP | IFF_NO_PI |
+/// IFF_VNET_HDR`, in the sandbox's network namespace) and handed over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap's descriptor in the VMM process (inherited, not
+    /// close-on-exec).
+    pub tap_fd: i32,
+    /// The NIC's address, as the guest sees it (unicast).
+    pub mac: MacAddr,
 }
 
 /// The hybrid vsock device: the host reaches the guest through a Unix
@@ -181,10 +204,12 @@ impl VmConfig {
             jail: None,
             events: None,
             control: None,
+            net: None,
         }
     }
 
-    /// Checks the numbers against [`crate::limits`]; files and descriptors
+    /// Checks the numbers against [`crate::limits`] and the NIC's address;
+    /// files and descriptors
     /// are the VMM's to check when it opens them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 || self.vcpus > u32::from(MAX_VCPUS) {
@@ -200,6 +225,11 @@ impl VmConfig {
         }
         for d in &self.drives {
             d.validate()?;
+        }
+        if let Some(net) = &self.net {
+            if net.mac.is_multicast() {
+                return Err(ConfigError::MacMulticast(net.mac));
+            }
         }
         Ok(())
     }
@@ -317,6 +347,24 @@ mod tests {
     }
 
     #[test]
+    fn a_multicast_nic_address_is_refused() {
+        let mut c = VmConfig::new("/vmlinux".into());
+        let mac = "03:00:00:00:00:01".parse().unwrap();
+        c.net = Some(NetConfig { tap_fd: 3, mac });
+        assert_eq!(c.validate(), Err(ConfigError::MacMulticast(mac)));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("03:00:00:00:00:01"));
+        c.net = Some(NetConfig {
+            tap_fd: 3,
+            mac: "02:00:00:00:00:01".parse().unwrap(),
+        });
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
     fn drive_specs() {
         let d: DriveConfig = "path=/img/a.ext4,ro,id=root".parse().unwrap();
         assert_eq!(
@@ -363,6 +411,15 @@ mod tests {
             vmm_cgroup_fd: Some(5),
         });
         c.events = Some("/run/events".into());
+        c.net = Some(NetConfig {
+            tap_fd: 7,
+            mac: MacAddr([2, 0, 0, 0, 0, 9]),
+        });
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(
+            json.contains(r#""net":{"tap_fd":7,"mac":"02:00:00:00:00:09"}"#),
+            "{json}"
+        );
         let path = dir.path().join("vm.json");
         std::fs::write(&path, serde_json::to_string_pretty(&c).unwrap()).unwrap();
         assert_eq!(VmConfig::from_file(&path).unwrap(), c);

@@ -3,6 +3,7 @@
 //!
 //! * [`config`]: what a VM is made of ([`VmConfig`]), written once by the
 //!   launcher as JSON and read by `airlock-vmm --config FILE`;
+//! * [`mac`]: the NIC's address ([`MacAddr`]) in its `02:00:00:00:00:01` form;
 //! * [`limits`]: the bounds on vCPUs, memory and drives, checked by
 //!   [`VmConfig::validate`] on both sides;
 //! * [`event`]: what the VMM (and its keeper) report as the VM runs: one
@@ -28,9 +29,12 @@ pub mod command;
 pub mod config;
 pub mod event;
 pub mod limits;
+pub mod mac;
 
 pub use command::{Command, Reply};
 pub use config::{
-    ConfigError, ConsoleOutput, DriveConfig, JailConfig, LoadError, VmConfig, VsockConfig,
+    ConfigError, ConsoleOutput, DriveConfig, JailConfig, LoadError, NetConfig, VmConfig,
+    VsockConfig,
 };
 pub use event::{Event, EventLog, EventSink};
+pub use mac::MacAddr;

@@ -6,9 +6,11 @@
 use std::path::PathBuf;
 
 pub use airlock_vmm_api::config::{
-    ConfigError, ConsoleOutput, DriveConfig, JailConfig, LoadError, VmConfig, VsockConfig,
+    ConfigError, ConsoleOutput, DriveConfig, JailConfig, LoadError, NetConfig, VmConfig,
+    VsockConfig,
 };
 pub use airlock_vmm_api::limits::{DEFAULT_CONSOLE_MAX_BYTES, VMM_MIN_MEMORY_MIB};
+pub use airlock_vmm_api::mac::MacAddr;
 
 /// Kernel arguments every Airlock guest gets, before any extra ones:
 /// * `reboot=k`: the guest resets through the i8042, which ends the VM;
@@ -39,6 +41,34 @@ pub fn take_listener(fd: i32) -> Result<std::os::unix::net::UnixListener, Config
     Ok(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }
 
+/// Checks that `fd` (`NetConfig::tap_fd`) is an open tap with the flags
+/// the net device needs (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, not
+/// multi-queue).
+pub fn check_tap(fd: i32) -> Result<(), ConfigError> {
+    use crate::devices::virtio::net::tap;
+    if fd <= 2 {
+        return Err(ConfigError::NotATap(fd));
+    }
+    let flags = tap::tap_flags(fd).map_err(|_| ConfigError::NotATap(fd))?;
+    if !tap::flags_ok(flags) {
+        return Err(ConfigError::TapFlags {
+            fd,
+            flags: u32::from(flags),
+        });
+    }
+    Ok(())
+}
+
+/// Takes the tap handed over as `fd` (`NetConfig::tap_fd`), once checked
+/// by [`check_tap`]. Called once, when the device is built.
+pub fn take_tap(fd: i32) -> Result<std::os::fd::OwnedFd, ConfigError> {
+    use std::os::fd::FromRawFd;
+    check_tap(fd)?;
+    // SAFETY: `fd` is an open tap (checked above) that was handed to this
+    // process for the net device alone, and is taken here once.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// A configuration that boots the default guest image with 1 vCPU and
 /// 128 MiB.
 pub fn with_defaults() -> VmConfig {
@@ -49,13 +79,17 @@ pub fn with_defaults() -> VmConfig {
 }
 
 /// [`VmConfig::validate`] with what only this process can see: this
-/// host's memory and the descriptors it was handed.
+/// host's memory and the descriptors it was handed (the vsock listener,
+/// the tap).
 pub fn validate(config: &VmConfig) -> Result<(), ConfigError> {
     config.validate_on_host()?;
     if let Some(fd) = config.vsock.as_ref().and_then(|v| v.listen_fd) {
         if !is_socket(fd) {
             return Err(ConfigError::NotASocket("vsock listen_fd", fd));
         }
+    }
+    if let Some(net) = &config.net {
+        check_tap(net.tap_fd)?;
     }
     Ok(())
 }
@@ -135,5 +169,23 @@ mod tests {
         let taken = take_listener(listener.into_raw_fd()).unwrap();
         drop(taken);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_handed_over_tap_must_be_an_open_tap() {
+        use std::os::fd::AsRawFd;
+        let (sock, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let mut c = with_defaults();
+        for fd in [sock.as_raw_fd(), file.as_raw_fd(), 9999, 0, -1] {
+            c.net = Some(NetConfig {
+                tap_fd: fd,
+                mac: "02:00:00:00:00:01".parse().unwrap(),
+            });
+            let err = validate(&c).unwrap_err();
+            assert_eq!(err, ConfigError::NotATap(fd));
+            assert!(err.to_string().contains("TUNSETIFF"), "{err}");
+            assert!(take_tap(fd).is_err());
+        }
     }
 }

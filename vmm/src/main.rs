@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use airlock_report::chain as error_chain;
 use airlock_vmm::config::{default_guest_dir, DEFAULT_CONSOLE_MAX_BYTES};
-use airlock_vmm::config::{DriveConfig, JailConfig, VsockConfig};
+use airlock_vmm::config::{DriveConfig, JailConfig, MacAddr, NetConfig, VsockConfig};
 use airlock_vmm::keeper::{self, Role};
 use airlock_vmm::vstate::memory;
 use airlock_vmm::{events, ConsoleOutput, VmConfig, Vmm};
@@ -35,6 +35,7 @@ struct Cli {
     #[arg(long, value_name = "PATH", conflicts_with_all = [
         "kernel", "initrd", "no_initrd", "vcpus", "memory", "append", "keep_running",
         "vsock_uds", "vsock_listen_fd", "vsock_guest_connect", "drives", "no_rng", "console",
+        "net_tap_fd", "net_mac",
         "console_max_bytes", "jail_root", "vmm_cgroup_fd", "stop_grace_secs", "events", "control",
     ])]
     config: Option<PathBuf>,
@@ -83,6 +84,15 @@ struct Cli {
     /// the first is /dev/vda)
     #[arg(long = "drive", value_name = "SPEC")]
     drives: Vec<DriveConfig>,
+    /// Attach a virtio-net device backed by this tap descriptor, opened
+    /// by whoever starts the VMM (`/dev/net/tun`, `TUNSETIFF` with
+    /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`) and inherited: the VMM opens
+    /// nothing
+    #[arg(long, value_name = "FD", requires = "net_mac")]
+    net_tap_fd: Option<i32>,
+    /// The guest NIC's MAC address (unicast), like 02:00:00:00:00:01
+    #[arg(long, value_name = "MAC", requires = "net_tap_fd")]
+    net_mac: Option<MacAddr>,
     /// Do not give the guest a virtio-rng device
     #[arg(long)]
     no_rng: bool,
@@ -228,6 +238,10 @@ fn config_from(cli: &Cli) -> Result<VmConfig, airlock_vmm::config::LoadError> {
         }),
         events: cli.events.clone(),
         control: cli.control.clone(),
+        net: cli
+            .net_tap_fd
+            .zip(cli.net_mac)
+            .map(|(tap_fd, mac)| NetConfig { tap_fd, mac }),
     })
 }
 
@@ -316,6 +330,11 @@ fn main() -> ExitCode {
                 // The VMM's listener: the keeper must not keep it open.
                 // SAFETY: close on a descriptor this process does not use.
                 unsafe { libc::close(fd) };
+            }
+            if let Some(net) = &config.net {
+                // Nor the VMM's tap: the NIC goes away with the VMM.
+                // SAFETY: close on a descriptor this process does not use.
+                unsafe { libc::close(net.tap_fd) };
             }
             // Nor the control socket: commands are the VMM's.
             drop(control);

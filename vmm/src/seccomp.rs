@@ -87,6 +87,8 @@ const KVM_RUN: u64 = 0xae80;
 const KVM_GET_REGS: u64 = 0x8090_ae81;
 const KVM_GET_SREGS: u64 = 0x8138_ae83;
 const FIONBIO: u64 = 0x5421;
+/// linux/if_tun.h: `_IOW('T', 208, unsigned int)`.
+const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 
 /// The compiled filter of `kind`: its syscalls are allowed, anything else
 /// kills the process.
@@ -144,7 +146,17 @@ fn filter_with(kind: ThreadKind, device_connect: bool) -> Result<BpfProgram, Sec
             for nr in DEVICE {
                 rules.insert(*nr, Vec::new());
             }
-            rules.insert(libc::SYS_ioctl, vec![arg_eq(1, FIONBIO).map_err(build)?]);
+            // FIONBIO for the vsock connections; TUNSETOFFLOAD for the
+            // net worker, which sets the tap's offloads to what the driver
+            // negotiated when the device starts.
+            rules.insert(
+                libc::SYS_ioctl,
+                [FIONBIO, TUNSETOFFLOAD]
+                    .iter()
+                    .map(|req| arg_eq(1, *req))
+                    .collect::<Result<_, _>>()
+                    .map_err(build)?,
+            );
             if device_connect {
                 // Guest connections to the host reach Unix sockets only.
                 rules.insert(
@@ -314,7 +326,8 @@ pub fn apply_keeper(child: u32) -> Result<(), SeccompError> {
 /// disarms the vsock handshake timer.
 const DEVICE_CONTROL: &[i64] = &[libc::SYS_timerfd_settime];
 
-/// A device worker's extra syscalls: the disk image, the vsock Unix
+/// A device worker's extra syscalls: the disk image, the tap (`read` and
+/// `write`, common to all; its offloads through `ioctl`), the vsock Unix
 /// sockets (the listener and its connections; `socket` and `connect` only
 /// with [`allow_device_connect`]) and the vsock handshake timer.
 const DEVICE: &[i64] = &[
@@ -462,6 +475,41 @@ mod tests {
             ThreadKind::Vcpu,
             kvm_create_vm
         )));
+    }
+
+    #[test]
+    fn device_threads_may_set_tap_offloads_and_no_other_tap_ioctl() {
+        fn set_offload() {
+            // SAFETY: an ioctl on fd -1 fails with EBADF once let through.
+            unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD, 0) };
+        }
+        fn set_iff() {
+            // SAFETY: as above; TUNSETIFF would attach a new interface.
+            unsafe { libc::ioctl(-1, libc::TUNSETIFF, 0) };
+        }
+        fn set_vnet_hdr_size() {
+            // SAFETY: as above.
+            unsafe { libc::ioctl(-1, libc::TUNSETVNETHDRSZ, 0) };
+        }
+        assert_eq!(TUNSETOFFLOAD, libc::TUNSETOFFLOAD);
+        assert!(exited_ok(in_filtered_child(
+            ThreadKind::Device,
+            set_offload
+        )));
+        assert!(killed_by_sigsys(in_filtered_child(
+            ThreadKind::Device,
+            set_iff
+        )));
+        assert!(killed_by_sigsys(in_filtered_child(
+            ThreadKind::Device,
+            set_vnet_hdr_size
+        )));
+        for kind in [ThreadKind::Main, ThreadKind::Vcpu] {
+            assert!(
+                killed_by_sigsys(in_filtered_child(kind, set_offload)),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

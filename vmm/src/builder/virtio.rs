@@ -15,6 +15,7 @@ use crate::config::VmConfig;
 use crate::devices::bus::Bus;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use crate::devices::virtio::net::{tap::Tap, Net};
 use crate::devices::virtio::rng::{RateLimit, Rng};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
@@ -34,7 +35,8 @@ pub(crate) struct VirtioDevices {
 }
 
 /// The devices `config` asks for: the drives first (in order, so the first
-/// is `/dev/vda`), then vsock, then rng.
+/// is `/dev/vda`), then vsock, then rng, then the NIC (last, so that the
+/// others keep their places with or without it).
 pub(crate) fn devices_from_config(
     config: &VmConfig,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, BuildError> {
@@ -61,6 +63,12 @@ pub(crate) fn devices_from_config(
     }
     if config.rng {
         devices.push(Box::new(Rng::new(Some(RateLimit::default()))));
+    }
+    if let Some(net) = &config.net {
+        let fd =
+            crate::config::take_tap(net.tap_fd).map_err(|e| BuildError::Virtio(Box::new(e)))?;
+        let tap = Tap::new(fd).map_err(|e| BuildError::Virtio(Box::new(e)))?;
+        devices.push(Box::new(Net::new(tap, net.mac.bytes())));
     }
     Ok(devices)
 }

@@ -15,6 +15,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -29,6 +30,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device IDs (virtio 1.2, section 5).
 pub mod device_type {
+    pub const NET: u32 = 1;
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
