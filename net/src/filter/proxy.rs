@@ -45,6 +45,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_CONNECTIONS: usize = 256;
 
 static REFUSED_LOG: RateLimit = RateLimit::new();
+static NO_DST_LOG: RateLimit = RateLimit::new();
 
 /// Where a redirected connection was going.
 pub trait OriginalDst: Send + Sync {
@@ -116,7 +117,10 @@ impl Proxy {
         let dst = match self.original_dst.original_dst(&client) {
             Ok(dst) => dst,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot get a redirected connection's destination");
+                // A connection made to the proxy's address itself has none.
+                if let Some(suppressed) = NO_DST_LOG.allow() {
+                    tracing::warn!(error = %e, suppressed, "connection refused: no original destination (not redirected by nft)");
+                }
                 return reset(client);
             }
         };
