@@ -6,6 +6,10 @@
 //! nor to carry data out. Messages that are not one well-formed query are
 //! dropped; at most [`MAX_IN_FLIGHT`] queries are forwarded at a time (more
 //! are dropped: the client retries).
+//!
+//! Messages are read with `simple-dns` (not `hickory-proto`): only a query's
+//! header and question and a REFUSED reply are needed here, which it does
+//! without dependencies; answers are relayed as bytes, never re-encoded.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,7 +116,7 @@ pub fn judge(query: &[u8], policy: &PolicyHandle) -> Verdict {
     }
     if let Some(suppressed) = REFUSED_LOG.allow() {
         tracing::warn!(
-            name = %question.qname,
+            name = ?question.qname.to_string(), // quoted and escaped: the tenant's bytes
             suppressed,
             "DNS query refused: the name is not allowed by the sandbox's egress policy"
         );

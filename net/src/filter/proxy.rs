@@ -72,17 +72,21 @@ pub struct Proxy {
     pub original_dst: Arc<dyn OriginalDst>,
     /// The host's own addresses: denied unless an address rule allows them.
     pub host_addrs: Vec<IpAddr>,
-    /// What a name may never open (the daemon: [`Policy::default_denials`]
-    /// (crate::policy::Policy::default_denials)).
+    /// What a name may never open (the daemon's: the default denials,
+    /// [`crate::policy::Policy::default_denials`]).
     pub guard: Vec<IpNet>,
 }
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// No SNI or Host (an IP literal with no name, or another protocol).
     NoName,
+    /// A name no domain rule allows (an address as the name included).
     NameNotAllowed(String),
+    /// An allowed name, sent to the default denials or the host.
     Guarded(String),
+    /// An allowed name, sent to an address that is not one of its own.
     NotTheNamesAddress(String),
 }
 

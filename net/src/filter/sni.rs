@@ -3,7 +3,7 @@
 //!
 //! Parsed by hand rather than with `tls-parser`: only one extension of one
 //! message is needed, and `tls-parser` brings `nom` and a full TLS message
-//! model for it. Every read below is bounds-checked through [`Reader`]; the
+//! model for it. Every read below is bounds-checked through `Reader`; the
 //! input is the tenant's and at most the proxy's 16 KiB.
 //!
 //! A ClientHello split over several handshake records is reassembled (the
