@@ -60,6 +60,15 @@ impl Forwarder {
         loop {
             let (n, client) = match self.socket.recv_from(&mut buf).await {
                 Ok(received) => received,
+                // A client's ICMP error on an earlier reply: not ours.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => return e,
             };
             let query = buf.get(..n).unwrap_or_default();
