@@ -25,8 +25,9 @@
 //!    allowed by an address rule to the proxy. The proxy reads the first
 //!    bytes: the name in the TLS ClientHello (SNI) or the HTTP Host header
 //!    must be allowed, AND the connection's original destination (from
-//!    conntrack) must be one of the addresses that name has, asked by the
-//!    proxy itself of the upstream DNS (not of the tenant). An IP literal
+//!    conntrack) must be one of the addresses that name has, as the
+//!    upstream DNS gave them (to the proxy's own lookup, or in an answer
+//!    the forwarder relayed), never as the tenant says. An IP literal
 //!    (no name, or an address as the name), another name, or an allowed
 //!    name sent to an address that is not its own is refused with a reset.
 //!    A name never opens the default denials (private, loopback,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use airlock_net::filter::daemon::reload;
 use airlock_net::filter::dns::Forwarder;
+use airlock_net::filter::resolver::Resolver;
 use airlock_net::filter::{netns, PolicyHandle};
 use simple_dns::{Name, Packet, PacketFlag, Question, CLASS, QCLASS, QTYPE, RCODE, TYPE};
 use tokio::net::UdpSocket;
@@ -23,7 +24,7 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 20);
 async fn forwarder(
     upstream: SocketAddr,
     policy_json: &str,
-) -> (SocketAddr, PolicyHandle, tempfile::TempDir) {
+) -> (SocketAddr, PolicyHandle, tempfile::TempDir, Arc<Resolver>) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.json");
     std::fs::write(&file, policy_json).unwrap();
@@ -33,13 +34,15 @@ async fn forwarder(
     let (udp, _tcp) = netns::bind(any, any).unwrap();
     let socket = UdpSocket::from_std(udp).unwrap();
     let addr = socket.local_addr().unwrap();
+    let resolver = Arc::new(Resolver::new(vec![upstream]));
     let f = Forwarder {
         socket: Arc::new(socket),
         upstream: vec![upstream].into(),
         policy: policy.clone(),
+        resolver: resolver.clone(),
     };
     tokio::spawn(f.serve());
-    (addr, policy, dir)
+    (addr, policy, dir, resolver)
 }
 
 fn query(id: u16, name: &str) -> Vec<u8> {
@@ -88,7 +91,7 @@ async fn allowed_names_are_relayed_and_others_refused() {
     let upstream =
         FakeUpstream::start(&[("api.example.test", &[API]), ("other.test", &[OTHER])]).await;
     let closed = r#"{"allow": ["api.example.test"], "deny": ["0.0.0.0/0"]}"#;
-    let (fwd, _, _dir) = forwarder(upstream.addr, closed).await;
+    let (fwd, _, _dir, resolver) = forwarder(upstream.addr, closed).await;
 
     let reply = ask(fwd, 0x1111, "api.example.test").await.unwrap();
     assert_eq!(Packet::parse(&reply).unwrap().id(), 0x1111);
@@ -102,12 +105,16 @@ async fn allowed_names_are_relayed_and_others_refused() {
     assert_eq!(rcode(&reply), RCODE::Refused);
     assert!(addresses(&reply).is_empty());
     assert_eq!(upstream.queries(), 1, "a refused name reached the upstream");
+
+    // The proxy's resolver learned the relayed answer: no lookup of its own.
+    assert_eq!(resolver.addresses("api.example.test").await, [API]);
+    assert_eq!(upstream.queries(), 1);
 }
 
 #[tokio::test]
 async fn everything_is_relayed_when_ipv4_is_not_all_denied() {
     let upstream = FakeUpstream::start(&[("other.test", &[OTHER])]).await;
-    let (fwd, _, _dir) = forwarder(upstream.addr, r#"{"allow": ["api.example.test"]}"#).await;
+    let (fwd, _, _dir, _) = forwarder(upstream.addr, r#"{"allow": ["api.example.test"]}"#).await;
     let reply = ask(fwd, 7, "other.test").await.unwrap();
     assert_eq!(addresses(&reply), [OTHER]);
     // The upstream's NXDOMAIN is relayed as it is.
@@ -118,7 +125,7 @@ async fn everything_is_relayed_when_ipv4_is_not_all_denied() {
 #[tokio::test]
 async fn malformed_queries_get_no_answer() {
     let upstream = FakeUpstream::start(&[]).await;
-    let (fwd, _, _dir) = forwarder(upstream.addr, "{}").await;
+    let (fwd, _, _dir, _) = forwarder(upstream.addr, "{}").await;
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client
         .send_to(b"not a DNS message at all", fwd)
@@ -134,7 +141,7 @@ async fn malformed_queries_get_no_answer() {
 async fn a_reloaded_policy_applies_to_the_next_query() {
     let upstream =
         FakeUpstream::start(&[("api.example.test", &[API]), ("other.test", &[OTHER])]).await;
-    let (fwd, policy, dir) = forwarder(
+    let (fwd, policy, dir, _) = forwarder(
         upstream.addr,
         r#"{"allow": ["api.example.test"], "deny": ["0.0.0.0/0"]}"#,
     )

@@ -60,14 +60,16 @@ pub fn run(config: &Path) -> Result<(), DaemonError> {
         let mut term = signal(SignalKind::terminate()).map_err(|e| DaemonError::Signal("SIGTERM", e))?;
         let udp = tokio::net::UdpSocket::from_std(udp).map_err(DaemonError::Runtime)?;
         let tcp = tokio::net::TcpListener::from_std(tcp).map_err(DaemonError::Runtime)?;
+        let resolver = Arc::new(Resolver::new(config.upstream_dns.clone()));
         let forwarder = Forwarder {
             socket: Arc::new(udp),
             upstream: config.upstream_dns.clone().into(),
             policy: policy.clone(),
+            resolver: resolver.clone(),
         };
         let proxy = Arc::new(Proxy {
             policy: policy.clone(),
-            resolver: Arc::new(Resolver::new(config.upstream_dns.clone())),
+            resolver,
             original_dst: Arc::new(SoOriginalDst),
             host_addrs: config.host_addrs.clone(),
             guard: Policy::default_denials(),

@@ -19,7 +19,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::Semaphore;
 
 use super::ratelimit::RateLimit;
-use super::resolver::text;
+use super::resolver::{text, Resolver};
 use super::{upstream, PolicyHandle};
 
 /// Queries being forwarded at most.
@@ -35,6 +35,9 @@ pub struct Forwarder {
     pub socket: Arc<UdpSocket>,
     pub upstream: Arc<[SocketAddr]>,
     pub policy: PolicyHandle,
+    /// The proxy's resolver, which learns the answers relayed for allowed
+    /// names.
+    pub resolver: Arc<Resolver>,
 }
 
 /// What to do with one datagram from the guest.
@@ -44,8 +47,9 @@ pub enum Verdict {
     Drop,
     /// This reply (REFUSED) goes back at once.
     Answer(Vec<u8>),
-    /// Ask the upstream servers.
-    Forward,
+    /// Ask the upstream servers; the name (lowercase, no trailing dot) if
+    /// the policy allows it, for the proxy's resolver to learn the answer.
+    Forward(Option<String>),
 }
 
 impl Forwarder {
@@ -56,6 +60,15 @@ impl Forwarder {
         loop {
             let (n, client) = match self.socket.recv_from(&mut buf).await {
                 Ok(received) => received,
+                // A client's ICMP error on an earlier reply: not ours.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    continue
+                }
                 Err(e) => return e,
             };
             let query = buf.get(..n).unwrap_or_default();
@@ -65,7 +78,7 @@ impl Forwarder {
                     // Best effort, as UDP is: a full socket buffer loses it.
                     let _ = self.socket.try_send_to(&reply, client);
                 }
-                Verdict::Forward => {
+                Verdict::Forward(name) => {
                     let Ok(permit) = in_flight.clone().try_acquire_owned() else {
                         continue;
                     };
@@ -73,6 +86,11 @@ impl Forwarder {
                     let query = query.to_vec();
                     tokio::spawn(async move {
                         if let Some(answer) = upstream::exchange(&query, &this.upstream).await {
+                            // Learned first: the guest may connect as soon
+                            // as it has the answer.
+                            if let Some(name) = name {
+                                this.resolver.learn(&name, &answer);
+                            }
                             let _ = this.socket.send_to(&answer, client).await;
                         }
                         drop(permit);
@@ -106,13 +124,11 @@ pub fn judge(query: &[u8], policy: &PolicyHandle) -> Verdict {
         return Verdict::Drop;
     };
     let policy = policy.get();
-    let allowed = match text(&question.qname) {
-        Some(name) => policy.resolves(&name),
-        // A label with a dot or an unprintable byte matches no rule.
-        None => !policy.denies_all_v4(),
-    };
-    if allowed {
-        return Verdict::Forward;
+    // A label with a dot or an unprintable byte matches no rule.
+    let name = text(&question.qname).map(|n| n.to_ascii_lowercase());
+    let allowed_name = name.filter(|n| policy.allows_name(n));
+    if allowed_name.is_some() || !policy.denies_all_v4() {
+        return Verdict::Forward(allowed_name);
     }
     if let Some(suppressed) = REFUSED_LOG.allow() {
         tracing::warn!(

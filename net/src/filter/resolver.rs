@@ -3,6 +3,11 @@
 //! but at most 60 s, so that the addresses a connection is checked against
 //! are the name's current ones.
 //!
+//! The answers the DNS forwarder relays to the guest for allowed names are
+//! learned too ([`Resolver::learn`]): they come from the same upstream, and
+//! a name whose servers rotate their addresses would otherwise be refused
+//! whenever the guest got other addresses than the proxy's own lookup.
+//!
 //! CNAME chains are followed within the one answer (at most 8 links); only A
 //! records owned by the name or a name it is an alias of count.
 
@@ -20,6 +25,8 @@ use super::upstream;
 pub const MAX_TTL: Duration = Duration::from_secs(60);
 /// Names cached at most (expired ones are dropped first, then all).
 const MAX_ENTRIES: usize = 1024;
+/// Addresses kept per name at most.
+const MAX_ADDRS: usize = 64;
 /// CNAME links followed at most.
 const MAX_CHAIN: usize = 8;
 
@@ -27,7 +34,7 @@ const MAX_CHAIN: usize = 8;
 #[derive(Debug)]
 pub struct Resolver {
     servers: Vec<SocketAddr>,
-    cache: Mutex<HashMap<String, (Vec<Ipv4Addr>, Instant)>>,
+    cache: Mutex<Cache>,
 }
 
 impl Resolver {
@@ -51,19 +58,42 @@ impl Resolver {
             return Vec::new();
         };
         let mut cache = self.lock();
-        if cache.len() >= MAX_ENTRIES {
-            cache.retain(|_, (_, until)| *until > now);
-            if cache.len() >= MAX_ENTRIES {
-                cache.clear();
-            }
-        }
+        make_room(&mut cache, now);
         if !addrs.is_empty() {
             cache.insert(name.to_string(), (addrs.clone(), now + ttl.min(MAX_TTL)));
         }
         addrs
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Vec<Ipv4Addr>, Instant)>> {
+    /// Adds the A records of `response`, an upstream answer relayed to the
+    /// guest for `name` (lowercase, no trailing dot), to what is cached for
+    /// it; the entry then lasts as long as the longer of the two.
+    pub fn learn(&self, name: &str, response: &[u8]) {
+        let Some((addrs, ttl)) = a_records(response, name) else {
+            return;
+        };
+        if addrs.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let until = now + ttl.min(MAX_TTL);
+        let mut cache = self.lock();
+        if let Some((known, known_until)) = cache.get_mut(name) {
+            if *known_until > now {
+                for a in addrs {
+                    if !known.contains(&a) && known.len() < MAX_ADDRS {
+                        known.push(a);
+                    }
+                }
+                *known_until = until.max(*known_until);
+                return;
+            }
+        }
+        make_room(&mut cache, now);
+        cache.insert(name.to_string(), (addrs, until));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -80,6 +110,18 @@ impl Resolver {
         let bytes = query.build_bytes_vec().ok()?;
         let answer = upstream::exchange(&bytes, &self.servers).await?;
         a_records(&answer, name)
+    }
+}
+
+type Cache = HashMap<String, (Vec<Ipv4Addr>, Instant)>;
+
+/// Room for one more name: the expired ones dropped, or all if none is.
+fn make_room(cache: &mut Cache, now: Instant) {
+    if cache.len() >= MAX_ENTRIES {
+        cache.retain(|_, (_, until)| *until > now);
+        if cache.len() >= MAX_ENTRIES {
+            cache.clear();
+        }
     }
 }
 

@@ -30,14 +30,17 @@ fn closed() -> PolicyHandle {
 #[test]
 fn everything_is_forwarded_unless_all_of_ipv4_is_denied() {
     let open = handle(r#"{"allow": ["api.example.test"], "deny": ["198.51.100.0/24"]}"#);
-    assert_eq!(judge(&query(1, &["other.test"]), &open), Verdict::Forward);
+    assert_eq!(
+        judge(&query(1, &["other.test"]), &open),
+        Verdict::Forward(None)
+    );
     assert_eq!(
         judge(&query(1, &["api.example.test"]), &open),
-        Verdict::Forward
+        Verdict::Forward(Some("api.example.test".into()))
     );
     assert_eq!(
         judge(&query(1, &["x"]), &PolicyHandle::default()),
-        Verdict::Forward
+        Verdict::Forward(None)
     );
 }
 
@@ -51,7 +54,7 @@ fn allowed_names_are_forwarded_when_closed() {
     ] {
         assert_eq!(
             judge(&query(7, &[name]), &closed()),
-            Verdict::Forward,
+            Verdict::Forward(Some(name.to_ascii_lowercase())),
             "{name}"
         );
     }
@@ -101,7 +104,7 @@ fn a_label_holding_a_dot_matches_no_rule() {
     ));
     let q = p.build_bytes_vec().unwrap();
     assert!(matches!(judge(&q, &closed()), Verdict::Answer(_)));
-    assert_eq!(judge(&q, &PolicyHandle::default()), Verdict::Forward);
+    assert_eq!(judge(&q, &PolicyHandle::default()), Verdict::Forward(None));
 }
 
 #[test]

@@ -107,3 +107,28 @@ async fn no_upstream_answer_is_no_address() {
     assert!(resolver.addresses("api.example.test").await.is_empty());
     assert!(started.elapsed() >= upstream::TIMEOUT);
 }
+
+#[tokio::test]
+async fn relayed_answers_are_learned() {
+    // No upstream at all: what `addresses` gives is what was learned.
+    let resolver = Resolver::new(Vec::new());
+    let first = answer(
+        "api.example.test",
+        &[("api.example.test", a([192, 0, 2, 1]), 30)],
+    );
+    let second = answer(
+        "api.example.test",
+        &[("api.example.test", a([192, 0, 2, 2]), 30)],
+    );
+    let other = answer("other.test", &[("other.test", a([192, 0, 2, 3]), 30)]);
+    resolver.learn("api.example.test", &first);
+    resolver.learn("api.example.test", &second);
+    resolver.learn("api.example.test", &first);
+    // An answer to another question teaches nothing about this name.
+    resolver.learn("api.example.test", &other);
+    assert_eq!(
+        resolver.addresses("api.example.test").await,
+        [Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2)]
+    );
+    assert!(resolver.addresses("other.test").await.is_empty());
+}
