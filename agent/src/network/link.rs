@@ -73,7 +73,7 @@ pub fn by_mac<'a>(links: &'a [Link], mac: &[u8; 6]) -> Result<&'a Link, LinkErro
 
 /// Applies `config` to the guest: `lo` up with 127.0.0.1; each NIC found
 /// by its MAC, renamed while down, its MTU set, its addresses added, then
-/// up; then the routes.
+/// up; then the routes. An empty `config` brings up `lo` alone.
 pub fn apply(config: &Config) -> Result<(), LinkError> {
     let mut nl = Netlink::open()?;
     let links = nl.links()?;

@@ -108,15 +108,17 @@ impl Network {
     }
 
     /// Fixes the network before a container is created: from now on
-    /// [`Network::configure`] fails. Without a configuration, writes the
-    /// DNS files a container mounts: no nameserver, and `hosts` with
-    /// localhost and the hostname.
+    /// [`Network::configure`] fails. Without a configuration, brings `lo`
+    /// up (an empty [`Config`]: the containers still reach each other on
+    /// `localhost`) and writes the DNS files a container mounts: no
+    /// nameserver, and `hosts` with localhost and the hostname.
     pub async fn seal(&self, machine: &dyn Machine) -> Result<(), NetworkError> {
         let mut state = self.state.lock().await;
         if state.sealed {
             return Ok(());
         }
         if !state.configured {
+            machine.configure_network(&Config::default())?;
             let dir = machine.net_dir();
             dns::write(dir, dns::RESOLV_CONF, "")?;
             dns::write(
@@ -202,7 +204,9 @@ mod tests {
         );
         let late = net.configure(&fake, config(Fake::NIC_MAC)).await;
         assert!(matches!(late, Err(NetworkError::Sealed)), "{late:?}");
-        assert!(log.lock().unwrap().is_empty());
+        // Only the loopback was configured, once.
+        net.seal(&fake).await.unwrap();
+        assert_eq!(log.lock().unwrap().as_slice(), [Config::default()]);
     }
 
     #[tokio::test]
