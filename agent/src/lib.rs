@@ -4,7 +4,7 @@
 //! argument:
 //! * no argument: PID 1 — mounts, reaping, the ttrpc server on vsock port
 //!   1024 (`init/`, `rpc/`, `sandbox.rs`, `container/`, `process/`,
-//!   `files.rs`);
+//!   `files.rs`, `network/`);
 //! * `launch`: the single-threaded launcher that PID 1 starts for each OCI
 //!   operation, because youki's libcontainer must not run in a process with
 //!   other threads (`launcher/`);
@@ -25,6 +25,7 @@ mod files;
 pub mod init;
 pub mod launcher;
 pub mod machine;
+pub mod network;
 pub mod pause;
 pub mod process;
 pub mod rpc;

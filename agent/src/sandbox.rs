@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, Notify};
 use crate::container::{self, Container, ContainerError};
 use crate::files::{FileError, Root};
 use crate::machine::{Guest, Machine};
+use crate::network::{self, Network, NetworkError};
 use crate::process::exits::Exits;
 use crate::process::Process;
 
@@ -38,6 +39,8 @@ pub enum SandboxError {
     Container(#[from] ContainerError),
     #[error(transparent)]
     File(#[from] FileError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
     #[error("{0}")]
     Sys(&'static str, #[source] nix::Error),
 }
@@ -49,6 +52,8 @@ pub struct Sandbox {
     machine: Box<dyn Machine>,
     containers: Mutex<HashMap<String, Arc<Container>>>,
     scratch_ready: Mutex<bool>,
+    /// The VM's network, which every container shares.
+    network: Network,
     /// Notified when the runtime asked the VM to shut down.
     pub shutdown: Notify,
 }
@@ -66,6 +71,7 @@ impl Sandbox {
             machine,
             containers: Mutex::new(HashMap::new()),
             scratch_ready: Mutex::new(false),
+            network: Network::default(),
             shutdown: Notify::new(),
         }
     }
@@ -81,6 +87,7 @@ impl Sandbox {
             self.machine
                 .set_hostname(hostname)
                 .map_err(|e| SandboxError::Sys("sethostname", e))?;
+            self.network.set_hostname(hostname).await;
         }
         if epoch_seconds > 0 {
             self.machine
@@ -108,7 +115,19 @@ impl Sandbox {
         Ok(())
     }
 
+    /// Configures the VM's network (see `network/`): once, before the
+    /// first container.
+    pub async fn configure_network(
+        &self,
+        req: &airlock_protocol::agent::ConfigureNetworkRequest,
+    ) -> Result<(), SandboxError> {
+        let config = network::Config::parse(req).map_err(NetworkError::from)?;
+        Ok(self.network.configure(&*self.machine, config).await?)
+    }
+
     /// Creates a container; its init process waits for `start_container`.
+    /// The first attempt fixes the network (writing the DNS files that
+    /// every container mounts), whether or not the container comes to be.
     pub async fn create_container(
         &self,
         id: &str,
@@ -126,6 +145,7 @@ impl Sandbox {
         if source.is_empty() {
             return Err(SandboxError::Invalid("rootfs.source is empty".into()));
         }
+        self.network.seal(&*self.machine).await?;
         let scratch = self.machine.scratch();
         let writable = scratch.join(id);
         // A tar archive on the scratch disk (a container joining a running

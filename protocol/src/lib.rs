@@ -39,10 +39,18 @@ pub use protobuf;
 pub use ttrpc;
 
 /// Version of the agent API spoken by this build. Bump it on any change to
-/// `agent.proto` that is not wire compatible. (Version 1 gained the
-/// [`exec_failure`] details without a bump: an old peer ignores them; a
-/// new runtime facing an old agent reports such a failure as a plain one.)
-pub const PROTOCOL_VERSION: u32 = 1;
+/// `agent.proto` that is not wire compatible, or that changes what a call
+/// means. (Version 1 gained the [`exec_failure`] details without a bump:
+/// an old peer ignores them; a new runtime facing an old agent reports such
+/// a failure as a plain one.) Version 2: `ConfigureNetwork`, and containers
+/// share the VM's network namespace and get its `resolv.conf` and `hosts`
+/// (a version-1 agent gave a container that asked for a network namespace
+/// an empty one).
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Version of `ConfigureNetworkRequest`'s contents; the agent refuses a
+/// request with any other. Bump it when the meaning of its fields changes.
+pub const NETWORK_CONFIG_VERSION: u32 = 1;
 
 /// Guest vsock port the agent's ttrpc server listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -4,8 +4,9 @@ use std::time::Duration;
 use protobuf::Message;
 
 use super::agent::{
-    CheckRequest, CheckResponse, CreateContainerRequest, FileInfo, FileType, ListDirResponse,
-    ReadStreamResponse, Rootfs, WaitProcessResponse, WriteFileRequest,
+    CheckRequest, CheckResponse, ConfigureNetworkRequest, CreateContainerRequest, FileInfo,
+    FileType, Interface, ListDirResponse, ReadStreamResponse, Rootfs, Route, WaitProcessResponse,
+    WriteFileRequest,
 };
 use super::agent_ttrpc::{create_agent_service, AgentService, AgentServiceClient};
 use super::*;
@@ -67,17 +68,54 @@ fn messages_round_trip() {
 }
 
 #[test]
+fn the_network_configuration_round_trips_in_one_message() {
+    let req = ConfigureNetworkRequest {
+        version: NETWORK_CONFIG_VERSION,
+        interfaces: vec![Interface {
+            mac: "02:00:00:00:00:01".into(),
+            name: "eth0".into(),
+            addresses: vec!["10.0.0.2/24".into(), "10.0.1.2/16".into()],
+            mtu: 1500,
+            ..Default::default()
+        }],
+        routes: vec![
+            Route {
+                gateway: "10.0.0.1".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            },
+            Route {
+                destination: "10.2.0.0/16".into(),
+                device: "eth0".into(),
+                ..Default::default()
+            },
+        ],
+        nameservers: vec!["10.0.0.1".into(), "2001:db8::1".into()],
+        search: vec!["svc.cluster.local".into()],
+        hostname: "sandbox".into(),
+        ..Default::default()
+    };
+    round_trip(&req);
+    // The bytes hold every field: nothing is dropped on the way.
+    let bytes = req.write_to_bytes().unwrap();
+    let back = ConfigureNetworkRequest::parse_from_bytes(&bytes).unwrap();
+    assert_eq!(back.interfaces[0].addresses.len(), 2);
+    assert_eq!(back.routes[1].destination, "10.2.0.0/16");
+    assert_eq!(back.version, 1);
+}
+
+#[test]
 fn check_compatible_accepts_same_version() {
     assert_eq!(check_compatible(PROTOCOL_VERSION), Ok(()));
 }
 
 #[test]
 fn check_compatible_rejects_other_versions() {
-    let err = check_compatible(2).unwrap_err();
-    assert_eq!(err, VersionError { theirs: 2, ours: 1 });
+    let err = check_compatible(1).unwrap_err();
+    assert_eq!(err, VersionError { theirs: 1, ours: 2 });
     assert_eq!(
         err.to_string(),
-        "agent speaks protocol version 2, this runtime speaks 1: \
+        "agent speaks protocol version 1, this runtime speaks 2: \
          upgrade the guest image or the runtime"
     );
     assert!(check_compatible(0).is_err());

@@ -98,7 +98,7 @@ impl Container {
         let layout = Layout::new(&bundle, writable);
         // Adapted before anything is mounted: a spec the guest cannot use
         // is refused without side effects.
-        let spec = spec::adapt(spec, id, &layout.rootfs)?;
+        let spec = spec::adapt(spec, id, &layout.rootfs, machine.net_dir())?;
         std::fs::create_dir_all(&bundle).map_err(ContainerError::Bundle)?;
         let cgroup = Cgroup::of(id);
         let result = async {

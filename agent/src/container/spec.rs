@@ -1,15 +1,19 @@
 //! The OCI runtime spec the runtime sent, adapted to this guest before
 //! libcontainer sees it: the root is the agent's mount of the workload
-//! image, the cgroup is the agent's, and the namespaces Airlock promises
-//! (pid, mount, uts, ipc) are always there.
+//! image, the cgroup is the agent's, the namespaces Airlock promises
+//! (pid, mount, uts, ipc) are always there, the network namespace never
+//! is (every container shares the VM's network), and `/etc/resolv.conf`
+//! and `/etc/hosts` are the sandbox's (see `network/`).
 
 use std::path::Path;
 
 use oci_spec::runtime::{
-    LinuxBuilder, LinuxNamespace, LinuxNamespaceType, Process, RootBuilder, Spec,
+    LinuxBuilder, LinuxNamespace, LinuxNamespaceType, Mount, MountBuilder, Process, RootBuilder,
+    Spec,
 };
 
 use super::cgroup::Cgroup;
+use crate::network::dns;
 
 /// Namespaces every container gets, whatever the spec says.
 pub const REQUIRED_NAMESPACES: &[LinuxNamespaceType] = &[
@@ -57,8 +61,9 @@ fn check_process(p: &Process) -> Result<(), SpecError> {
 }
 
 /// Points the spec at `rootfs` and the agent's cgroup for container `id`,
-/// and adds the required namespaces.
-pub fn adapt(mut spec: Spec, id: &str, rootfs: &Path) -> Result<Spec, SpecError> {
+/// adds the required namespaces and removes the network one, and mounts
+/// the DNS files in `net_dir` at `/etc`.
+pub fn adapt(mut spec: Spec, id: &str, rootfs: &Path, net_dir: &Path) -> Result<Spec, SpecError> {
     let readonly = spec
         .root()
         .as_ref()
@@ -79,6 +84,12 @@ pub fn adapt(mut spec: Spec, id: &str, rootfs: &Path) -> Result<Spec, SpecError>
     };
     linux.set_cgroups_path(Some(Cgroup::spec_path(id).into()));
     let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    // One network per sandbox, as one per pod: the containers share the
+    // VM's network namespace, with its NIC and its `lo`, so `localhost`
+    // reaches the other containers; the VM is the isolation boundary. A
+    // namespace of its own would be empty (no NIC can be moved into it):
+    // no network at all, as `ctr run` and CRI containers used to get.
+    namespaces.retain(|ns| ns.typ() != LinuxNamespaceType::Network);
     for &ty in REQUIRED_NAMESPACES {
         if !namespaces.iter().any(|ns| ns.typ() == ty) {
             let mut ns = LinuxNamespace::default();
@@ -95,7 +106,43 @@ pub fn adapt(mut spec: Spec, id: &str, rootfs: &Path) -> Result<Spec, SpecError>
     }
     linux.set_namespaces(Some(namespaces));
     spec.set_linux(Some(linux));
+    dns_mounts(&mut spec, net_dir)?;
     Ok(spec)
+}
+
+/// Where the DNS files go in a container.
+const DNS_FILES: [(&str, &str); 2] = [
+    ("/etc/resolv.conf", dns::RESOLV_CONF),
+    ("/etc/hosts", dns::HOSTS),
+];
+
+/// Replaces any mount of the DNS files' destinations with read-only bind
+/// mounts of the sandbox's.
+fn dns_mounts(spec: &mut Spec, net_dir: &Path) -> Result<(), SpecError> {
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    // Path equality compares components: "/etc//hosts" and "/etc/hosts/"
+    // are the same destination.
+    mounts.retain(|m| {
+        !DNS_FILES
+            .iter()
+            .any(|(dest, _)| m.destination() == Path::new(dest))
+    });
+    for (dest, name) in DNS_FILES {
+        mounts.push(dns_mount(dest, &net_dir.join(name))?);
+    }
+    spec.set_mounts(Some(mounts));
+    Ok(())
+}
+
+fn dns_mount(destination: &str, source: &Path) -> Result<Mount, SpecError> {
+    let options = ["bind", "ro", "nosuid", "nodev", "noexec"].map(String::from);
+    MountBuilder::default()
+        .destination(destination)
+        .typ("bind")
+        .source(source)
+        .options(options.to_vec())
+        .build()
+        .map_err(|_| SpecError::Invalid("cannot build the DNS files' mounts"))
 }
 
 #[cfg(test)]
@@ -118,6 +165,7 @@ mod tests {
             parse(json.as_bytes()).unwrap(),
             "c1",
             Path::new("/run/x/rootfs"),
+            Path::new("/run/net"),
         )
         .unwrap();
         let root = spec.root().as_ref().unwrap();
@@ -134,7 +182,56 @@ mod tests {
             assert_eq!(found.len(), 1, "{ty:?}");
             assert!(found[0].path().is_none(), "{ty:?} must be a new namespace");
         }
-        assert!(ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+        // The network namespace asked for is gone: the VM's is shared.
+        assert!(!ns.iter().any(|n| n.typ() == LinuxNamespaceType::Network));
+        // The DNS files are mounted, and nothing else was.
+        let mounts = spec.mounts().as_ref().unwrap();
+        let dests: Vec<_> = mounts.iter().map(|m| m.destination().clone()).collect();
+        assert_eq!(
+            dests,
+            [Path::new("/etc/resolv.conf"), Path::new("/etc/hosts")]
+        );
+    }
+
+    #[test]
+    fn the_sandbox_dns_files_replace_the_specs() {
+        let json = minimal(
+            r#","mounts":[
+                {"destination":"/proc","type":"proc","source":"proc"},
+                {"destination":"/etc/hosts/","type":"bind","source":"/host/hosts","options":["rbind","rw"]},
+                {"destination":"/etc//resolv.conf","type":"bind","source":"/host/resolv.conf"},
+                {"destination":"/etc/hostname","type":"bind","source":"/host/hostname"}]"#,
+        );
+        let spec = adapt(
+            parse(json.as_bytes()).unwrap(),
+            "c1",
+            Path::new("/r"),
+            Path::new("/run/net"),
+        )
+        .unwrap();
+        let mounts = spec.mounts().as_ref().unwrap();
+        let summary: Vec<(String, String)> = mounts
+            .iter()
+            .map(|m| {
+                let src = m.source().as_ref().unwrap().display().to_string();
+                (m.destination().display().to_string(), src)
+            })
+            .collect();
+        let pair = |d: &str, s: &str| (d.to_string(), s.to_string());
+        assert_eq!(
+            summary,
+            [
+                pair("/proc", "proc"),
+                pair("/etc/hostname", "/host/hostname"),
+                pair("/etc/resolv.conf", "/run/net/resolv.conf"),
+                pair("/etc/hosts", "/run/net/hosts"),
+            ]
+        );
+        let hosts = &mounts[3];
+        assert_eq!(hosts.typ().as_deref(), Some("bind"));
+        let opts = hosts.options().as_ref().unwrap();
+        assert!(opts.iter().any(|o| o == "ro"), "{opts:?}");
+        assert!(opts.iter().any(|o| o == "bind"), "{opts:?}");
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use oci_spec::runtime::{Process, Spec};
@@ -13,6 +13,8 @@ use super::{Launch, Machine};
 use crate::container::rootfs::{self, Layout, RootfsError};
 use crate::launcher::exec_check::{self, ExecFailure, ExecKind};
 use crate::launcher::{LaunchError, Reply, Request};
+use crate::network;
+use crate::network::link::{by_mac, Link, LinkError};
 use crate::process::exits::{Exit, Exits};
 
 /// A directory standing for the guest (see the module's comment): it never
@@ -21,6 +23,9 @@ pub struct Fake {
     root: PathBuf,
     scratch: PathBuf,
     bundles: PathBuf,
+    net: PathBuf,
+    /// Every network configuration applied.
+    network_log: Arc<Mutex<Vec<network::Config>>>,
     /// Containers get a directory as rootfs and host processes.
     processes: bool,
 }
@@ -29,16 +34,21 @@ pub struct Fake {
 const HOST_NAME_MAX: usize = 64;
 
 impl Fake {
-    /// A fake guest in `dir`: `dir/root` (the guest's `/`), `dir/scratch`
-    /// and `dir/bundles`, created if missing.
+    /// The MAC address of the fake's one NIC, `fake0`.
+    pub const NIC_MAC: &'static str = "02:00:00:00:00:01";
+
+    /// A fake guest in `dir`: `dir/root` (the guest's `/`), `dir/scratch`,
+    /// `dir/bundles` and `dir/net`, created if missing.
     pub fn new(dir: &Path) -> std::io::Result<Self> {
         let fake = Self {
             root: dir.join("root"),
             scratch: dir.join("scratch"),
             bundles: dir.join("bundles"),
+            net: dir.join("net"),
+            network_log: Arc::default(),
             processes: false,
         };
-        for d in [&fake.root, &fake.scratch, &fake.bundles] {
+        for d in [&fake.root, &fake.scratch, &fake.bundles, &fake.net] {
             std::fs::create_dir_all(d)?;
         }
         Ok(fake)
@@ -55,6 +65,12 @@ impl Fake {
             processes: true,
             ..Self::new(dir)?
         })
+    }
+
+    /// The network configurations this fake was given, in order (shared:
+    /// take it before the fake goes into a sandbox).
+    pub fn network_log(&self) -> Arc<Mutex<Vec<network::Config>>> {
+        self.network_log.clone()
     }
 
     fn start(
@@ -170,6 +186,33 @@ impl Machine for Fake {
 
     fn bundles(&self) -> &Path {
         &self.bundles
+    }
+
+    fn net_dir(&self) -> &Path {
+        &self.net
+    }
+
+    fn configure_network(&self, config: &network::Config) -> Result<(), LinkError> {
+        let nics = [
+            Link {
+                index: 1,
+                name: "lo".into(),
+                mac: Some([0; 6]),
+            },
+            Link {
+                index: 2,
+                name: "fake0".into(),
+                mac: network::config::parse_mac(Self::NIC_MAC),
+            },
+        ];
+        for nic in &config.interfaces {
+            by_mac(&nics, &nic.mac)?;
+        }
+        self.network_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(config.clone());
+        Ok(())
     }
 
     fn set_hostname(&self, name: &str) -> nix::Result<()> {

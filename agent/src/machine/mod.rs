@@ -12,6 +12,10 @@
 //!   creates a container's directories;
 //! * setting the hostname or the clock and mounting the scratch disk do
 //!   nothing (the hostname's length is checked, as the kernel does);
+//! * configuring the network records the configuration (see
+//!   [`Fake::network_log`]) after finding each NIC by its MAC among the
+//!   fake's one NIC ([`Fake::NIC_MAC`]) as the guest does; the DNS files
+//!   are written for real, in a fourth directory;
 //! * mounting a container's root filesystem checks the options, as the
 //!   guest does, then fails. So no container is ever created: nothing
 //!   reaches the launcher (which starts processes), a cgroup or a kill, and
@@ -36,6 +40,7 @@ use nix::mount::{mount, MsFlags};
 
 use crate::container::rootfs::{self, Layout, RootfsError};
 use crate::launcher::{self, LaunchError, Reply, Request};
+use crate::network;
 use crate::process::exits::Exits;
 
 pub use fake::Fake;
@@ -51,6 +56,11 @@ pub trait Machine: Send + Sync {
     fn scratch(&self) -> &Path;
     /// Where containers' bundles live.
     fn bundles(&self) -> &Path;
+    /// Where the sandbox's `resolv.conf` and `hosts` live (see
+    /// `network/dns.rs`), which every container mounts.
+    fn net_dir(&self) -> &Path;
+    /// Configures the NICs, `lo` and the routes (see `network/link.rs`).
+    fn configure_network(&self, config: &network::Config) -> Result<(), network::LinkError>;
     /// Sets the hostname.
     fn set_hostname(&self, name: &str) -> nix::Result<()>;
     /// Sets the real-time clock.
@@ -77,6 +87,8 @@ pub trait Machine: Send + Sync {
 const SCRATCH: &str = airlock_protocol::GUEST_SCRATCH_DIR;
 /// Where bundles live in the guest.
 const BUNDLES: &str = "/run/airlock-agent/bundles";
+/// Where the DNS files live in the guest.
+const NET_DIR: &str = "/run/airlock-agent/net";
 
 /// This VM, as PID 1 sees it.
 pub struct Guest;
@@ -92,6 +104,14 @@ impl Machine for Guest {
 
     fn bundles(&self) -> &Path {
         Path::new(BUNDLES)
+    }
+
+    fn net_dir(&self) -> &Path {
+        Path::new(NET_DIR)
+    }
+
+    fn configure_network(&self, config: &network::Config) -> Result<(), network::LinkError> {
+        network::link::apply(config)
     }
 
     fn set_hostname(&self, name: &str) -> nix::Result<()> {

@@ -14,6 +14,7 @@ use crate::container::rootfs::RootfsError;
 use crate::container::ContainerError;
 use crate::files::{self, FileError};
 use crate::launcher::{ExecKind, LaunchError};
+use crate::network::{LinkError, NetworkError};
 use crate::process::{StdioError, Stream};
 use crate::sandbox::{Sandbox, SandboxError};
 
@@ -63,6 +64,13 @@ impl From<SandboxError> for TtrpcError {
                 nix::Error::EEXIST => Code::ALREADY_EXISTS,
                 nix::Error::EACCES | nix::Error::EPERM => Code::PERMISSION_DENIED,
                 _ => Code::FAILED_PRECONDITION,
+            },
+            SandboxError::Network(n) => match n {
+                NetworkError::Config(_) | NetworkError::Link(LinkError::UnknownMac(..)) => {
+                    Code::INVALID_ARGUMENT
+                }
+                NetworkError::AlreadyConfigured | NetworkError::Sealed => Code::FAILED_PRECONDITION,
+                _ => Code::INTERNAL,
             },
             SandboxError::Sys(..) => Code::INTERNAL,
         };
@@ -139,6 +147,15 @@ impl AgentService for Service {
         self.sandbox
             .setup(&req.hostname, req.epoch_seconds, &req.scratch_device)
             .await?;
+        Ok(Empty::new())
+    }
+
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> Result<Empty> {
+        self.sandbox.configure_network(&req).await?;
         Ok(Empty::new())
     }
 
@@ -550,6 +567,76 @@ mod tests {
         };
         let res = svc.create_container(&ctx(), create).await;
         assert_eq!(code(res), Code::INVALID_ARGUMENT);
+    }
+
+    fn network(mac: &str) -> ConfigureNetworkRequest {
+        ConfigureNetworkRequest {
+            version: airlock_protocol::NETWORK_CONFIG_VERSION,
+            interfaces: vec![Interface {
+                mac: mac.into(),
+                addresses: vec!["10.0.0.2/24".into()],
+                mtu: 1500,
+                ..Default::default()
+            }],
+            routes: vec![Route {
+                gateway: "10.0.0.1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn configure_network_checks_its_input_and_runs_once() {
+        let (_dir, svc) = service();
+        let mac = crate::machine::Fake::NIC_MAC;
+        let mut bad = network(mac);
+        bad.version = 9;
+        let s = match svc.configure_network(&ctx(), bad).await {
+            Err(TtrpcError::RpcStatus(s)) => s,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.code(), Code::INVALID_ARGUMENT);
+        assert!(
+            s.message().contains("upgrade the guest image"),
+            "{}",
+            s.message()
+        );
+        let mut bad = network(mac);
+        bad.interfaces[0].mtu = 10;
+        let res = svc.configure_network(&ctx(), bad).await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+        let res = svc
+            .configure_network(&ctx(), network("02:00:00:00:00:99"))
+            .await;
+        assert_eq!(code(res), Code::INVALID_ARGUMENT);
+        svc.configure_network(&ctx(), network(mac)).await.unwrap();
+        let res = svc.configure_network(&ctx(), network(mac)).await;
+        assert_eq!(code(res), Code::FAILED_PRECONDITION);
+    }
+
+    #[tokio::test]
+    async fn configure_network_after_a_container_is_refused() {
+        let (dir, svc) = service();
+        let create = CreateContainerRequest {
+            container_id: "c".into(),
+            oci_spec: br#"{"ociVersion":"1.0.2","process":{"args":["true"],"cwd":"/","user":{"uid":0,"gid":0}},"root":{"path":"rootfs"}}"#.to_vec(),
+            rootfs: protobuf::MessageField::some(Rootfs {
+                source: "/img".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        // The fake refuses the mount, but the network is fixed all the same,
+        // and the files a container mounts are there.
+        assert!(svc.create_container(&ctx(), create).await.is_err());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("net/hosts")).unwrap(),
+            "127.0.0.1\tlocalhost\n"
+        );
+        let mac = crate::machine::Fake::NIC_MAC;
+        let res = svc.configure_network(&ctx(), network(mac)).await;
+        assert_eq!(code(res), Code::FAILED_PRECONDITION);
     }
 
     #[tokio::test]

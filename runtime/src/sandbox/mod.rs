@@ -8,6 +8,7 @@ mod create;
 pub mod files;
 pub mod io;
 pub mod liveness;
+mod network;
 mod process;
 pub mod spec;
 mod teardown;
@@ -22,6 +23,7 @@ use airlock_protocol::ttrpc;
 use airlock_protocol::ttrpc::context::{self, Context};
 
 pub use self::container::ContainerStats;
+pub use self::network::*;
 pub use self::process::Process;
 pub use self::teardown::{Teardown, TeardownReport};
 use crate::agent_client::{self, AgentClient};

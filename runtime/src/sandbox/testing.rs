@@ -121,6 +121,11 @@ impl FakeAgent {
             .ok()
     }
 
+    /// Every `ConfigureNetwork` request it got, in order.
+    pub fn network_requests(&self) -> Vec<ConfigureNetworkRequest> {
+        lock(&self.guest.networks).clone()
+    }
+
     /// How many `DestroySandbox` calls it got.
     pub fn destroyed(&self) -> u32 {
         self.guest.destroyed.load(Ordering::SeqCst)
@@ -187,6 +192,7 @@ struct Guest {
     containers: Mutex<HashMap<String, Container>>,
     outputs: Mutex<HashMap<String, Vec<u8>>>,
     files: Mutex<HashMap<String, Vec<u8>>>,
+    networks: Mutex<Vec<ConfigureNetworkRequest>>,
     /// Woken on every exit and every new output.
     changed: Notify,
 }
@@ -262,6 +268,24 @@ impl AgentService for Service {
         _: &TtrpcContext,
         _: CreateSandboxRequest,
     ) -> ttrpc::Result<Empty> {
+        Ok(Empty::default())
+    }
+
+    /// Records the request; a second one, or one after a container, is
+    /// refused as the agent refuses it.
+    async fn configure_network(
+        &self,
+        _: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<Empty> {
+        let mut networks = lock(&self.0.networks);
+        if !networks.is_empty() || !lock(&self.0.containers).is_empty() {
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                Code::FAILED_PRECONDITION,
+                "the network is already configured: ConfigureNetwork is called once per VM",
+            )));
+        }
+        networks.push(req);
         Ok(Empty::default())
     }
 

@@ -32,6 +32,42 @@ async fn within<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 #[tokio::test]
+async fn configure_network_sends_one_request_and_reports_a_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeAgent::start(dir.path()).await;
+    let agent = fake.connect().await.unwrap();
+    let sandbox = Sandbox::with_agent(&testing::config(dir.path()), agent);
+    let net = GuestNetwork {
+        interfaces: vec![GuestInterface {
+            mac: "02:00:00:00:00:01".into(),
+            name: "eth0".into(),
+            addresses: vec!["10.0.0.2/24".into()],
+            mtu: 1500,
+        }],
+        routes: vec![GuestRoute {
+            gateway: "10.0.0.1".into(),
+            device: "eth0".into(),
+            ..Default::default()
+        }],
+        nameservers: vec!["10.0.0.1".into()],
+        hostname: Some("box".into()),
+        ..Default::default()
+    };
+    sandbox.configure_network(&net).await.unwrap();
+    let got = fake.network_requests();
+    assert_eq!(got, [net.request()]);
+    assert_eq!(got[0].version, airlock_protocol::NETWORK_CONFIG_VERSION);
+    assert_eq!(got[0].hostname, "box");
+    // A second call is refused, and the error names the call.
+    let err = sandbox.configure_network(&net).await.unwrap_err();
+    assert!(
+        matches!(err, SandboxError::Agent("ConfigureNetwork", _)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("once per VM"), "{err}");
+}
+
+#[tokio::test]
 async fn an_exec_streams_its_output_and_reports_its_exit() {
     let dir = tempfile::tempdir().unwrap();
     let (fake, sandbox) = sandbox(dir.path()).await;

@@ -47,6 +47,7 @@ pub const METHODS: &[&str] = &[
     "Stat",
     "MakeDir",
     "Remove",
+    "ConfigureNetwork",
 ];
 
 /// Requests one input may make.

@@ -188,6 +188,7 @@ fn agent_seeds_reach_every_handler() {
         "files",
         "escape",
         "read_file",
+        "network",
     ] {
         let t = agent(name);
         // Every payload decoded: the handler ran.
@@ -229,6 +230,20 @@ fn agent_escapes_stay_in_the_root_and_fifos_do_not_block() {
         Code::INVALID_ARGUMENT,    // removing / is refused
         Code::INVALID_ARGUMENT,    // so is making "y" through ".."
         Code::NOT_FOUND,           // no container "c"
+    ];
+    assert_eq!(codes(&t), expected.map(Some), "{t:?}");
+}
+
+#[test]
+fn agent_network_is_checked_then_configured_once() {
+    // A bad version and an unknown MAC are refused; the good request is
+    // applied (to the fake); a second one is too late.
+    let t = agent("network");
+    let expected = [
+        Code::INVALID_ARGUMENT,
+        Code::INVALID_ARGUMENT,
+        Code::OK,
+        Code::FAILED_PRECONDITION,
     ];
     assert_eq!(codes(&t), expected.map(Some), "{t:?}");
 }
