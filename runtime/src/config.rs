@@ -12,6 +12,10 @@
 //! [jail]
 //! uid = 990
 //! gid = 990
+//! [network]
+//! mode = "egress"
+//! deny_out = ["0.0.0.0/0"]
+//! allow_out = ["api.example.com"]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -192,6 +196,8 @@ pub struct RuntimeConfig {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub jail: JailSettings,
+    /// `--net` and the egress policy's defaults ([`crate::net`]).
+    pub network: crate::net::NetworkSettings,
 }
 
 /// The bounds on a VM's size that hold whatever the config says: 1 to
@@ -259,6 +265,7 @@ impl Default for RuntimeConfig {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             jail: JailSettings::default(),
+            network: crate::net::NetworkSettings::default(),
         }
     }
 }
@@ -323,6 +330,9 @@ impl RuntimeConfig {
                 self.limits.max_memory_mib, self.memory_mib
             )));
         }
+        self.network
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("[network]: {e}")))?;
         if !(16..=1 << 20).contains(&self.scratch_mib) {
             return Err(ConfigError::Invalid(format!(
                 "scratch_mib = {}: use 16 to 1048576",

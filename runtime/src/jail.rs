@@ -283,6 +283,7 @@ pub fn spawn(
     stderr: File,
     cgroup_procs: &CgroupProcs,
     listen_fd: Option<i32>,
+    tap_fd: Option<i32>,
     die_with_parent: bool,
 ) -> Result<u32, JailError> {
     // SAFETY: geteuid has no preconditions.
@@ -298,6 +299,9 @@ pub fn spawn(
     // The vsock listener, bound by us where the jailed VMM cannot reach
     // the path: it gets the descriptor, kept open across execve too.
     let listener = listen_fd.unwrap_or(-1);
+    // The guest NIC's tap (`--net egress`), opened by us in the sandbox's
+    // network namespace: kept open across execve too.
+    let tap = tap_fd.unwrap_or(-1);
     let args = argv
         .iter()
         .map(|a| cstr(a))
@@ -324,6 +328,7 @@ pub fn spawn(
         cgroup: cgroup_procs.keeper.as_raw_fd(),
         vmm_cgroup,
         listener,
+        tap,
         report: err_write.as_raw_fd(),
     };
     let (argv_p, envp_p) = (arg_ptrs.as_ptr(), env_ptrs.as_ptr());
@@ -377,6 +382,8 @@ struct ChildFds {
     vmm_cgroup: i32,
     /// -1: none.
     listener: i32,
+    /// -1: none.
+    tap: i32,
     report: i32,
 }
 
@@ -417,6 +424,7 @@ fn child_main(
         if libc::write(fds.cgroup, b"0".as_ptr().cast(), 1) != 1
             || libc::fcntl(fds.vmm_cgroup, libc::F_SETFD, 0) != 0
             || (fds.listener >= 0 && libc::fcntl(fds.listener, libc::F_SETFD, 0) != 0)
+            || (fds.tap >= 0 && libc::fcntl(fds.tap, libc::F_SETFD, 0) != 0)
         {
             return fail(2);
         }

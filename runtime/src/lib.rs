@@ -8,6 +8,8 @@
 //! * [`scratch`]: the per-sandbox scratch disk, scrubbed at teardown;
 //! * [`vmm`]: the `airlock-vmm` child process;
 //! * [`jail`]: its namespaces and cgroup (the VMM finishes its own jail);
+//! * [`net`]: `--net egress`: the sandbox's network namespace, tap, policy
+//!   (nftables) and filter (DNS, proxy by name), removed at teardown;
 //! * [`agent_client`]: hybrid-vsock handshake, ttrpc, version check;
 //! * [`sandbox`]: the lifecycle that ties them together.
 //!
@@ -31,6 +33,7 @@ pub mod agent_client;
 pub mod config;
 pub mod image;
 pub mod jail;
+pub mod net;
 pub mod preflight;
 pub mod sandbox;
 pub mod scratch;

@@ -48,6 +48,8 @@ pub enum PreflightError {
          systemd.unified_cgroup_hierarchy=1, or set [jail] cgroup_parent to a cgroup v2 directory"
     )]
     NotCgroup2(PathBuf),
+    #[error(transparent)]
+    Net(Box<crate::net::NetError>),
 }
 
 /// The host as the checks see it.
@@ -100,7 +102,8 @@ impl Host for RealHost {
 pub struct Outcome {
     pub name: &'static str,
     pub result: Result<String, PreflightError>,
-    /// Passes, but weakens isolation (the jail is off).
+    /// Passes, with a caveat: isolation is weaker (the jail is off), or
+    /// a feature is unavailable (a network mode).
     pub warning: bool,
 }
 
@@ -140,7 +143,27 @@ pub fn checks(config: &RuntimeConfig, host: &dyn Host) -> Vec<Outcome> {
         ),
         Outcome::new("state dir", state_dir(&config.state_dir)),
         jail(config, host),
+        net(config, "net egress", crate::net::support::check_egress()),
+        net(config, "net pods", crate::net::support::check_pods()),
     ]
+}
+
+/// A network check's outcome. Networks are optional: unless the config
+/// makes `--net egress` the default, a missing piece is a warning that
+/// says only `--net none` works.
+fn net(
+    config: &RuntimeConfig,
+    name: &'static str,
+    r: Result<String, crate::net::NetError>,
+) -> Outcome {
+    match r {
+        Err(e) if config.network.mode == crate::net::NetMode::None => Outcome {
+            name,
+            result: Ok(format!("{e}; until then only --net none works")),
+            warning: true,
+        },
+        r => Outcome::new(name, r.map_err(|e| PreflightError::Net(Box::new(e)))),
+    }
 }
 
 /// Whether this user may start a jailed VMM (root), checked before

@@ -3,6 +3,7 @@
 //! [`connect`] (the agent, then its `CreateSandbox`). A failure in any of
 //! them tears down what the earlier ones made.
 
+use std::os::fd::AsRawFd;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airlock_protocol::agent;
@@ -35,8 +36,8 @@ impl Sandbox {
         // not have been written).
         let mut started: Option<SandboxRecord> = None;
         let result = async {
-            let record = spawn(config, opts, &prepared, &mut started, progress)?;
-            connect(config, &prepared, record).await
+            let (record, net) = spawn(config, opts, &prepared, &mut started, progress)?;
+            connect(config, &prepared, record, net.as_ref()).await
         }
         .await;
         match result {
@@ -98,7 +99,7 @@ fn spawn(
     prepared: &Prepared,
     started: &mut Option<SandboxRecord>,
     progress: &mut (dyn FnMut(&str) + Send),
-) -> Result<SandboxRecord, SandboxError> {
+) -> Result<(SandboxRecord, Option<crate::net::GuestLink>), SandboxError> {
     let Prepared {
         vmm_binary,
         image: resolved,
@@ -148,6 +149,23 @@ fn spawn(
     ];
     vm.console = vmm::ConsoleOutput::File(state.console_path());
     vm.stop_grace_secs = config.timeouts.teardown_secs;
+    if opts.net.mode != crate::net::NetMode::None || opts.net.pod_netns.is_some() {
+        progress("setting up the network");
+    }
+    let net = crate::net::setup(
+        &config.network,
+        &config.state_dir,
+        state.path(),
+        id.as_str(),
+        &opts.net,
+        opts.ephemeral,
+    )?;
+    if let Some(net) = &net {
+        vm.net = Some(vmm::NetConfig {
+            tap_fd: net.tap.as_raw_fd(),
+            mac: net.mac,
+        });
+    }
     let spec = vmm::VmmSpec {
         vm,
         dir: state.path().to_path_buf(),
@@ -159,6 +177,8 @@ fn spawn(
     }
     progress("booting the microVM");
     let process = vmm::VmmProcess::spawn(vmm_binary, &spec)?;
+    // The VMM has its own copy of the tap: ours closes here.
+    let guest_net = net.map(|n| n.guest);
     let record = SandboxRecord {
         id: id.to_string(),
         vmm_pid: process.pid(),
@@ -174,7 +194,7 @@ fn spawn(
     };
     *started = Some(record.clone());
     state.write_record(&record)?;
-    Ok(record)
+    Ok((record, guest_net))
 }
 
 /// Connects to the agent of the VMM of `record` once it is ready, and has
@@ -183,6 +203,7 @@ async fn connect(
     config: &RuntimeConfig,
     prepared: &Prepared,
     record: SandboxRecord,
+    net: Option<&crate::net::GuestLink>,
 ) -> Result<Sandbox, SandboxError> {
     let state = &prepared.state;
     let deadline = Duration::from_secs(config.timeouts.agent_connect_secs);
@@ -204,6 +225,10 @@ async fn connect(
         config: config.clone(),
     };
     sandbox.setup().await?;
+    // Before any workload runs: the guest's NIC, routes and DNS.
+    if let Some(net) = net {
+        sandbox.configure_network(&guest_network(net)).await?;
+    }
     Ok(sandbox)
 }
 
@@ -223,5 +248,29 @@ impl Sandbox {
         self.call("CreateSandbox", |c| c.create_sandbox(ctx(), &req))
             .await?;
         Ok(())
+    }
+}
+
+/// What the agent's `ConfigureNetwork` is told of the guest's link.
+fn guest_network(link: &crate::net::GuestLink) -> super::GuestNetwork {
+    super::GuestNetwork {
+        interfaces: vec![super::GuestInterface {
+            mac: link.mac.clone(),
+            name: "eth0".into(),
+            addresses: vec![format!("{}/{}", link.address, link.prefix)],
+            mtu: link.mtu,
+        }],
+        routes: link
+            .gateway
+            .map(|gw| super::GuestRoute {
+                destination: "0.0.0.0/0".into(),
+                gateway: gw.to_string(),
+                device: "eth0".into(),
+            })
+            .into_iter()
+            .collect(),
+        nameservers: link.nameservers.iter().map(|a| a.to_string()).collect(),
+        search: vec![],
+        hostname: None,
     }
 }

@@ -73,6 +73,8 @@ pub enum SandboxError {
         message: String,
     },
     #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error(transparent)]
     Preflight(#[from] crate::preflight::PreflightError),
     #[error("lost the agent while waiting for {0}: {1}; see the sandbox's console.log")]
     AgentLost(String, String),
@@ -143,6 +145,8 @@ pub struct SandboxOptions {
     /// The VM stops if this process dies (`airlock run`), rather than
     /// living on for later commands (`airlock create`).
     pub ephemeral: bool,
+    /// The network (`--net`) and its egress policy.
+    pub net: crate::net::NetOptions,
 }
 
 impl SandboxOptions {
@@ -153,6 +157,9 @@ impl SandboxOptions {
             vcpus: config.vcpus,
             memory_mib: config.memory_mib,
             ephemeral: false,
+            // A config whose [network] policy fails to parse does not
+            // load (RuntimeConfig::validate).
+            net: crate::net::NetOptions::from_settings(&config.network).unwrap_or_default(),
         }
     }
 }

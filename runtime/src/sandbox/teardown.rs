@@ -117,6 +117,9 @@ pub(super) async fn teardown_state(
             Err(e) => tracing::warn!("stopping the VMM of {}: {e}", state.id()),
         }
     }
+    // After the VMM (which holds the tap): the filter, the namespace with
+    // its tap, veth and rules, the host's table, the address slot.
+    crate::net::teardown(&config.state_dir, state.path());
     crate::jail::release_uid(&config.state_dir, state.id().as_str());
     let cgroup = crate::jail::cgroup_dir(&config.jail, state.id().as_str());
     if let Err(e) = crate::jail::remove_cgroup(&cgroup) {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use airlock_vmm_api::{ConsoleOutput, DriveConfig, EventLog, VmConfig, VsockConfig};
+pub use airlock_vmm_api::{ConsoleOutput, DriveConfig, EventLog, NetConfig, VmConfig, VsockConfig};
 pub use stop::{exited, start_time, stop, StopReport};
 
 /// Errors starting or stopping the VMM.
@@ -182,6 +182,7 @@ impl VmmProcess {
                             log2,
                             &procs,
                             listen_fd,
+                            vm.net.as_ref().map(|n| n.tap_fd),
                             spec.die_with_parent,
                         )
                         .map_err(VmmError::from)
@@ -274,6 +275,18 @@ fn spawn_plain(
         .stdout(log)
         .stderr(log2)
         .process_group(0);
+    if let Some(tap) = spec.vm.net.as_ref().map(|n| n.tap_fd) {
+        // SAFETY: the closure runs in the child between fork and exec and
+        // only calls fcntl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::fcntl(tap, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     if spec.die_with_parent {
         // SAFETY: the closure runs in the child between fork and exec and
         // only calls prctl, which is async-signal-safe.

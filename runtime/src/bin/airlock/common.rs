@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use airlock_protocol::agent::{ExecFailure, ExecFailureKind};
 use airlock_runtime::config::{self, ConfigError, RuntimeConfig, MIN_MEMORY_MIB};
 use airlock_runtime::image::ImageRef;
+use airlock_runtime::net::NetOptions;
 use airlock_runtime::sandbox::io::ProcessExit;
 use airlock_runtime::sandbox::spec::{ImageDefaults, ProcessOptions};
 use airlock_runtime::sandbox::{SandboxError, SandboxOptions};
@@ -151,11 +152,33 @@ pub struct SandboxFlags {
     /// user and capabilities apply; the command line sets the process
     #[arg(long, value_name = "PATH")]
     pub spec: Option<PathBuf>,
+    /// Network: none (no NIC, the default) or egress (outbound through NAT
+    /// under the policy below; nothing from outside can connect in).
+    /// Default from the config's [network] mode
+    #[arg(long, value_name = "MODE")]
+    pub net: Option<String>,
+    /// Allow outbound traffic to a CIDR, IP, domain or *.domain, even if
+    /// denied (repeatable; allow beats deny). Private, loopback,
+    /// link-local, CGNAT and the host's own addresses are denied unless
+    /// allowed here by address
+    #[arg(long, value_name = "CIDR|IP|DOMAIN")]
+    pub allow_out: Vec<String>,
+    /// Deny outbound traffic to a CIDR or IP (repeatable); 0.0.0.0/0 with
+    /// --allow-out DOMAIN allows that domain alone
+    #[arg(long, value_name = "CIDR|IP")]
+    pub deny_out: Vec<String>,
 }
 
 impl SandboxFlags {
-    pub fn options(&self, config: &RuntimeConfig) -> SandboxOptions {
+    pub fn options(&self, config: &RuntimeConfig) -> Result<SandboxOptions, String> {
         let mut opts = SandboxOptions::from_config(config);
+        opts.net = NetOptions::from_flags(
+            &config.network,
+            self.net.as_deref(),
+            &self.allow_out,
+            &self.deny_out,
+        )
+        .map_err(|e| error_line(&e))?;
         if let Some(c) = self.cpus {
             // validate() has bounded it by MAX_VCPUS (32).
             opts.vcpus = u8::try_from(c).unwrap_or(u8::MAX);
@@ -168,7 +191,7 @@ impl SandboxFlags {
         } else if let Some(image) = &self.image {
             opts.image = ImageRef::parse(image);
         }
-        opts
+        Ok(opts)
     }
 
     /// Checks what can be checked without the config; the config's

@@ -24,9 +24,12 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
         Ok(b) => b,
         Err(e) => return common::fail(&e),
     };
+    let opts = match args.sandbox.options(config) {
+        Ok(o) => o,
+        Err(e) => return common::fail(&e),
+    };
     let mut progress = common::progress();
-    let sandbox = match Sandbox::create(config, &args.sandbox.options(config), &mut progress).await
-    {
+    let sandbox = match Sandbox::create(config, &opts, &mut progress).await {
         Ok(s) => s,
         Err(e) => return common::fail_sandbox(&e),
     };

@@ -1,7 +1,7 @@
 //! `airlock`: run AI agents' code in throwaway microVMs.
 //!
 //! One file per command: `run.rs`, `create.rs`, `exec.rs`, `cp.rs`,
-//! `ls.rs`, `rm.rs`, `doctor.rs`; `common.rs` has what they share (config,
+//! `ls.rs`, `net.rs`, `rm.rs`, `doctor.rs`; `common.rs` has what they share (config,
 //! progress, exit statuses, error lines).
 
 mod common;
@@ -10,6 +10,7 @@ mod create;
 mod doctor;
 mod exec;
 mod ls;
+mod net;
 mod rm;
 mod run;
 
@@ -45,6 +46,7 @@ enum Command {
     Exec(exec::Args),
     Cp(cp::Args),
     Ls(ls::Args),
+    Net(net::Args),
     Rm(rm::Args),
     Doctor(doctor::Args),
 }
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
             Command::Exec(args) => exec::main(&config, args).await,
             Command::Cp(args) => cp::main(&config, args).await,
             Command::Ls(args) => ls::main(&config, args).await,
+            Command::Net(args) => net::main(&config, args).await,
             Command::Rm(args) => rm::main(&config, args).await,
             Command::Doctor(_) => unreachable!("handled above"),
         }

@@ -35,8 +35,11 @@ pub async fn main(config: &RuntimeConfig, args: Args) -> ExitCode {
         Ok(p) => p,
         Err(e) => return common::fail(&e),
     };
+    let mut opts = match args.sandbox.options(config) {
+        Ok(o) => o,
+        Err(e) => return common::fail(&e),
+    };
     let mut progress = common::progress();
-    let mut opts = args.sandbox.options(config);
     opts.ephemeral = true;
     // Ctrl-C, SIGTERM or SIGHUP while booting or running: destroy the
     // sandbox, then exit 128 + the signal, as a shell would.
