@@ -3,6 +3,7 @@
 //! microVM through `airlock-runtime`; see ARCHITECTURE.md.
 
 mod logging;
+mod net;
 mod options;
 mod pod;
 mod process;

@@ -43,10 +43,19 @@ impl Pod {
                 return Err(PodError::Failed(format!("container {}: {e}", req.id)));
             }
         };
+        let net = match crate::net::options(&oci, &config) {
+            Ok(net) => net,
+            Err(e) => {
+                cleanup_bundle(&req.bundle);
+                std::fs::remove_file(&image).ok();
+                return Err(PodError::Failed(format!("container {}: {e}", req.id)));
+            }
+        };
         let opts = SandboxOptions {
             image: ImageRef::Ext4(image.clone()),
             vcpus,
             memory_mib,
+            net,
             ..SandboxOptions::from_config(&config)
         };
         let mut progress = |m: &str| tracing::info!("{}: {m}", req.id);
