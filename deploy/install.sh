@@ -69,14 +69,14 @@ restart_containerd() {
 }
 
 install() {
-  for f in airlock-vmm containerd-shim-airlock-v2 airlock guest/vmlinux guest/initramfs.cpio; do
+  for f in airlock-vmm airlock-netfilter containerd-shim-airlock-v2 airlock guest/vmlinux guest/initramfs.cpio; do
     [ -f "$ARTIFACTS/$f" ] || die "$ARTIFACTS/$f is missing: build the installer with deploy/build-installer"
   done
   if [ "$KVM_CHECK" = 1 ] && [ ! -c "$HOST_ROOT/dev/kvm" ]; then
     die "no /dev/kvm on this node: Airlock needs hardware virtualisation (VT-x/AMD-V)"
   fi
   mkdir -p "$DEST/bin" "$DEST/guest" "$DEST/images" "$DEST/etc" "$HOST_ROOT/usr/local/bin"
-  for f in airlock-vmm containerd-shim-airlock-v2 airlock; do
+  for f in airlock-vmm airlock-netfilter containerd-shim-airlock-v2 airlock; do
     cp "$ARTIFACTS/$f" "$DEST/bin/$f.new" && mv -f "$DEST/bin/$f.new" "$DEST/bin/$f"
   done
   cp "$ARTIFACTS/guest/vmlinux" "$ARTIFACTS/guest/initramfs.cpio" "$DEST/guest/"
