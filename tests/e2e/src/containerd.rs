@@ -27,12 +27,32 @@ impl Containerd {
     /// test host's overlay /tmp). The release `containerd-shim-airlock-v2`
     /// is on its PATH; the CRI plugin is on only when `cri` is set.
     pub fn start(cri: bool) -> Self {
+        Self::start_with(cri, None)
+    }
+
+    /// Containerd with the CRI plugin and CNI: Debian's plugins
+    /// (/usr/lib/cni, containernetworking-plugins) and `conflist` as the
+    /// one network.
+    pub fn start_with_cni(conflist: &str) -> Self {
+        Self::start_with(true, Some(conflist))
+    }
+
+    fn start_with(cri: bool, conflist: Option<&str>) -> Self {
         let dir = PathBuf::from(format!(
             "/run/airlock-e2e-containerd-{}",
             std::process::id()
         ));
         std::fs::create_dir_all(&dir).expect("containerd dir");
         let d = dir.display();
+        let cni_bin = match conflist {
+            Some(list) => {
+                let conf = dir.join("cni/conf");
+                std::fs::create_dir_all(&conf).expect("CNI conf dir");
+                std::fs::write(conf.join("10-airlock-e2e.conflist"), list).expect("CNI conflist");
+                "/usr/lib/cni".to_string()
+            }
+            None => format!("{d}/cni/bin"),
+        };
         let plugins = if cri {
             // The runtime handler `airlock`, as deploy/ configures it; the
             // sandbox (pause) image is the test image (no registry here).
@@ -40,7 +60,7 @@ impl Containerd {
                 "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
                  \x20 sandbox_image = \"{CRI_IMAGE}\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
-                 \x20 bin_dir = \"{d}/cni/bin\"\n  conf_dir = \"{d}/cni/conf\"\n\
+                 \x20 bin_dir = \"{cni_bin}\"\n  conf_dir = \"{d}/cni/conf\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
                  \x20 runtime_type = \"io.containerd.runc.v2\"\n\
                  [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.airlock]\n\

@@ -8,6 +8,7 @@ use std::process::Command;
 pub mod containerd;
 pub mod guest;
 pub mod guest_memory;
+pub mod internet;
 pub mod tiny_guest;
 
 /// The repository's root.
@@ -99,6 +100,14 @@ pub fn seccomp_probe_vmm_binary() -> PathBuf {
     built(
         "target/seccomp-probe/debug/airlock-vmm",
         "tests/run builds it (cargo build -p airlock-vmm --features seccomp-probe --target-dir target/seccomp-probe)",
+    )
+}
+
+/// The release `airlock-netfilter` that `scripts/setup` builds.
+pub fn netfilter_binary() -> PathBuf {
+    built(
+        "target/release/airlock-netfilter",
+        "build it with scripts/setup (or `cargo build --release -p airlock-net`)",
     )
 }
 

@@ -282,3 +282,250 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
         },
     );
 }
+
+/// The pod network of the CNI test: Debian's bridge and host-local
+/// plugins on a documentation subnet; the bridge is the node's gateway.
+const CONFLIST: &str = r#"{"cniVersion": "1.0.0", "name": "airlock-e2e", "plugins": [
+  {"type": "bridge", "bridge": "airlock-e2e0", "isGateway": true, "ipMasq": false,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "198.51.100.0/24", "gateway": "198.51.100.1"}]],
+            "routes": [{"dst": "0.0.0.0/0"}]}}]}"#;
+
+/// A pod on the CNI network (the pod network namespace, CRI's default).
+fn net_pod_config(name: &str, log_dir: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("{name}-uid"),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: log_dir.into(),
+        ..Default::default()
+    }
+}
+
+/// A container serving `text` over HTTP on port 8080 (busybox httpd).
+fn web_container(name: &str, text: &str) -> ContainerConfig {
+    container_config(
+        name,
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "mkdir -p /www && echo {text} > /www/index.html && exec busybox httpd -f -p 8080 -h /www"
+            ),
+        ],
+    )
+}
+
+/// Runs a pod with one web container through `handler`; (pod, container, pod IP).
+async fn web_pod(
+    cri: &mut RuntimeServiceClient<Channel>,
+    c: &Containerd,
+    handler: &str,
+    name: &str,
+    log_dir: &str,
+) -> (String, String, String) {
+    let config = net_pod_config(name, log_dir);
+    let pod = cri
+        .run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: handler.into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", c.log()))
+        .into_inner()
+        .pod_sandbox_id;
+    let ip = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(ip.starts_with("198.51.100."), "{handler} pod IP {ip:?}");
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(web_container("web", &format!("{name}-page"))),
+            sandbox_config: Some(config),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("CreateContainer ({handler}): {e}\n{}", c.log()))
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|e| panic!("StartContainer ({handler}): {e}\n{}", c.log()));
+    (pod, id, ip)
+}
+
+/// `cmd` in container `id`: (exit code, stdout).
+async fn exec(cri: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &str) -> (i32, String) {
+    let out = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: vec!["sh".into(), "-c".into(), cmd.into()],
+            timeout: 60,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    println!(
+        "exec {cmd:?} in {id}: {} {stdout:?} {:?}",
+        out.exit_code,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.exit_code, stdout)
+}
+
+/// An HTTP GET of `url` in container `id`, retried for 20 s (the server
+/// may still be starting).
+async fn fetch_in(cri: &mut RuntimeServiceClient<Channel>, id: &str, url: &str) -> String {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (code, out) = exec(cri, id, &format!("busybox wget -q -T 5 -O - {url}")).await;
+        if code == 0 || std::time::Instant::now() > until {
+            return out;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// An HTTP GET from the node (this process), retried for 20 s.
+fn fetch_from_node(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let got = std::net::TcpStream::connect(addr).and_then(|mut s| {
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        });
+        match got {
+            Ok(text) => return text,
+            Err(e) if std::time::Instant::now() > until => return format!("error: {e}"),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(500)),
+        }
+    }
+}
+
+fn command_lines(args: &[&str]) -> Vec<String> {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod() {
+    on_real_kvm(
+        "a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod",
+        || {
+            let mut c = Containerd::start_with_cni(CONFLIST);
+            c.import_image_as("k8s.io", CRI_IMAGE);
+            c.restart();
+            let log_dir = c.dir.join("pod-logs");
+            std::fs::create_dir_all(&log_dir).unwrap();
+            let log_dir = log_dir.display().to_string();
+            let netns_before = command_lines(&["ip", "netns", "list"]);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut cri = connect(&c).await;
+                let (vm_pod, vm_web, vm_ip) =
+                    web_pod(&mut cri, &c, "airlock", "vm-pod", &log_dir).await;
+                let (runc_pod, runc_web, runc_ip) =
+                    web_pod(&mut cri, &c, "runc", "runc-pod", &log_dir).await;
+
+                // The CNI IP is the VM's own: eth0 in the guest holds it.
+                let (_, addrs) = exec(&mut cri, &vm_web, "busybox ip -4 -o addr show").await;
+                assert!(
+                    addrs.contains(&format!("eth0    inet {vm_ip}/24"))
+                        || addrs.contains(&format!("inet {vm_ip}/24")),
+                    "{addrs}"
+                );
+                let (_, kernel) = exec(&mut cri, &vm_web, "cat /proc/version").await;
+                assert!(!kernel.is_empty());
+
+                // The VM's server from the node and from the runc pod.
+                let page = fetch_from_node(&format!("{vm_ip}:8080"));
+                assert!(page.contains("vm-pod-page"), "{page}");
+                let page = fetch_in(&mut cri, &runc_web, &format!("http://{vm_ip}:8080/")).await;
+                assert!(page.contains("vm-pod-page"), "{page}");
+                // And back: the VM reaches the runc pod and the node.
+                let page = fetch_in(&mut cri, &vm_web, &format!("http://{runc_ip}:8080/")).await;
+                assert!(page.contains("runc-pod-page"), "{page}");
+                let node =
+                    std::net::TcpListener::bind("198.51.100.1:8081").expect("bind on the bridge");
+                std::thread::spawn(move || {
+                    use std::io::Write;
+                    for mut s in node.incoming().flatten() {
+                        let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nnode-page\n");
+                    }
+                });
+                let page = fetch_in(&mut cri, &vm_web, "http://198.51.100.1:8081/").await;
+                assert!(page.contains("node-page"), "{page}");
+
+                let veths = |pods: usize| {
+                    let links =
+                        command_lines(&["ip", "-o", "link", "show", "master", "airlock-e2e0"]);
+                    assert_eq!(links.len(), pods, "{links:#?}");
+                };
+                veths(2);
+                for pod in [&vm_pod] {
+                    cri.stop_pod_sandbox(StopPodSandboxRequest {
+                        pod_sandbox_id: pod.to_string(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("StopPodSandbox: {e}\n{}", c.log()));
+                    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                        pod_sandbox_id: pod.to_string(),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("RemovePodSandbox: {e}\n{}", c.log()));
+                }
+                // The VM pod's veth and namespace are gone; the runc pod's stay.
+                veths(1);
+                let netns_now = command_lines(&["ip", "netns", "list"]);
+                assert_eq!(netns_now.len(), netns_before.len() + 1, "{netns_now:#?}");
+                let vmms = vmm_processes();
+                assert!(vmms.is_empty(), "{vmms:?}");
+                let taps: Vec<String> = command_lines(&["ip", "-o", "link"])
+                    .into_iter()
+                    .filter(|l| l.contains("tap"))
+                    .collect();
+                assert!(taps.is_empty(), "{taps:?}");
+                cri.stop_pod_sandbox(StopPodSandboxRequest {
+                    pod_sandbox_id: runc_pod.clone(),
+                })
+                .await
+                .unwrap();
+                cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: runc_pod,
+                })
+                .await
+                .unwrap();
+                veths(0);
+            });
+            c.assert_nothing_left();
+        },
+    );
+}

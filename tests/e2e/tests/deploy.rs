@@ -115,6 +115,7 @@ fn install_script_configures_a_node_that_containerd_accepts() {
     std::fs::create_dir_all(artifacts.join("guest")).unwrap();
     for f in [
         "airlock-vmm",
+        "airlock-netfilter",
         "containerd-shim-airlock-v2",
         "airlock",
         "guest/vmlinux",
@@ -142,6 +143,7 @@ fn install_script_configures_a_node_that_containerd_accepts() {
     let text = std::fs::read_to_string(&config).unwrap();
     assert_eq!(text.matches("runtimes.airlock]").count(), 1, "{text}");
     assert!(root.join("opt/airlock/bin/airlock-vmm").is_file());
+    assert!(root.join("opt/airlock/bin/airlock-netfilter").is_file());
     assert!(root.join("opt/airlock/guest/vmlinux").is_file());
     let link = std::fs::read_link(root.join("usr/local/bin/containerd-shim-airlock-v2")).unwrap();
     assert_eq!(
@@ -218,6 +220,7 @@ fn installer_image_holds_the_script_binaries_and_guest() {
     for f in [
         "opt/airlock-installer/install.sh",
         "opt/airlock-installer/airlock-vmm",
+        "opt/airlock-installer/airlock-netfilter",
         "opt/airlock-installer/containerd-shim-airlock-v2",
         "opt/airlock-installer/guest/vmlinux",
         "opt/airlock-installer/guest/initramfs.cpio",

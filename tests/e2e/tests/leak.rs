@@ -1,8 +1,10 @@
 //! Cycles of create, exec and remove, driven through the runtime library
 //! in this process, must leave the host flat: this process's file
 //! descriptors, threads and memory (it is the runtime here), and the
-//! host's `/run/airlock` entries, mounts, cgroups and VMM processes. The
-//! first and last tenth of the cycles are compared.
+//! host's `/run/airlock` entries, mounts, cgroups and VMM processes, and
+//! (every other cycle is `--net egress`) its network namespaces,
+//! interfaces, nft tables and filter processes. The first and last tenth
+//! of the cycles are compared.
 //!
 //! A cycle costs about 5 s in the software-emulated test host, so CI runs
 //! 30 cycles; the full 200 of issue #7 (about 20 minutes there) is
@@ -13,6 +15,7 @@ use std::time::Instant;
 
 use airlock_e2e::on_real_kvm;
 use airlock_runtime::config::RuntimeConfig;
+use airlock_runtime::net::NetMode;
 use airlock_runtime::sandbox::io::Attach;
 use airlock_runtime::sandbox::{spec, Sandbox, SandboxOptions, Teardown};
 
@@ -30,6 +33,10 @@ struct Snapshot {
     mounts: usize,
     cgroups: usize,
     vmms: usize,
+    netns: usize,
+    links: usize,
+    nft_tables: usize,
+    filters: usize,
 }
 
 fn count(dir: &str) -> usize {
@@ -63,11 +70,22 @@ fn snapshot() -> Snapshot {
             .count(),
         cgroups: subdirs("/sys/fs/cgroup/airlock"),
         vmms: airlock_e2e::processes_mentioning("airlock-vmm").len(),
+        netns: count("/run/netns"),
+        links: count("/sys/class/net"),
+        nft_tables: std::process::Command::new("nft")
+            .args(["list", "tables"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+            .unwrap_or(usize::MAX),
+        filters: airlock_e2e::processes_mentioning("airlock-netfilter").len(),
     }
 }
 
 async fn cycle(config: &RuntimeConfig, n: usize) {
-    let opts = SandboxOptions::from_config(config);
+    let mut opts = SandboxOptions::from_config(config);
+    if n % 2 == 1 {
+        opts.net.mode = NetMode::Egress;
+    }
     let sandbox = Sandbox::create(config, &opts, &mut |_| {})
         .await
         .unwrap_or_else(|e| panic!("cycle {n}: create: {e}"));
@@ -104,10 +122,13 @@ fn create_exec_remove_cycles_leave_the_host_flat() {
             .enable_all()
             .build()
             .unwrap();
-        let config = RuntimeConfig {
+        let mut config = RuntimeConfig {
             vmm_binary: Some(airlock_e2e::vmm_binary()),
             ..RuntimeConfig::load(None).unwrap()
         };
+        // The egress cycles' filter, and a resolver it never needs to ask.
+        config.network.netfilter_binary = Some(airlock_e2e::netfilter_binary());
+        config.network.dns = vec!["192.0.2.53".into()];
         let cycles = std::env::var("AIRLOCK_LEAK_CYCLES")
             .ok()
             .and_then(|c| c.parse::<usize>().ok())
@@ -147,7 +168,17 @@ fn create_exec_remove_cycles_leave_the_host_flat() {
             );
         }
         for s in &snaps {
-            assert_eq!((s.state_dirs, s.cgroups, s.vmms), (0, 0, 0), "{s:?}");
+            assert_eq!(
+                (s.state_dirs, s.cgroups, s.vmms, s.filters),
+                (0, 0, 0, 0),
+                "{s:?}"
+            );
+            let base = &snaps[0];
+            assert_eq!(
+                (s.netns, s.links, s.nft_tables),
+                (base.netns, base.links, base.nft_tables),
+                "{s:?}"
+            );
         }
         let median = |w: &[Snapshot]| {
             let mut v: Vec<u64> = w.iter().map(|s| s.rss_kib).collect();
