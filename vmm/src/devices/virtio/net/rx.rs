@@ -130,6 +130,13 @@ impl NetQueues {
                 Some(len) => len,
                 None if !self.rx_wants_frames() => return done,
                 None => match self.tap.read_frame(&mut self.rx_buf) {
+                    // End of file: a tap never gives it; a frame socket
+                    // whose far end closed does, at every read.
+                    Ok(0) => {
+                        ratelimited!(error, "virtio-net: the tap is closed");
+                        self.rx_failed = true;
+                        return done;
+                    }
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return done,
                     Err(e) => {

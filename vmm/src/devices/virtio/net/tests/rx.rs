@@ -232,3 +232,32 @@ fn a_pass_takes_a_budget_of_frames_and_checks_for_a_stop_before_each() {
     assert_eq!(q.process_rx(), Processed::default());
     assert_eq!(used_idx(mem, &rx), FRAME_BUDGET as u16);
 }
+
+#[test]
+fn a_closed_backend_stops_the_reads_until_the_next_notification() {
+    use std::os::fd::FromRawFd;
+    let mem = memory();
+    let (rx, tx) = rings(mem, 16);
+    // A SOCK_SEQPACKET pair: its reads give an end of file once the far
+    // end is closed (a datagram pair's do not).
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`, which lives
+    // across the call.
+    let ret = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(ret, 0);
+    // SAFETY: both descriptors were just made and are owned here alone.
+    let (dev, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let tap = Tap::frame_fd(dev).unwrap();
+    let mut q = NetQueues::new(mem.clone(), queue(&rx), queue(&tx), tap, AVAIL_FEATURES);
+    post(&rx, 0, &[100]);
+    drop(peer);
+    assert_eq!(q.process_rx(), Processed::default());
+    assert!(
+        !q.rx_wants_frames(),
+        "an end of file is not read again and again"
+    );
+    assert_eq!(q.stop.steps(), 1);
+    q.rx_notified();
+    assert!(q.rx_wants_frames());
+    assert_eq!(used_idx(mem, &rx), 0);
+}
