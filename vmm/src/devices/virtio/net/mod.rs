@@ -17,8 +17,8 @@
 //!
 //! The worker checks for a stop before each frame: a step of at most one
 //! frame of [`MAX_FRAME_LEN`] bytes, over at most [`MAX_CHAIN_DESCS`]
-//! descriptors (tx), or over at most the queue size of chains of as many
-//! descriptors each (rx), whatever the guest queued; and after
+//! descriptors (tx) or twice as many (rx: a frame over several chains),
+//! whatever the guest queued; and after
 //! [`FRAME_BUDGET`] frames of one queue it looks at its events again, so
 //! that a tx flood neither starves the rx side nor delays a stop.
 
@@ -100,8 +100,8 @@ pub struct NetQueues {
     /// Reading the tap failed: wait for the guest's next rx notification.
     rx_failed: bool,
     /// Scratch for an rx frame: the chains' writable regions, and each
-    /// chain's head with the end of its regions (reused; bounded by the
-    /// queue size times [`MAX_CHAIN_DESCS`]).
+    /// chain's head with the end of its regions (reused; at most
+    /// 2 x [`MAX_CHAIN_DESCS`] regions and the queue size of chains).
     regions: Vec<(GuestAddress, usize)>,
     chains: Vec<(u16, usize)>,
     /// Frames dropped either way (malformed, too large, or refused by the

@@ -261,3 +261,29 @@ fn a_closed_backend_stops_the_reads_until_the_next_notification() {
     assert!(q.rx_wants_frames());
     assert_eq!(used_idx(mem, &rx), 0);
 }
+
+#[test]
+fn a_frame_over_more_than_256_descriptors_is_dropped_and_the_buffers_kept() {
+    let mem = memory();
+    let (rx, tx) = rings(mem, 256);
+    let (mut q, peer) = queues(mem, &rx, &tx, AVAIL_FEATURES);
+    // 16 chains of 16 ten-byte descriptors (160 bytes each), which fill
+    // the descriptor table; their buffers follow one another.
+    let descs: Vec<_> = (0..256u16)
+        .map(|i| {
+            let flags = if i % 16 < 15 { W | NEXT } else { W };
+            desc(BUFS + 10 * u64::from(i), 10, flags, (i + 1) % 256)
+        })
+        .collect();
+    rx.add_desc_chains(&descs, 0).unwrap();
+    // 3000 bytes would need 19 chains, 304 descriptors: dropped.
+    peer.send(&frame(3000, 1)).unwrap();
+    let f = frame(2000, 2);
+    peer.send(&f).unwrap();
+    q.process_rx();
+    assert_eq!(q.dropped(), 1);
+    // 2000 bytes in 13 chains, 208 descriptors.
+    assert_eq!(used_idx(mem, &rx), 13);
+    assert_eq!(used(mem, &rx, 12), (192, 80));
+    assert_eq!(read(mem, BUFS, 2000), with_num_buffers(&f, 13));
+}
