@@ -3,10 +3,12 @@
 //! ([`tap::Tap`]).
 //!
 //! Queues: rx (0) and tx (1); no control queue. The device offers what a
-//! tap can carry without copying or translating: checksum and
-//! segmentation offloads both ways and mergeable receive buffers, as
-//! Firecracker does. The guest's `virtio_net_hdr_v1` is the tap's vnet
-//! header, so a frame crosses with its header as it is ([`tx`], [`rx`]).
+//! tap carries without translation: checksum and segmentation offloads
+//! both ways and mergeable receive buffers, as Firecracker does (less
+//! `VIRTIO_RING_F_EVENT_IDX`, which no device here offers). The guest's
+//! `virtio_net_hdr_v1` is the tap's vnet header, so a frame crosses with
+//! its header as it is ([`tx`], [`rx`]), copied once through a fixed
+//! buffer.
 //!
 //! One worker thread ([`event_loop`]) waits on the two queue eventfds, the
 //! tap and the kill eventfd. It reads the tap only while the guest has
@@ -18,9 +20,9 @@
 //! The worker checks for a stop before each frame: a step of at most one
 //! frame of [`MAX_FRAME_LEN`] bytes, over at most [`MAX_CHAIN_DESCS`]
 //! descriptors (tx) or twice as many (rx: a frame over several chains),
-//! whatever the guest queued; and after
-//! [`FRAME_BUDGET`] frames of one queue it looks at its events again, so
-//! that a tx flood neither starves the rx side nor delays a stop.
+//! whatever the guest queued; and after [`FRAME_BUDGET`] frames of one
+//! queue it looks at its events again, so that a tx flood neither starves
+//! the rx side nor delays a stop.
 
 pub mod event_loop;
 pub mod rx;
