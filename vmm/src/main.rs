@@ -407,4 +407,31 @@ mod tests {
         // The result parses as a filter.
         let _ = tracing_subscriber::EnvFilter::try_new(log_filter("warn")).unwrap();
     }
+
+    #[test]
+    fn the_net_flags_build_the_nic_and_come_together() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("airlock-vmm").chain(args.iter().copied()))
+        };
+        let cli = parse(&["--net-tap-fd", "5", "--net-mac", "02:00:00:00:00:01"]).unwrap();
+        let net = config_from(&cli).unwrap().net.unwrap();
+        assert_eq!(net.tap_fd, 5);
+        assert_eq!(net.mac.to_string(), "02:00:00:00:00:01");
+        assert_eq!(config_from(&parse(&[]).unwrap()).unwrap().net, None);
+        for bad in [
+            &["--net-tap-fd", "5"][..],
+            &["--net-mac", "02:00:00:00:00:01"],
+            &["--net-tap-fd", "5", "--net-mac", "02:00"],
+            &[
+                "--config",
+                "/c.json",
+                "--net-tap-fd",
+                "5",
+                "--net-mac",
+                "02:00:00:00:00:01",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -44,7 +44,7 @@ pub enum ThreadKind {
     /// (serial, i8042, boot timer, virtio-mmio registers, device
     /// activation and reset).
     Vcpu,
-    /// A virtio device's worker: queues, disk image, Unix sockets.
+    /// A virtio device's worker: queues, disk image, tap, Unix sockets.
     Device,
     /// The keeper process (see `keeper.rs`); its filter is
     /// [`keeper_filter`], not [`filter`].

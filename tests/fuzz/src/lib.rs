@@ -36,6 +36,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("vsock_connection", vsock_conn::vsock_connection),
     ("blk_device", blk_dev::blk_device),
     ("mmio_transport", mmio::mmio_transport),
+    ("virtio_net", virtio::virtio_net),
 ];
 
 /// Runs target `name` on `data`.

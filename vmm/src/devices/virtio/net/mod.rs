@@ -3,10 +3,12 @@
 //! ([`tap::Tap`]).
 //!
 //! Queues: rx (0) and tx (1); no control queue. The device offers what a
-//! tap can carry without copying or translating: checksum and
-//! segmentation offloads both ways and mergeable receive buffers, as
-//! Firecracker does. The guest's `virtio_net_hdr_v1` is the tap's vnet
-//! header, so a frame crosses with its header as it is ([`tx`], [`rx`]).
+//! tap carries without translation: checksum and segmentation offloads
+//! both ways and mergeable receive buffers, as Firecracker does (less
+//! `VIRTIO_RING_F_EVENT_IDX`, which no device here offers). The guest's
+//! `virtio_net_hdr_v1` is the tap's vnet header, so a frame crosses with
+//! its header as it is ([`tx`], [`rx`]), copied once through a fixed
+//! buffer.
 //!
 //! One worker thread ([`event_loop`]) waits on the two queue eventfds, the
 //! tap and the kill eventfd. It reads the tap only while the guest has
@@ -17,10 +19,10 @@
 //!
 //! The worker checks for a stop before each frame: a step of at most one
 //! frame of [`MAX_FRAME_LEN`] bytes, over at most [`MAX_CHAIN_DESCS`]
-//! descriptors (tx), or over at most the queue size of chains of as many
-//! descriptors each (rx), whatever the guest queued; and after
-//! [`FRAME_BUDGET`] frames of one queue it looks at its events again, so
-//! that a tx flood neither starves the rx side nor delays a stop.
+//! descriptors (tx) or twice as many (rx: a frame over several chains),
+//! whatever the guest queued; and after [`FRAME_BUDGET`] frames of one
+//! queue it looks at its events again, so that a tx flood neither starves
+//! the rx side nor delays a stop.
 
 pub mod event_loop;
 pub mod rx;
@@ -100,8 +102,8 @@ pub struct NetQueues {
     /// Reading the tap failed: wait for the guest's next rx notification.
     rx_failed: bool,
     /// Scratch for an rx frame: the chains' writable regions, and each
-    /// chain's head with the end of its regions (reused; bounded by the
-    /// queue size times [`MAX_CHAIN_DESCS`]).
+    /// chain's head with the end of its regions (reused; at most
+    /// 2 x [`MAX_CHAIN_DESCS`] regions and the queue size of chains).
     regions: Vec<(GuestAddress, usize)>,
     chains: Vec<(u16, usize)>,
     /// Frames dropped either way (malformed, too large, or refused by the

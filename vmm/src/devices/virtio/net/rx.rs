@@ -6,8 +6,9 @@
 //! The tap is read only when the guest has posted a chain. When the posted
 //! chains are too few for the frame, they are left in the ring and the
 //! frame waits in the worker's buffer for the guest's next notification.
-//! A frame that cannot fit even then (larger than the whole ring, or than
-//! the one chain it may use) is dropped and the chains stay the guest's.
+//! A frame that cannot fit even then (larger than the whole ring, than the
+//! one chain it may use, or than [`MAX_CHAIN_DESCS`] descriptors hold) is
+//! dropped and the chains stay the guest's.
 //! A malformed chain (device-readable descriptors, memory outside the
 //! guest's, too many descriptors, a loop) drops the frame being written,
 //! and every chain taken for it is returned empty.
@@ -130,6 +131,13 @@ impl NetQueues {
                 Some(len) => len,
                 None if !self.rx_wants_frames() => return done,
                 None => match self.tap.read_frame(&mut self.rx_buf) {
+                    // End of file: a tap never gives it; a frame socket
+                    // whose far end closed does, at every read.
+                    Ok(0) => {
+                        ratelimited!(error, "virtio-net: the tap is closed");
+                        self.rx_failed = true;
+                        return done;
+                    }
                     Ok(len) => len,
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return done,
                     Err(e) => {
@@ -172,12 +180,15 @@ impl NetQueues {
         self.chains.clear();
         let mut capacity = 0usize;
         while capacity < len {
-            if self.chains.len() >= max_chains {
+            // Bounds the step too: at most 2 x MAX_CHAIN_DESCS descriptors.
+            if self.chains.len() >= max_chains || self.regions.len() >= MAX_CHAIN_DESCS {
                 self.rx.set_next_avail(start);
                 let n = self.drop_frame();
                 ratelimited!(
                     warn,
-                    "virtio-net: a {len}-byte frame is larger than the guest's rx buffers of {capacity} bytes: dropped ({n} so far)"
+                    "virtio-net: a {len}-byte frame does not fit the guest's rx buffers ({capacity} bytes in {} chains, {} descriptors): dropped ({n} so far)",
+                    self.chains.len(),
+                    self.regions.len()
                 );
                 return Delivery::Dropped { used: false };
             }

@@ -232,3 +232,58 @@ fn a_pass_takes_a_budget_of_frames_and_checks_for_a_stop_before_each() {
     assert_eq!(q.process_rx(), Processed::default());
     assert_eq!(used_idx(mem, &rx), FRAME_BUDGET as u16);
 }
+
+#[test]
+fn a_closed_backend_stops_the_reads_until_the_next_notification() {
+    use std::os::fd::FromRawFd;
+    let mem = memory();
+    let (rx, tx) = rings(mem, 16);
+    // A SOCK_SEQPACKET pair: its reads give an end of file once the far
+    // end is closed (a datagram pair's do not).
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two descriptors into `fds`, which lives
+    // across the call.
+    let ret = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET, 0, fds.as_mut_ptr()) };
+    assert_eq!(ret, 0);
+    // SAFETY: both descriptors were just made and are owned here alone.
+    let (dev, peer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let tap = Tap::frame_fd(dev).unwrap();
+    let mut q = NetQueues::new(mem.clone(), queue(&rx), queue(&tx), tap, AVAIL_FEATURES);
+    post(&rx, 0, &[100]);
+    drop(peer);
+    assert_eq!(q.process_rx(), Processed::default());
+    assert!(
+        !q.rx_wants_frames(),
+        "an end of file is not read again and again"
+    );
+    assert_eq!(q.stop.steps(), 1);
+    q.rx_notified();
+    assert!(q.rx_wants_frames());
+    assert_eq!(used_idx(mem, &rx), 0);
+}
+
+#[test]
+fn a_frame_over_more_than_256_descriptors_is_dropped_and_the_buffers_kept() {
+    let mem = memory();
+    let (rx, tx) = rings(mem, 256);
+    let (mut q, peer) = queues(mem, &rx, &tx, AVAIL_FEATURES);
+    // 16 chains of 16 ten-byte descriptors (160 bytes each), which fill
+    // the descriptor table; their buffers follow one another.
+    let descs: Vec<_> = (0..256u16)
+        .map(|i| {
+            let flags = if i % 16 < 15 { W | NEXT } else { W };
+            desc(BUFS + 10 * u64::from(i), 10, flags, (i + 1) % 256)
+        })
+        .collect();
+    rx.add_desc_chains(&descs, 0).unwrap();
+    // 3000 bytes would need 19 chains, 304 descriptors: dropped.
+    peer.send(&frame(3000, 1)).unwrap();
+    let f = frame(2000, 2);
+    peer.send(&f).unwrap();
+    q.process_rx();
+    assert_eq!(q.dropped(), 1);
+    // 2000 bytes in 13 chains, 208 descriptors.
+    assert_eq!(used_idx(mem, &rx), 13);
+    assert_eq!(used(mem, &rx, 12), (192, 80));
+    assert_eq!(read(mem, BUFS, 2000), with_num_buffers(&f, 13));
+}

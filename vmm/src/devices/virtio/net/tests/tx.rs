@@ -186,3 +186,22 @@ fn a_full_tap_drops_frames_without_holding_them() {
     }
     assert_eq!(got + q.dropped(), 256);
 }
+
+#[test]
+fn kicks_are_off_while_frames_are_sent_and_back_on_when_the_ring_is_empty() {
+    let mem = memory();
+    let (rx, tx) = rings(mem, 256);
+    let (mut q, peer) = queues(mem, &rx, &tx, AVAIL_FEATURES);
+    put(mem, BUFS, &frame(60, 7));
+    let chains: Vec<_> = (0..100).map(|_| desc(BUFS, 60, 0, 0)).collect();
+    tx.add_desc_chains(&chains, 0).unwrap();
+    let used_flags = |mem: &GuestMemoryMmap| -> u16 { mem.read_obj(used_addr(&tx)).unwrap() };
+    assert!(q.process_tx().more);
+    assert_eq!(used_flags(mem), 1, "VRING_USED_F_NO_NOTIFY while busy");
+    assert!(!q.process_tx().more);
+    assert_eq!(used_flags(mem), 0, "kicks back on once the ring is empty");
+    assert_eq!(used_idx(mem, &tx), 100);
+    for _ in 0..100 {
+        recv(&peer);
+    }
+}
