@@ -45,7 +45,7 @@ pub enum ConfigError {
     NoKernel(PathBuf),
     #[error("initramfs not found at {0}: run scripts/setup (it builds the guest image), or set `initrd` in the config")]
     NoInitrd(PathBuf),
-    #[error("airlock-vmm not found beside {0} nor on $PATH: build it (scripts/setup), or set `vmm_binary` in the config")]
+    #[error("airlock-vmm not found at {} nor on $PATH: build it (scripts/setup), or set `vmm_binary` in the config", .0.display())]
     NoVmm(PathBuf),
     #[error("0 vCPUs: a microVM needs at least 1")]
     NoVcpus,
@@ -420,19 +420,25 @@ impl RuntimeConfig {
                 )))
             };
         }
-        let exe = std::env::current_exe().unwrap_or_default();
-        let beside = exe.with_file_name("airlock-vmm");
-        if beside.is_file() {
-            return Ok(beside);
-        }
-        std::env::var_os("PATH")
-            .and_then(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join("airlock-vmm"))
-                    .find(|p| p.is_file())
-            })
-            .ok_or(ConfigError::NoVmm(exe))
+        find_binary("airlock-vmm").map_err(ConfigError::NoVmm)
     }
+}
+
+/// `name` beside this executable, else on $PATH; `Err` holds where it was
+/// looked for beside this executable.
+pub fn find_binary(name: &str) -> Result<PathBuf, PathBuf> {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let beside = exe.with_file_name(name);
+    if beside.is_file() {
+        return Ok(beside);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .ok_or(beside)
 }
 
 #[cfg(test)]

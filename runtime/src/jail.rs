@@ -92,7 +92,7 @@ impl JailSpec {
 
 /// The uid (and gid of the same number) of sandbox `id`'s VMM: one of
 /// `[jail] uid_base .. uid_base + uid_count` that no other live sandbox
-/// holds, reserved by creating `<state_root>/.uid-<uid>` (holding the id)
+/// holds, reserved by creating `<state_root>/.uid-<uid - uid_base>` (holding the id)
 /// exclusively; [`release_uid`] removes it at teardown. With `uid_count`
 /// 0, the shared `uid`/`gid`.
 pub fn reserve_uid(
@@ -100,31 +100,17 @@ pub fn reserve_uid(
     state_root: &Path,
     id: &str,
 ) -> Result<(u32, u32), JailError> {
-    use sha2::Digest;
     if settings.uid_count == 0 {
         return Ok((settings.uid, settings.gid));
     }
-    let hash = sha2::Sha256::digest(id.as_bytes());
-    let first = u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % settings.uid_count;
-    for i in 0..settings.uid_count {
-        let uid = settings.uid_base + (first + i) % settings.uid_count;
-        let path = state_root.join(format!(".uid-{uid}"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                use std::io::Write;
-                f.write_all(id.as_bytes())
-                    .map_err(|e| JailError::Cgroup(path.clone(), e))?;
-                return Ok((uid, uid));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(JailError::Uid(path, e)),
+    match crate::state::reserve_slot(state_root, "uid", id, settings.uid_count) {
+        Ok(Some(n)) => {
+            let uid = settings.uid_base + n;
+            Ok((uid, uid))
         }
+        Ok(None) => Err(JailError::NoUid(settings.uid_base, settings.uid_count)),
+        Err((path, e)) => Err(JailError::Uid(path, e)),
     }
-    Err(JailError::NoUid(settings.uid_base, settings.uid_count))
 }
 
 /// Frees the uid that sandbox `id` reserved, if any.

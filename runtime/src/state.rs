@@ -257,6 +257,43 @@ pub fn list(root: &Path) -> Result<Vec<SandboxRecord>, StateError> {
     Ok(out)
 }
 
+/// Reserves one of `count` numbered slots for sandbox `id` by creating
+/// `<root>/.<prefix>-<n>` (holding the id) exclusively, trying from a
+/// point that the id's hash picks; `Ok(None)` when every slot is held.
+/// Jail uids and network address slots are reserved this way; their
+/// owners remove the file at teardown.
+pub fn reserve_slot(
+    root: &Path,
+    prefix: &str,
+    id: &str,
+    count: u32,
+) -> Result<Option<u32>, (PathBuf, std::io::Error)> {
+    use sha2::Digest;
+    use std::io::Write;
+    if count == 0 {
+        return Ok(None);
+    }
+    let hash = sha2::Sha256::digest(id.as_bytes());
+    let first = u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % count;
+    for i in 0..count {
+        let slot = (first + i) % count;
+        let path = root.join(format!(".{prefix}-{slot}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                f.write_all(id.as_bytes()).map_err(|e| (path.clone(), e))?;
+                return Ok(Some(slot));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err((path, e)),
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

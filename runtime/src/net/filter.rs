@@ -28,18 +28,7 @@ pub fn binary(configured: Option<&Path>) -> Result<PathBuf, NetError> {
             false => Err(NetError::NoFilter(path.to_path_buf())),
         };
     }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let beside = exe.with_file_name("airlock-netfilter");
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join("airlock-netfilter"))
-                .find(|p| p.is_file())
-        })
-        .ok_or(NetError::NoFilter(beside))
+    crate::config::find_binary("airlock-netfilter").map_err(NetError::NoFilter)
 }
 
 /// Starts the filter with `config` written to `dir/netfilter.json` and its

@@ -9,7 +9,6 @@ use std::path::Path;
 use airlock_vmm_api::MacAddr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use super::NetError;
 
@@ -35,7 +34,7 @@ pub struct NetRecord {
 
 impl NetRecord {
     pub fn new(id: &str, slot: u32, pool: Ipv4Net) -> Self {
-        let hash = hex::encode(sha2::Sha256::digest(id.as_bytes()));
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes()));
         let mut mac = [0u8; 6];
         if getrandom::fill(&mut mac[1..]).is_err() {
             mac[1..].copy_from_slice(&hash.as_bytes()[..5]);
@@ -96,28 +95,11 @@ pub fn slots(pool: Ipv4Net) -> u32 {
 
 /// Reserves a free slot of `pool` for sandbox `id`.
 pub fn reserve_slot(state_root: &Path, id: &str, pool: Ipv4Net) -> Result<u32, NetError> {
-    let count = slots(pool);
-    let hash = sha2::Sha256::digest(id.as_bytes());
-    let first = u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % count.max(1);
-    for i in 0..count {
-        let slot = (first + i) % count;
-        let path = state_root.join(format!(".net-{slot}"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                use std::io::Write;
-                f.write_all(id.as_bytes())
-                    .map_err(|e| NetError::io("write", path.clone(), e))?;
-                return Ok(slot);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(NetError::io("create", path, e)),
-        }
+    match crate::state::reserve_slot(state_root, "net", id, slots(pool)) {
+        Ok(Some(slot)) => Ok(slot),
+        Ok(None) => Err(NetError::NoSlot(pool)),
+        Err((path, e)) => Err(NetError::io("create", path, e)),
     }
-    Err(NetError::NoSlot(pool))
 }
 
 /// Frees `slot`.

@@ -87,18 +87,27 @@ fn container_config(name: &str, command: &[&str]) -> ContainerConfig {
     }
 }
 
+/// A containerd with the CRI plugin (and CNI with `conflist`), the test
+/// image imported, and a directory for the pods' logs.
+fn cri_containerd(conflist: Option<&str>) -> (Containerd, String) {
+    let mut c = match conflist {
+        Some(list) => Containerd::start_with_cni(list),
+        None => Containerd::start(true),
+    };
+    // Imported before the CRI plugin loads its image list.
+    c.import_image_as("k8s.io", CRI_IMAGE);
+    c.restart();
+    let log_dir = c.dir.join("pod-logs");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    (c, log_dir.display().to_string())
+}
+
 #[test]
 fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
     on_real_kvm(
         "a_pod_through_cri_runs_in_one_vm_and_leaves_nothing",
         || {
-            let mut c = Containerd::start(true);
-            // Imported before the CRI plugin loads its image list.
-            c.import_image_as("k8s.io", CRI_IMAGE);
-            c.restart();
-            let log_dir = c.dir.join("pod-logs");
-            std::fs::create_dir_all(&log_dir).unwrap();
-            let log_dir = log_dir.display().to_string();
+            let (c, log_dir) = cri_containerd(None);
 
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -437,12 +446,7 @@ fn a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod() {
     on_real_kvm(
         "a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod",
         || {
-            let mut c = Containerd::start_with_cni(CONFLIST);
-            c.import_image_as("k8s.io", CRI_IMAGE);
-            c.restart();
-            let log_dir = c.dir.join("pod-logs");
-            std::fs::create_dir_all(&log_dir).unwrap();
-            let log_dir = log_dir.display().to_string();
+            let (c, log_dir) = cri_containerd(Some(CONFLIST));
             let netns_before = command_lines(&["ip", "netns", "list"]);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -105,7 +105,12 @@ fn probe(
     args.extend_from_slice(flags);
     args.extend_from_slice(&["--", "python3", "-c", PROBE, &checks]);
     let out = airlock(config, &args);
-    let results = String::from_utf8_lossy(&out.stdout)
+    (results(&String::from_utf8_lossy(&out.stdout)), out)
+}
+
+/// The probe's lines in `stdout`: (check, result, seconds).
+fn results(stdout: &str) -> Vec<(String, String, f64)> {
+    stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .map(|v| {
@@ -115,8 +120,7 @@ fn probe(
                 v[2].as_f64().unwrap_or(0.0),
             )
         })
-        .collect();
-    (results, out)
+        .collect()
 }
 
 /// The result of the check whose JSON starts with `prefix`.
@@ -320,17 +324,7 @@ fn a_domain_allow_list_holds_against_a_root_tenant() {
             seen.iter().all(|c| c.contains("Host: api.example.test")),
             "{seen:#?}"
         );
-        let r: Vec<(String, String, f64)> = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|v| {
-                (
-                    v[0].to_string(),
-                    v[1].as_str().unwrap_or("").to_string(),
-                    v[2].as_f64().unwrap_or(0.0),
-                )
-            })
-            .collect();
+        let r = results(&text);
         assert_refused(&r, "[\"http\",\"198.51.100.21\"");
         assert_refused(&r, "[\"http\",\"198.51.100.10\"");
         assert_refused(&r, "[\"name\"");
