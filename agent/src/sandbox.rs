@@ -385,6 +385,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_container_shares_the_vms_network_and_gets_its_dns_files() {
+        let (dir, sandbox) = with_processes();
+        let mut json = spec(&["sleep", "30"]);
+        let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        v["linux"] = serde_json::json!({"namespaces": [{"type": "network"}]});
+        json = serde_json::to_vec(&v).unwrap();
+        sandbox
+            .create_container("fake-net", &json, "/img", "", &[])
+            .await
+            .unwrap();
+        let bundle = dir.path().join("bundles/fake-net/config.json");
+        let written: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle).unwrap()).unwrap();
+        let namespaces = written["linux"]["namespaces"].as_array().unwrap();
+        assert!(
+            namespaces.iter().all(|n| n["type"] != "network"),
+            "{namespaces:?}"
+        );
+        let net = dir.path().join("net");
+        for (dest, file) in [("/etc/resolv.conf", "resolv.conf"), ("/etc/hosts", "hosts")] {
+            let m = written["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == dest)
+                .expect(dest);
+            assert_eq!(m["source"], net.join(file).to_str().unwrap());
+            assert!(net.join(file).is_file());
+        }
+        sandbox.signal("fake-net", "", 9, false).await.unwrap();
+        sandbox
+            .remove_container("fake-net", Duration::ZERO)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
     async fn a_process_runs_and_its_output_and_status_arrive() {
         let (_dir, sandbox) = with_processes();
         created(&sandbox, "fake-run", &["sh", "-c", "echo hi; exit 3"]).await;

@@ -81,6 +81,12 @@ pub fn apply(config: &Config) -> Result<(), LinkError> {
         .iter()
         .find(|l| l.name == "lo")
         .ok_or(LinkError::NoLoopback)?;
+    // Every NIC found before anything changes: an unknown MAC changes nothing.
+    let nics = config
+        .interfaces
+        .iter()
+        .map(|nic| by_mac(&links, &nic.mac).map(|link| (nic, link)))
+        .collect::<Result<Vec<_>, _>>()?;
     nl.set_up(lo.index, true)?;
     // Bringing lo up gives it 127.0.0.1/8 already: EEXIST is success.
     match nl.add_address(lo.index, Ipv4Addr::LOCALHOST, 8, AddressScope::Host) {
@@ -88,8 +94,7 @@ pub fn apply(config: &Config) -> Result<(), LinkError> {
         other => other?,
     }
     let mut index_of = HashMap::new();
-    for nic in &config.interfaces {
-        let link = by_mac(&links, &nic.mac)?;
+    for (nic, link) in nics {
         nl.set_up(link.index, false)?;
         if link.name != nic.name {
             nl.set_link(
