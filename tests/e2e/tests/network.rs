@@ -457,3 +457,109 @@ fn bad_network_flags_get_one_line_and_create_nothing() {
         "state was created"
     );
 }
+
+/// CPU ticks (utime + stime) of every thread of `pid`.
+fn process_ticks(pid: &str) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    // utime and stime: fields 14 and 15 of stat, whose field 3 (the
+    // state) is the first after the command's closing parenthesis.
+    let field = |n: usize| {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(14) + field(15)
+}
+
+#[test]
+fn a_tx_flood_and_oversized_frames_leave_the_vmm_bounded() {
+    on_real_kvm(
+        "a_tx_flood_and_oversized_frames_leave_the_vmm_bounded",
+        || {
+            let _internet = Internet::start();
+            let work = tempfile::tempdir().unwrap();
+            let config = write_config(work.path());
+            let spec = work.path().join("config.json");
+            std::fs::write(&spec, root_spec()).unwrap();
+            let out = airlock(
+                &config,
+                &[
+                    "create",
+                    "--image",
+                    "python",
+                    "--net",
+                    "egress",
+                    "--spec",
+                    spec.to_str().unwrap(),
+                ],
+            );
+            assert_eq!(out.status.code(), Some(0));
+            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let vmm = airlock_e2e::vmm_processes()
+                .into_iter()
+                .find(|p| p.contains(&id))
+                .unwrap_or_else(|| panic!("no VMM of {id}"));
+            let pid = vmm.split(' ').next().unwrap().to_string();
+            let anon = || {
+                airlock_e2e::proc_status(&pid, "RssAnon")
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap()
+            };
+            let (anon_before, ticks_before, started) =
+                (anon(), process_ticks(&pid), Instant::now());
+            // 10 s of UDP as fast as the guest can send: to the echo server
+            // (replies flood rx too), to a denied address, and, with the
+            // guest's MTU raised to 9000, frames over the tap's 1500.
+            let flood = format!(
+                "ip link set eth0 mtu 9000; python3 -c '
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end, n = time.monotonic() + 10, 0
+while time.monotonic() < end:
+    for dst, size in ((\"{WEB}\", 1400), (\"10.20.0.10\", 1400), (\"{WEB}\", 8000)):
+        try:
+            s.sendto(b\"x\" * size, (dst, {}))
+            n += 1
+        except OSError:
+            pass
+print(\"sent\", n)
+'",
+                internet::ECHO_PORT
+            );
+            let out = airlock(&config, &["exec", &id, "--", "sh", "-c", &flood]);
+            assert_eq!(out.status.code(), Some(0));
+            assert!(String::from_utf8_lossy(&out.stdout).contains("sent"));
+            let secs = started.elapsed().as_secs_f64();
+            let ticks = process_ticks(&pid) - ticks_before;
+            // SAFETY: sysconf only reads its argument.
+            let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+            let cores = ticks as f64 / hz / secs;
+            println!(
+                "VMM: {cores:.2} cores over {secs:.1} s, RssAnon {anon_before} -> {} KiB",
+                anon()
+            );
+            // One vCPU and one net worker at most: the flood cannot make the
+            // VMM use more, nor hold its frames in memory.
+            assert!(cores <= 2.2, "the VMM used {cores:.2} cores");
+            assert!(
+                anon() <= anon_before + 16 * 1024,
+                "RssAnon {anon_before} -> {} KiB",
+                anon()
+            );
+            // And the sandbox still works.
+            let out = airlock(&config, &["exec", &id, "--", "echo", "still up"]);
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "still up\n");
+            let out = airlock(&config, &["rm", &id]);
+            assert_eq!(out.status.code(), Some(0));
+            assert_no_network_left();
+        },
+    );
+}
