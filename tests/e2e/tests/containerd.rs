@@ -191,6 +191,48 @@ fn runtime_config_path_and_bad_input() {
             .expect("MemTotal");
         assert!(kib < 200 * 1024 && kib > 150 * 1024, "MemTotal {kib} KiB");
 
+        // The network: the config's [network] mode, and annotations over it.
+        std::fs::write(
+            &cfg,
+            "[network]\nmode = \"egress\"\ndns = [\"192.0.2.53\"]\n",
+        )
+        .unwrap();
+        for (name, annotation, nics) in [
+            ("n1", None, "eth0 lo"),
+            ("n2", Some("io.airlock.net=none"), "lo"),
+        ] {
+            let mut args = vec![
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                "--runtime-config-path",
+                &cfg,
+            ];
+            if let Some(a) = annotation {
+                args.extend_from_slice(&["--annotation", a]);
+            }
+            args.extend_from_slice(&[img, name, "sh", "-c", "echo $(ls /sys/class/net)"]);
+            let out = c.ctr(&args);
+            assert_eq!(out.status.code(), Some(0), "{}", c.log());
+            assert_eq!(text(&out.stdout).trim(), nics, "{name}");
+        }
+        let out = c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--runtime-config-path",
+            &cfg,
+            "--annotation",
+            "io.airlock.net=bogus",
+            img,
+            "n3",
+            "true",
+        ]);
+        assert_ne!(out.status.code(), Some(0));
+        assert!(text(&out.stderr).contains("bogus"), "{}", text(&out.stderr));
+
         // A malformed config: a clear error, and nothing is left.
         std::fs::write(&cfg, "memory_mib = [oops\n").unwrap();
         let out = c.ctr(&[
