@@ -102,7 +102,11 @@ impl Internet {
         in_netns(|| {
             serve_http(TcpListener::bind((Ipv4Addr::UNSPECIFIED, HTTP_PORT)).expect("bind HTTP"));
             serve_dns(UdpSocket::bind((DNS, 53)).expect("bind DNS"));
-            serve_echo(UdpSocket::bind((Ipv4Addr::UNSPECIFIED, ECHO_PORT)).expect("bind echo"));
+            // Bound to each address: replies must come from the address
+            // asked (a wildcard socket answers from the uplink's).
+            for a in [WEB, API, OTHER] {
+                serve_echo(UdpSocket::bind((a, ECHO_PORT)).expect("bind echo"));
+            }
         });
         Internet
     }

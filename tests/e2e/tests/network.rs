@@ -14,11 +14,12 @@ use airlock_e2e::internet::{
 };
 use airlock_e2e::{airlock_binary, assert_one_line_error, on_real_kvm, show};
 
-/// The guest's probe: each check of its JSON argument on a line of its
-/// own, `[check, "ok ..."|"error ..."]`. Python's socket module only: the
-/// image has python3.11-minimal.
+/// The guest's probe: each check of its argument (a JSON array of
+/// arrays, which is a Python literal too) on a line of its own, `CHECK
+/// <tab> ok ...|error ... <tab> SECONDS`, CHECK as compact JSON. Python's
+/// socket module only: the image has python3.11-minimal (no json).
 const PROBE: &str = r#"
-import json, socket, ssl, struct, sys, time
+import ast, socket, ssl, struct, sys, time
 def http(addr, port, host):
     s = socket.create_connection((addr, port), 5)
     s.sendall(("GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % host).encode())
@@ -54,15 +55,20 @@ def dns(server, n):
     s.sendto(q, (server, 53))
     r = s.recv(512)
     return "rcode %d answers %d" % (r[3] & 15, struct.unpack(">H", r[6:8])[0])
+def file(path):
+    return open(path).read()
 def nics():
     return " ".join(sorted(n for _, n in socket.if_nameindex()))
-for check in json.loads(sys.argv[1]):
+def key(check):
+    return "[" + ",".join('"%s"' % x if isinstance(x, str) else str(x) for x in check) + "]"
+for check in ast.literal_eval(sys.argv[1]):
     t = time.monotonic()
     try:
         out = "ok " + str(globals()[check[0]](*check[1:]))
     except Exception as e:
         out = "error %s: %s" % (type(e).__name__, e)
-    print(json.dumps([check, out, round(time.monotonic() - t, 2)]), flush=True)
+    out = out.replace("\t", " ").replace("\n", " ")
+    print("%s\t%s\t%.2f" % (key(check), out, time.monotonic() - t), flush=True)
 "#;
 
 fn write_config(dir: &Path) -> String {
@@ -112,13 +118,10 @@ fn probe(
 fn results(stdout: &str) -> Vec<(String, String, f64)> {
     stdout
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| {
-            (
-                v[0].to_string(),
-                v[1].as_str().unwrap_or("").to_string(),
-                v[2].as_f64().unwrap_or(0.0),
-            )
+        .filter_map(|l| {
+            let mut f = l.split('\t');
+            let (check, out, secs) = (f.next()?, f.next()?, f.next()?);
+            Some((check.to_string(), out.to_string(), secs.parse().ok()?))
         })
         .collect()
 }
@@ -186,6 +189,8 @@ fn egress_reaches_the_internet_the_default_has_no_nic_and_the_defaults_deny() {
             let web = WEB.to_string();
             let checks = serde_json::json!([
                 ["nics"],
+                ["file", "/etc/resolv.conf"],
+                ["dns", "100.96.0.1", "api.example.test"],
                 ["http", web, HTTP_PORT, "web.test"],
                 ["name", "api.example.test"],
                 ["http", HOST_ADDR.to_string(), HTTP_PORT, "host"],
@@ -204,6 +209,12 @@ fn egress_reaches_the_internet_the_default_has_no_nic_and_the_defaults_deny() {
                 "hello from 198.51.100.10 host=web.test",
             );
             assert_ok(&r, "[\"name\"", &API.to_string());
+            assert_ok(
+                &r,
+                "[\"file\",\"/etc/resolv.conf\"",
+                "nameserver 100.96.0.1",
+            );
+            assert_ok(&r, "[\"dns\"", "rcode 0 answers 1");
             assert_ok(&r, "[\"udp\"", "ping");
             // The defaults: the host's own address, the metadata address and
             // a private server are denied, at once.
