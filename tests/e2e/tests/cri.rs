@@ -397,12 +397,20 @@ async fn exec(cri: &mut RuntimeServiceClient<Channel>, id: &str, cmd: &str) -> (
     (out.exit_code, stdout)
 }
 
-/// An HTTP GET of `url` in container `id`, retried for 20 s (the server
-/// may still be starting).
-async fn fetch_in(cri: &mut RuntimeServiceClient<Channel>, id: &str, url: &str) -> String {
+/// An HTTP GET of `addr` (IP:PORT) in container `id`, retried for 20 s
+/// (the server may still be starting).
+async fn fetch_in(cri: &mut RuntimeServiceClient<Channel>, id: &str, addr: &str) -> String {
     let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let (code, out) = exec(cri, id, &format!("busybox wget -q -T 5 -O - {url}")).await;
+        // busybox nc, not wget: the static busybox's wget crashes in a
+        // root without NSS configuration (glibc's static NSS).
+        let (ip, port) = addr.split_once(':').unwrap_or((addr, "80"));
+        let (code, out) = exec(
+            cri,
+            id,
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 5 {ip} {port}"),
+        )
+        .await;
         if code == 0 || std::time::Instant::now() > until {
             return out;
         }
@@ -472,10 +480,10 @@ fn a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod() {
                 // The VM's server from the node and from the runc pod.
                 let page = fetch_from_node(&format!("{vm_ip}:8080"));
                 assert!(page.contains("vm-pod-page"), "{page}");
-                let page = fetch_in(&mut cri, &runc_web, &format!("http://{vm_ip}:8080/")).await;
+                let page = fetch_in(&mut cri, &runc_web, &format!("{vm_ip}:8080")).await;
                 assert!(page.contains("vm-pod-page"), "{page}");
                 // And back: the VM reaches the runc pod and the node.
-                let page = fetch_in(&mut cri, &vm_web, &format!("http://{runc_ip}:8080/")).await;
+                let page = fetch_in(&mut cri, &vm_web, &format!("{runc_ip}:8080")).await;
                 assert!(page.contains("runc-pod-page"), "{page}");
                 let node =
                     std::net::TcpListener::bind("198.51.100.1:8081").expect("bind on the bridge");
@@ -485,7 +493,7 @@ fn a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod() {
                         let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nnode-page\n");
                     }
                 });
-                let page = fetch_in(&mut cri, &vm_web, "http://198.51.100.1:8081/").await;
+                let page = fetch_in(&mut cri, &vm_web, "198.51.100.1:8081").await;
                 assert!(page.contains("node-page"), "{page}");
 
                 let veths = |pods: usize| {
