@@ -648,3 +648,27 @@ fn oci_image_tarball_runs() {
         assert_eq!(stdout(&out), "hello from /work\n");
     });
 }
+
+#[test]
+fn doctor_checks_what_networks_need() {
+    // The test host loads tun, veth, nf_tables and the tc modules: both
+    // network lines pass there and say what they found.
+    on_real_kvm("doctor_checks_what_networks_need", || {
+        let out = run(&["doctor", "--json"]);
+        let checks: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for (name, needles) in [
+            ("net egress", &["tun", "nf_tables", "nft"][..]),
+            ("net pods", &["sch_ingress", "act_mirred"][..]),
+        ] {
+            let c = checks
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap_or_else(|| panic!("no {name} check in {checks}"));
+            assert_eq!((&c["ok"], c.get("warning")), (&true.into(), None), "{c}");
+            let detail = c["detail"].as_str().unwrap();
+            assert!(needles.iter().all(|n| detail.contains(n)), "{c}");
+        }
+    });
+}
