@@ -420,25 +420,8 @@ impl RuntimeConfig {
                 )))
             };
         }
-        find_binary("airlock-vmm").map_err(ConfigError::NoVmm)
+        crate::procs::find_binary("airlock-vmm").map_err(ConfigError::NoVmm)
     }
-}
-
-/// `name` beside this executable, else on $PATH; `Err` holds where it was
-/// looked for beside this executable.
-pub fn find_binary(name: &str) -> Result<PathBuf, PathBuf> {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let beside = exe.with_file_name(name);
-    if beside.is_file() {
-        return Ok(beside);
-    }
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .ok_or(beside)
 }
 
 #[cfg(test)]

@@ -103,7 +103,7 @@ pub fn reserve_uid(
     if settings.uid_count == 0 {
         return Ok((settings.uid, settings.gid));
     }
-    match crate::state::reserve_slot(state_root, "uid", id, settings.uid_count) {
+    match crate::procs::reserve_slot(state_root, "uid", id, settings.uid_count) {
         Ok(Some(n)) => {
             let uid = settings.uid_base + n;
             Ok((uid, uid))

@@ -8,6 +8,7 @@
 //! * [`scratch`]: the per-sandbox scratch disk, scrubbed at teardown;
 //! * [`vmm`]: the `airlock-vmm` child process;
 //! * [`jail`]: its namespaces and cgroup (the VMM finishes its own jail);
+//! * [`procs`]: process start times and exits, executables, reserved slots;
 //! * [`net`]: `--net egress`: the sandbox's network namespace, tap, policy
 //!   (nftables) and filter (DNS, proxy by name), removed at teardown;
 //! * [`agent_client`]: hybrid-vsock handshake, ttrpc, version check;
@@ -35,6 +36,7 @@ pub mod image;
 pub mod jail;
 pub mod net;
 pub mod preflight;
+pub mod procs;
 pub mod sandbox;
 pub mod scratch;
 pub mod state;

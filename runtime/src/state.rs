@@ -109,7 +109,7 @@ impl SandboxRecord {
     /// an airlock-vmm's that names this sandbox.
     pub fn is_own_vmm(&self) -> bool {
         match self.vmm_start_time {
-            Some(t) => crate::vmm::start_time(self.vmm_pid) == Some(t),
+            Some(t) => crate::procs::start_time(self.vmm_pid) == Some(t),
             None => std::fs::read(format!("/proc/{}/cmdline", self.vmm_pid)).is_ok_and(|c| {
                 let c = String::from_utf8_lossy(&c);
                 c.contains("airlock-vmm") && c.contains(&self.id)
@@ -119,7 +119,7 @@ impl SandboxRecord {
 
     /// Whether its VMM process is alive (and is this sandbox's).
     pub fn is_running(&self) -> bool {
-        self.is_own_vmm() && !crate::vmm::exited(self.vmm_pid)
+        self.is_own_vmm() && !crate::procs::exited(self.vmm_pid)
     }
 }
 
@@ -257,43 +257,6 @@ pub fn list(root: &Path) -> Result<Vec<SandboxRecord>, StateError> {
     Ok(out)
 }
 
-/// Reserves one of `count` numbered slots for sandbox `id` by creating
-/// `<root>/.<prefix>-<n>` (holding the id) exclusively, trying from a
-/// point that the id's hash picks; `Ok(None)` when every slot is held.
-/// Jail uids and network address slots are reserved this way; their
-/// owners remove the file at teardown.
-pub fn reserve_slot(
-    root: &Path,
-    prefix: &str,
-    id: &str,
-    count: u32,
-) -> Result<Option<u32>, (PathBuf, std::io::Error)> {
-    use sha2::Digest;
-    use std::io::Write;
-    if count == 0 {
-        return Ok(None);
-    }
-    let hash = sha2::Sha256::digest(id.as_bytes());
-    let first = u32::from_le_bytes([hash[0], hash[1], hash[2], hash[3]]) % count;
-    for i in 0..count {
-        let slot = (first + i) % count;
-        let path = root.join(format!(".{prefix}-{slot}"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                f.write_all(id.as_bytes()).map_err(|e| (path.clone(), e))?;
-                return Ok(Some(slot));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err((path, e)),
-        }
-    }
-    Ok(None)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,7 +278,7 @@ mod tests {
     fn the_vmm_is_known_by_its_start_time() {
         let id = SandboxId::generate();
         let mut r = record(&id);
-        let me = crate::vmm::start_time(std::process::id()).unwrap();
+        let me = crate::procs::start_time(std::process::id()).unwrap();
         r.vmm_start_time = Some(me);
         assert!(r.is_own_vmm() && r.is_running());
         r.vmm_start_time = Some(me + 1);

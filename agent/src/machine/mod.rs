@@ -40,7 +40,8 @@ use nix::mount::{mount, MsFlags};
 
 use crate::container::rootfs::{self, Layout, RootfsError};
 use crate::launcher::{self, LaunchError, Reply, Request};
-use crate::network;
+use crate::network::config::Config as NetworkConfig;
+use crate::network::link::{self, LinkError};
 use crate::process::exits::Exits;
 
 pub use fake::Fake;
@@ -60,7 +61,7 @@ pub trait Machine: Send + Sync {
     /// `network/dns.rs`), which every container mounts.
     fn net_dir(&self) -> &Path;
     /// Configures the NICs, `lo` and the routes (see `network/link.rs`).
-    fn configure_network(&self, config: &network::Config) -> Result<(), network::LinkError>;
+    fn configure_network(&self, config: &NetworkConfig) -> Result<(), LinkError>;
     /// Sets the hostname.
     fn set_hostname(&self, name: &str) -> nix::Result<()>;
     /// Sets the real-time clock.
@@ -110,8 +111,8 @@ impl Machine for Guest {
         Path::new(NET_DIR)
     }
 
-    fn configure_network(&self, config: &network::Config) -> Result<(), network::LinkError> {
-        network::link::apply(config)
+    fn configure_network(&self, config: &NetworkConfig) -> Result<(), LinkError> {
+        link::apply(config)
     }
 
     fn set_hostname(&self, name: &str) -> nix::Result<()> {

@@ -28,7 +28,7 @@ pub fn binary(configured: Option<&Path>) -> Result<PathBuf, NetError> {
             false => Err(NetError::NoFilter(path.to_path_buf())),
         };
     }
-    crate::config::find_binary("airlock-netfilter").map_err(NetError::NoFilter)
+    crate::procs::find_binary("airlock-netfilter").map_err(NetError::NoFilter)
 }
 
 /// Starts the filter with `config` written to `dir/netfilter.json` and its
@@ -103,7 +103,7 @@ pub fn start(
 /// Stops the filter `pid` if it is still the one that started at
 /// `start_time`: SIGTERM, then SIGKILL after a grace.
 pub fn stop(pid: u32, start_time: Option<u64>) {
-    let current = crate::vmm::start_time(pid);
+    let current = crate::procs::start_time(pid);
     if current.is_none() || (start_time.is_some() && current != start_time) {
         return; // gone, or the pid is someone else's now
     }
@@ -116,7 +116,7 @@ pub fn stop(pid: u32, start_time: Option<u64>) {
             // Reaped, or not our child (another command started it): then
             // its pid's start time tells whether it is gone.
             Ok(_) => return,
-            Err(_) if crate::vmm::exited(pid.as_raw() as u32) => return,
+            Err(_) if crate::procs::exited(pid.as_raw() as u32) => return,
             Err(_) => {}
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -271,7 +271,7 @@ fn egress(
     )?;
     let mut record = record.clone();
     record.filter_pid = Some(pid);
-    record.filter_start_time = crate::vmm::start_time(pid);
+    record.filter_start_time = crate::procs::start_time(pid);
     record.write(dir)?;
     Ok(SandboxNet {
         mac: record.mac,

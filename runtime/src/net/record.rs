@@ -95,7 +95,7 @@ pub fn slots(pool: Ipv4Net) -> u32 {
 
 /// Reserves a free slot of `pool` for sandbox `id`.
 pub fn reserve_slot(state_root: &Path, id: &str, pool: Ipv4Net) -> Result<u32, NetError> {
-    match crate::state::reserve_slot(state_root, "net", id, slots(pool)) {
+    match crate::procs::reserve_slot(state_root, "net", id, slots(pool)) {
         Ok(Some(slot)) => Ok(slot),
         Ok(None) => Err(NetError::NoSlot(pool)),
         Err((path, e)) => Err(NetError::io("create", path, e)),

@@ -23,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use crate::procs::{exited, start_time};
 pub use airlock_vmm_api::{ConsoleOutput, DriveConfig, EventLog, NetConfig, VmConfig, VsockConfig};
-pub use stop::{exited, start_time, stop, StopReport};
+pub use stop::{stop, StopReport};
 
 /// Errors starting or stopping the VMM.
 #[derive(Debug, thiserror::Error)]

@@ -154,28 +154,6 @@ impl PidFd {
     }
 }
 
-/// The start time of process `pid`: field 22 of `/proc/PID/stat`, in clock
-/// ticks after boot; with the pid it names one process.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let pid = i32::try_from(pid).ok()?;
-    Some(
-        procfs::process::Process::new(pid)
-            .ok()?
-            .stat()
-            .ok()?
-            .starttime,
-    )
-}
-
-/// Whether process `pid` has exited (gone, or a zombie).
-pub fn exited(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return true;
-    };
-    procfs::process::Process::new(pid)
-        .and_then(|p| p.stat())
-        .map_or(true, |s| matches!(s.state, 'Z' | 'X' | 'x'))
-}
 #[cfg(test)]
 mod tests {
     use std::process::Command;
@@ -187,7 +165,7 @@ mod tests {
         SandboxRecord {
             id: "abc".into(),
             vmm_pid: child.id(),
-            vmm_start_time: start_time(child.id()),
+            vmm_start_time: crate::procs::start_time(child.id()),
             created_unix: 1,
             image: "default".into(),
             vcpus: 1,
@@ -270,20 +248,5 @@ mod tests {
         child.wait().unwrap();
         let report = stop(&record, Duration::from_secs(5), dir.path()).unwrap();
         assert!(!report.killed);
-    }
-
-    #[test]
-    fn start_times_and_exits_are_read_from_proc() {
-        let me = std::process::id();
-        let t = start_time(me).unwrap();
-        assert!(t > 0);
-        assert_eq!(start_time(me), Some(t));
-        assert!(!exited(me));
-        let mut child = Command::new("true").spawn().unwrap();
-        let pid = child.id();
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(exited(pid), "a zombie has exited");
-        child.wait().unwrap();
-        assert!(exited(pid));
     }
 }
