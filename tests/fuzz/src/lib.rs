@@ -14,6 +14,7 @@ pub mod agent;
 pub mod blk_dev;
 pub mod config;
 pub mod driver;
+pub mod egress;
 pub mod guest;
 pub mod layer;
 pub mod mmio;
@@ -37,6 +38,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("blk_device", blk_dev::blk_device),
     ("mmio_transport", mmio::mmio_transport),
     ("virtio_net", virtio::virtio_net),
+    ("egress_first_bytes", egress::egress_first_bytes),
 ];
 
 /// Runs target `name` on `data`.

@@ -299,3 +299,16 @@ fn virtio_net_seeds_send_and_receive_frames() {
     assert_eq!(t.sent, 0);
     assert!(t.dropped >= 3, "{t:?}");
 }
+
+#[test]
+fn egress_seeds_hold_the_names_the_filter_reads() {
+    use airlock_net::filter::{http, sni};
+    assert_eq!(
+        sni::server_name(&seed("egress_first_bytes", "tls")).as_deref(),
+        Some("api.example.test")
+    );
+    assert_eq!(
+        http::host(&seed("egress_first_bytes", "http")).as_deref(),
+        Some("api.example.test")
+    );
+}
