@@ -147,6 +147,15 @@ fn assert_refused(results: &[(String, String, f64)], prefix: &str) {
     assert!(r.starts_with("error"), "{c}: expected it to fail, got {r}");
 }
 
+/// `airlock create --image python --net egress FLAGS`: the new sandbox's ID.
+fn create_egress(config: &str, flags: &[&str]) -> String {
+    let mut args = vec!["create", "--image", "python", "--net", "egress"];
+    args.extend_from_slice(flags);
+    let out = airlock(config, &args);
+    assert_eq!(out.status.code(), Some(0));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// Nothing of any sandbox's network is left on the host.
 fn assert_no_network_left() {
     let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
@@ -382,20 +391,7 @@ fn a_running_sandboxs_policy_changes_with_airlock_net_and_rm_leaves_nothing() {
             let _internet = Internet::start();
             let work = tempfile::tempdir().unwrap();
             let config = write_config(work.path());
-            let out = airlock(
-                &config,
-                &[
-                    "create",
-                    "--image",
-                    "python",
-                    "--net",
-                    "egress",
-                    "--deny-out",
-                    "198.51.100.10",
-                ],
-            );
-            assert_eq!(out.status.code(), Some(0));
-            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let id = create_egress(&config, &["--deny-out", "198.51.100.10"]);
             let fetch = |expect_ok: bool| {
                 let checks = serde_json::json!([["http", WEB.to_string(), HTTP_PORT, "web.test"]])
                     .to_string();
@@ -498,20 +494,7 @@ fn a_tx_flood_and_oversized_frames_leave_the_vmm_bounded() {
             let config = write_config(work.path());
             let spec = work.path().join("config.json");
             std::fs::write(&spec, root_spec()).unwrap();
-            let out = airlock(
-                &config,
-                &[
-                    "create",
-                    "--image",
-                    "python",
-                    "--net",
-                    "egress",
-                    "--spec",
-                    spec.to_str().unwrap(),
-                ],
-            );
-            assert_eq!(out.status.code(), Some(0));
-            let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            let id = create_egress(&config, &["--spec", spec.to_str().unwrap()]);
             let vmm = airlock_e2e::vmm_processes()
                 .into_iter()
                 .find(|p| p.contains(&id))
