@@ -132,6 +132,20 @@ impl Task for TaskService {
         req: DeleteRequest,
     ) -> ttrpc::Result<DeleteResponse> {
         let (pid, exit) = self.pod.delete(&req.id, &req.exec_id).await?;
+        if req.exec_id.is_empty() && self.pod.is_empty().await {
+            // containerd asks for Shutdown after the last Delete; when
+            // that Delete outlasted containerd's patience (a VM teardown
+            // on a busy host), it may never ask, and an empty shim would
+            // linger: it leaves on its own if no Shutdown comes.
+            let (pod, exit) = (self.pod.clone(), self.exit.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(UNASKED_SHUTDOWN).await;
+                if pod.is_empty().await {
+                    tracing::info!("no Shutdown after the last Delete: the shim exits");
+                    shut_down(&pod, &exit).await;
+                }
+            });
+        }
         Ok(DeleteResponse {
             pid,
             exit_status: exit.status,
@@ -265,16 +279,25 @@ impl Task for TaskService {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
         if self.pod.is_empty().await {
-            // First, as runc's shim does, and before the teardown: once
-            // containerd stops waiting for this call (3 s, less than a wipe
-            // of a large guest on a busy host) it deletes the bundle,
-            // `address` file included, and the socket would be left in
-            // /run/containerd/s. The daemon runs in the bundle `start` ran
-            // in. The connection containerd holds outlives the path.
-            crate::pod::remove_socket(std::path::Path::new("."), false);
-            self.pod.destroy().await;
-            self.exit.signal();
+            shut_down(&self.pod, &self.exit).await;
         }
         Ok(Empty::new())
     }
+}
+
+/// How long an empty shim waits for containerd's Shutdown after the last
+/// Delete before it leaves on its own.
+const UNASKED_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The shim's end: its socket, then the VM (if one is left), then exit.
+async fn shut_down(pod: &Pod, exit: &ExitSignal) {
+    // First, as runc's shim does, and before the teardown: once
+    // containerd stops waiting for Shutdown (3 s, less than a wipe of a
+    // large guest on a busy host) it deletes the bundle, `address` file
+    // included, and the socket would be left in /run/containerd/s. The
+    // daemon runs in the bundle `start` ran in. The connection containerd
+    // holds outlives the path.
+    crate::pod::remove_socket(std::path::Path::new("."), false);
+    pod.destroy().await;
+    exit.signal();
 }
