@@ -478,6 +478,26 @@ fn a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod() {
                 assert!(!kernel.is_empty());
 
                 // The VM's server from the node and from the runc pod.
+                // A second container of the VM's pod shares its network:
+                // localhost reaches the first one's server.
+                let sidecar = cri
+                    .create_container(CreateContainerRequest {
+                        pod_sandbox_id: vm_pod.clone(),
+                        config: Some(container_config("sidecar", &["sleep", "1000"])),
+                        sandbox_config: Some(net_pod_config("vm-pod", &log_dir)),
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()))
+                    .into_inner()
+                    .container_id;
+                cri.start_container(StartContainerRequest {
+                    container_id: sidecar.clone(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+                let page = fetch_in(&mut cri, &sidecar, "127.0.0.1:8080").await;
+                assert!(page.contains("vm-pod-page"), "{page}");
+
                 let page = fetch_from_node(&format!("{vm_ip}:8080"));
                 assert!(page.contains("vm-pod-page"), "{page}");
                 let page = fetch_in(&mut cri, &runc_web, &format!("{vm_ip}:8080")).await;
