@@ -23,10 +23,12 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=k,panic_warm panic=-1 pci=o
 fn is_socket(fd: i32) -> bool {
     // SAFETY: an all-zero `stat` is a valid value to be overwritten.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if fd <= 2 {
+        return false;
+    }
     // SAFETY: fstat writes one `stat`, which lives across the call.
-    fd > 2
-        && unsafe { libc::fstat(fd, &mut st) } == 0
-        && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
 }
 
 /// Takes the listening socket handed over as `fd` (`VsockConfig::listen_fd`).

@@ -132,10 +132,10 @@ fn in_netns(f: impl FnOnce() + Send) {
         s.spawn(|| {
             let ns =
                 std::fs::File::open(format!("/run/netns/{NETNS}")).expect("open the namespace");
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&ns);
             // SAFETY: setns on an open namespace descriptor; it changes
             // only this thread's network namespace.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
             f();
         })

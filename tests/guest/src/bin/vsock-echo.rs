@@ -113,9 +113,10 @@ fn listen(port: u32, n: usize) -> Result<String, String> {
     let sock = listener(port)?;
     let mut workers = Vec::new();
     for _ in 0..n {
+        let sock_fd = sock.as_raw_fd();
+        let (no_addr, no_len) = (std::ptr::null_mut(), std::ptr::null_mut());
         // SAFETY: accept(2) without an address buffer.
-        let fd =
-            unsafe { libc::accept(sock.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut()) };
+        let fd = unsafe { libc::accept(sock_fd, no_addr, no_len) };
         check(fd, "accept")?;
         // SAFETY: `fd` is the new connection, owned here.
         let conn = stream(unsafe { OwnedFd::from_raw_fd(fd) });
