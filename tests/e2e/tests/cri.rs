@@ -134,28 +134,21 @@ fn a_pod_through_cri_runs_in_one_vm_and_leaves_nothing() {
 
                 let mut ids = Vec::new();
                 for (name, secs) in [("agent", 1001), ("sidecar", 1002)] {
-                    let id = cri
-                        .create_container(CreateContainerRequest {
-                            pod_sandbox_id: pod.clone(),
-                            config: Some(container_config(
-                                name,
-                                &[
-                                    "sh",
-                                    "-c",
-                                    &format!("echo {name} started; exec sleep {secs}"),
-                                ],
-                            )),
-                            sandbox_config: Some(config.clone()),
-                        })
-                        .await
-                        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", c.log()))
-                        .into_inner()
-                        .container_id;
-                    cri.start_container(StartContainerRequest {
-                        container_id: id.clone(),
-                    })
-                    .await
-                    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", c.log()));
+                    let id = create_and_start(
+                        &mut cri,
+                        &c,
+                        &pod,
+                        container_config(
+                            name,
+                            &[
+                                "sh",
+                                "-c",
+                                &format!("echo {name} started; exec sleep {secs}"),
+                            ],
+                        ),
+                        &config,
+                    )
+                    .await;
                     ids.push(id);
                 }
 
@@ -359,22 +352,40 @@ async fn web_pod(
         .map(|n| n.ip)
         .unwrap_or_default();
     assert!(ip.starts_with("198.51.100."), "{handler} pod IP {ip:?}");
+    let web = web_container("web", &format!("{name}-page"));
+    let id = create_and_start(cri, c, &pod, web, &config).await;
+    (pod, id, ip)
+}
+
+/// CreateContainer of `config` in `pod`, then StartContainer; its id.
+async fn create_and_start(
+    cri: &mut RuntimeServiceClient<Channel>,
+    c: &Containerd,
+    pod: &str,
+    config: ContainerConfig,
+    sandbox_config: &PodSandboxConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
     let id = cri
         .create_container(CreateContainerRequest {
-            pod_sandbox_id: pod.clone(),
-            config: Some(web_container("web", &format!("{name}-page"))),
-            sandbox_config: Some(config),
+            pod_sandbox_id: pod.into(),
+            config: Some(config),
+            sandbox_config: Some(sandbox_config.clone()),
         })
         .await
-        .unwrap_or_else(|e| panic!("CreateContainer ({handler}): {e}\n{}", c.log()))
+        .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}\n{}", c.log()))
         .into_inner()
         .container_id;
     cri.start_container(StartContainerRequest {
         container_id: id.clone(),
     })
     .await
-    .unwrap_or_else(|e| panic!("StartContainer ({handler}): {e}\n{}", c.log()));
-    (pod, id, ip)
+    .unwrap_or_else(|e| panic!("StartContainer {name}: {e}\n{}", c.log()));
+    id
 }
 
 /// `cmd` in container `id`: (exit code, stdout).
@@ -480,21 +491,14 @@ fn a_pods_cni_ip_is_its_vms_and_reaches_the_node_and_a_runc_pod() {
                 // The VM's server from the node and from the runc pod.
                 // A second container of the VM's pod shares its network:
                 // localhost reaches the first one's server.
-                let sidecar = cri
-                    .create_container(CreateContainerRequest {
-                        pod_sandbox_id: vm_pod.clone(),
-                        config: Some(container_config("sidecar", &["sleep", "1000"])),
-                        sandbox_config: Some(net_pod_config("vm-pod", &log_dir)),
-                    })
-                    .await
-                    .unwrap_or_else(|e| panic!("CreateContainer: {e}\n{}", c.log()))
-                    .into_inner()
-                    .container_id;
-                cri.start_container(StartContainerRequest {
-                    container_id: sidecar.clone(),
-                })
-                .await
-                .unwrap_or_else(|e| panic!("StartContainer: {e}\n{}", c.log()));
+                let sidecar = create_and_start(
+                    &mut cri,
+                    &c,
+                    &vm_pod,
+                    container_config("sidecar", &["sleep", "1000"]),
+                    &net_pod_config("vm-pod", &log_dir),
+                )
+                .await;
                 let page = fetch_in(&mut cri, &sidecar, "127.0.0.1:8080").await;
                 assert!(page.contains("vm-pod-page"), "{page}");
 
